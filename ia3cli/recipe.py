@@ -55,7 +55,8 @@ class ModelSection(_Section):
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the checkpoint. Off by default.")
     revision: str | None = Field(None, description="Hub branch, tag or commit of the model.")
     gguf_file: str | None = Field(
-        None, description="GGUF file inside `name` to load (dequantised to `dtype`); needs the `gguf` package."
+        None, description="GGUF file inside `name` to load, dequantised to `dtype` (with 4/8-bit quantization it is "
+        "dequantised once into a cache folder, then quantised by bitsandbytes)."
     )
 
 
@@ -137,8 +138,8 @@ class TrainingSection(_Section):
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
     logging_steps: int = Field(10, ge=1, description="Log loss every N steps.")
     metric: str | None = Field(
-        None, description="Metric for the best model: `accuracy`, `f1`, `loss`, ...; default accuracy for "
-        "seq-cls, loss otherwise."
+        None, description="Metric that picks the best checkpoint: `accuracy`, `f1` or `loss` for seq-cls (default "
+        "accuracy), `loss` otherwise (rank-classification accuracy is reported after training)."
     )
     load_best_model_at_end: bool = Field(True, description="Restore the best checkpoint at the end (needs evaluation).")
     early_stopping_patience: int | None = Field(
@@ -204,8 +205,10 @@ class Recipe(_Section):
             problems.append(("data.target_column", f"task '{m.task}' needs target_column, label_names or messages_column"))
         if m.task == "seq2seq" and d.messages_column is not None:
             problems.append(("data.messages_column", "chat messages are for causal-lm only"))
-        if m.quantization != "none" and m.gguf_file:
-            problems.append(("model.quantization", "cannot be combined with gguf_file (dequantise first, or use 'none')"))
+        if t.metric is not None:
+            allowed = ("accuracy", "f1", "loss") if m.task == "seq-cls" else ("loss",)
+            if t.metric.removeprefix("eval_") not in allowed:
+                problems.append(("training.metric", f"must be one of {', '.join(allowed)} for task '{m.task}'"))
         if problems:
             raise ValueError("\n".join(f"{k}: {msg}" for k, msg in problems))
         return self
@@ -220,9 +223,7 @@ class Recipe(_Section):
         """The metric that selects the best checkpoint (without the `eval_` prefix)."""
         if self.training.metric:
             return self.training.metric.removeprefix("eval_")
-        if self.model.task == "seq-cls" or (self.data.label_names and self.data.messages_column is None):
-            return "accuracy"
-        return "loss"
+        return "accuracy" if self.model.task == "seq-cls" else "loss"
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -364,7 +365,7 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
     if isinstance(data, dict) and isinstance(data.get("path"), str):
         local = p.parent / data["path"]
         if not Path(data["path"]).is_absolute() and not Path(data["path"]).exists() and local.exists():
-            data["path"] = str(local)
+            data["path"] = str(local.resolve())
     return validate_mapping(raw)
 
 

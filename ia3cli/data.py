@@ -1,0 +1,350 @@
+"""Data: load the splits, check every row, build model inputs, pad per batch.
+
+``check`` runs before any weights are loaded (it is part of ``ia3 validate``): it loads the splits, confirms the
+named columns exist and reports the first bad row by number. ``build`` turns rows into token ids for the task:
+
+- ``seq-cls``: text (and text pair) -> ``input_ids``; the label (id or name) -> ``labels``.
+- ``causal-lm``: ``prompt_template`` (or the text column) + target (``target_column`` or the label's name) + EOS;
+  the loss is masked on the prompt tokens. With ``messages_column``, the tokenizer's chat template renders the
+  conversation and only assistant turns carry loss.
+- ``seq2seq``: input text -> encoder, target -> ``labels``.
+
+Rows are never padded here: the collator pads each batch to its longest row.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ia3cli.errors import DataError, RecipeError
+from ia3cli.recipe import DataSection, Recipe
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DataReport:
+    """What ``check`` found: split sizes and columns."""
+
+    source: str
+    splits: dict[str, int] = field(default_factory=dict)
+    columns: list[str] = field(default_factory=list)
+    label_counts: dict[str, int] = field(default_factory=dict)
+
+
+def _local_format(path: Path) -> str:
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS)
+    if not files:
+        raise DataError(str(path), None, "no .jsonl/.json/.csv/.parquet files in this folder")
+    formats = {LOCAL_FORMATS.get(p.suffix) for p in files}
+    if None in formats:
+        raise DataError(str(path), None, f"unsupported file type '{path.suffix}'", "use .jsonl, .json, .csv or .parquet")
+    if len(formats) > 1:
+        raise DataError(str(path), None, "mixes file types; keep one format per folder")
+    return formats.pop()
+
+
+def _find_bad_json_line(path: Path) -> tuple[int, str] | None:
+    files = [path] if path.is_file() else sorted(path.glob("*.jsonl"))
+    for file in files:
+        if file.suffix != ".jsonl":
+            continue
+        with file.open(encoding="utf-8", errors="replace") as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    return i, f"{file}: line {i} is not valid JSON ({exc.msg})"
+                if not isinstance(obj, dict):
+                    return i, f"{file}: line {i} is not a JSON object"
+    return None
+
+
+def load_split(data: DataSection, split: str) -> Dataset:
+    """Load one split (a ``datasets`` split expression such as ``train`` or ``train[:80%]``).
+
+    Raises:
+        DataError: missing file, malformed rows, unknown split, unreachable hub dataset.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(data.path)
+    is_local = path.exists() or data.path.startswith((".", "/")) or Path(data.path).suffix in LOCAL_FORMATS
+    if is_local and not path.exists():
+        raise DataError(data.path, None, "file or folder not found", "check data.path (relative to the recipe file)")
+    try:
+        if is_local:
+            fmt = _local_format(path)
+            if path.is_file():
+                return datasets.load_dataset(fmt, data_files={"train": str(path)}, split=split)
+            return datasets.load_dataset(str(path), split=split)
+        return datasets.load_dataset(data.path, data.name, split=split)
+    except ValueError as exc:
+        msg = str(exc)
+        if "split" in msg.lower() or "Unknown split" in msg:
+            available = _available_splits(data)
+            raise DataError(
+                data.path, None, f"has no split '{split}'", f"available splits: {', '.join(available) or '?'}"
+            ) from None
+        raise DataError(data.path, None, f"cannot load: {msg.splitlines()[0]}") from None
+    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError, ConnectionError) as exc:
+        hint = "check the dataset id; offline? use a local file" if not is_local else None
+        raise DataError(data.path, None, f"cannot load: {str(exc).splitlines()[0]}", hint) from None
+    except Exception as exc:  # datasets wraps parser errors in several types
+        if is_local:
+            bad = _find_bad_json_line(path)
+            if bad:
+                raise DataError(data.path, bad[0], bad[1].split(": ", 1)[1], "fix or remove that line") from None
+        raise DataError(data.path, None, f"cannot load: {str(exc).splitlines()[0]}") from None
+
+
+def _available_splits(data: DataSection) -> list[str]:
+    import datasets
+
+    try:
+        path = Path(data.path)
+        if path.exists():
+            if path.is_file():
+                return ["train"]
+            return list(datasets.load_dataset(str(path)).keys())
+        return list(datasets.get_dataset_split_names(data.path, data.name))
+    except Exception:
+        return []
+
+
+def _sample(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    if n is None or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+def load_splits(recipe: Recipe) -> tuple[Dataset, Dataset | None]:
+    """Train and eval splits, subsampled to ``train_samples``/``eval_samples`` with the recipe's seed."""
+    d, seed = recipe.data, recipe.training.seed
+    train = _sample(load_split(d, d.train_split), d.train_samples, seed)
+    evals = _sample(load_split(d, d.eval_split), d.eval_samples, seed) if d.eval_split else None
+    return train, evals
+
+
+def _template_fields(template: str) -> list[str]:
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    except ValueError as exc:
+        raise RecipeError("data.prompt_template", f"is not a valid format string: {exc}") from None
+
+
+def label_id(value: Any, data: DataSection, num_labels: int) -> int | None:
+    """A row's label as a class id, or ``None`` when it is not valid."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value < num_labels else None
+    if isinstance(value, str) and data.label_names and value in data.label_names:
+        return data.label_names.index(value)
+    if isinstance(value, float) and value.is_integer() and 0 <= value < num_labels:
+        return int(value)
+    return None
+
+
+def _needs_label(recipe: Recipe) -> bool:
+    d = recipe.data
+    return recipe.model.task == "seq-cls" or (d.target_column is None and d.messages_column is None)
+
+
+def required_columns(recipe: Recipe) -> list[str]:
+    """Columns every row must have for this recipe."""
+    d = recipe.data
+    if d.messages_column:
+        return [d.messages_column]
+    cols = _template_fields(d.prompt_template) if d.prompt_template else [d.text_column]
+    if recipe.model.task == "seq-cls" and d.text_pair_column:
+        cols.append(d.text_pair_column)
+    if _needs_label(recipe):
+        cols.append(d.label_column)
+    elif d.target_column:
+        cols.append(d.target_column)
+    return list(dict.fromkeys(cols))
+
+
+def check_rows(ds: Dataset, recipe: Recipe, source: str) -> dict[str, int]:
+    """Check every row of a split; returns label counts.
+
+    Raises:
+        DataError: naming the first bad row (1-based) and column.
+    """
+    d = recipe.data
+    cols = required_columns(recipe)
+    missing = [c for c in cols if c not in ds.column_names]
+    if missing:
+        key = "data.prompt_template" if d.prompt_template and missing[0] in _template_fields(d.prompt_template) else None
+        hint = f"columns present: {', '.join(ds.column_names)}" + (f" (used by {key})" if key else "")
+        raise DataError(source, None, f"missing column '{missing[0]}'", hint)
+    counts: dict[str, int] = {}
+    n_labels = recipe.num_labels
+    for i, row in enumerate(ds, 1):
+        if d.messages_column:
+            _check_messages(row[d.messages_column], source, i)
+            continue
+        for c in cols:
+            v = row[c]
+            if c == d.label_column and _needs_label(recipe):
+                lid = label_id(v, d, n_labels)
+                if lid is None:
+                    names = f" or one of {d.label_names}" if d.label_names else ""
+                    raise DataError(
+                        source, i, f"label {v!r} in column '{c}' is not a class id 0..{n_labels - 1}{names}",
+                        "fix the row, or set model.num_labels / data.label_names",
+                    )
+                counts[str(lid)] = counts.get(str(lid), 0) + 1
+            elif v is None or (isinstance(v, str) and not v.strip()):
+                raise DataError(source, i, f"column '{c}' is empty", "fill it in or drop the row")
+    return counts
+
+
+def _check_messages(messages: Any, source: str, row: int) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(source, row, "messages must be a non-empty list of {role, content}")
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(source, row, "each message needs 'role' and 'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(source, row, "no assistant message to learn from")
+
+
+def check(recipe: Recipe) -> DataReport:
+    """Pre-flight: load the splits and check every row (no model weights needed).
+
+    Raises:
+        DataError, RecipeError: naming the file, row or key at fault.
+    """
+    d = recipe.data
+    if d.prompt_template:
+        _template_fields(d.prompt_template)
+    if recipe.model.task != "seq-cls" and d.label_names is None and d.target_column is None and not d.messages_column:
+        raise RecipeError("data.target_column", "is needed (or data.label_names)")
+    report = DataReport(source=d.path)
+    train, evals = load_splits(recipe)
+    for split, ds in ((d.train_split, train), (d.eval_split, evals)):
+        if ds is None:
+            continue
+        if len(ds) == 0:
+            raise DataError(f"{d.path} [{split}]", None, "split is empty")
+        counts = check_rows(ds, recipe, f"{d.path} [{split}]")
+        report.splits[split] = len(ds)
+        for k, v in counts.items():
+            report.label_counts[k] = report.label_counts.get(k, 0) + v
+    report.columns = list(train.column_names)
+    return report
+
+
+# --- turning rows into model inputs -------------------------------------------------------------------------------
+
+
+def prompt_text(row: dict[str, Any], data: DataSection) -> str:
+    """The input text of a row: the prompt template filled from the row, or the text column."""
+    return data.prompt_template.format(**row) if data.prompt_template else str(row[data.text_column])
+
+
+def target_text(row: dict[str, Any], data: DataSection, num_labels: int) -> str:
+    """The target of a row: ``target_column``, else the label's name."""
+    if data.target_column:
+        return str(row[data.target_column])
+    lid = label_id(row[data.label_column], data, num_labels)
+    return data.label_names[lid]  # type: ignore[index]
+
+
+def join_target(prompt: str, target: str) -> str:
+    """Separate prompt and target by a space unless one of them already provides whitespace."""
+    return target if not prompt or prompt[-1].isspace() or target[:1].isspace() else " " + target
+
+
+def encode_causal(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, max_length: int) -> dict[str, list]:
+    """Token ids of prompt + target + EOS, with the prompt masked out of the labels.
+
+    When too long, the prompt is cut from the left so the target (the thing learned) survives.
+    """
+    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    t_ids = tokenizer(join_target(prompt, target), add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        t_ids = t_ids + [tokenizer.eos_token_id]
+    t_ids = t_ids[:max_length]
+    p_ids = p_ids[-(max_length - len(t_ids)) :] if max_length > len(t_ids) else []
+    ids = p_ids + t_ids
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(p_ids) + t_ids}
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int) -> dict[str, list]:
+    """Render a conversation with the chat template; only assistant turns carry loss."""
+
+    def ids_of(msgs: list[dict], gen_prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = ids_of(messages[:i], True)
+        labels += [IGNORE_INDEX] * (len(before) - len(ids))
+        ids = before
+        after = ids_of(messages[: i + 1], False)
+        labels += after[len(ids) :]
+        ids = after
+    return {"input_ids": ids[:max_length], "attention_mask": [1] * min(len(ids), max_length), "labels": labels[:max_length]}
+
+
+def encode_row(row: dict[str, Any], recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, list]:
+    """One row -> model inputs for the recipe's task."""
+    d, task = recipe.data, recipe.model.task
+    if task == "seq-cls":
+        pair = row[d.text_pair_column] if d.text_pair_column else None
+        enc = tokenizer(prompt_text(row, d), pair, truncation=True, max_length=d.max_length)
+        return {**enc, "labels": label_id(row[d.label_column], d, recipe.num_labels)}
+    if d.messages_column:
+        return encode_chat(tokenizer, row[d.messages_column], d.max_length)
+    prompt, target = prompt_text(row, d), target_text(row, d, recipe.num_labels)
+    if task == "causal-lm":
+        return encode_causal(tokenizer, prompt, target, d.max_length)
+    enc = tokenizer(prompt, truncation=True, max_length=d.max_length)
+    enc["labels"] = tokenizer(text_target=target, truncation=True, max_length=d.max_length)["input_ids"]
+    return dict(enc)
+
+
+def tokenize(ds: Dataset, recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """Tokenize a split (no padding), dropping the raw columns."""
+    return ds.map(
+        lambda row: encode_row(row, recipe, tokenizer),
+        remove_columns=ds.column_names,
+        desc="tokenizing",
+        load_from_cache_file=False,
+    )
+
+
+def collator(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Any:
+    """Dynamic-padding collator: each batch is padded to its longest row only."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    if recipe.model.task == "seq-cls":
+        return DataCollatorWithPadding(tokenizer)
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+
+
+def build(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, Dataset | None, Any]:
+    """Tokenized train and eval splits plus the collator."""
+    train, evals = load_splits(recipe)
+    train_t = tokenize(train, recipe, tokenizer)
+    eval_t = tokenize(evals, recipe, tokenizer) if evals is not None else None
+    return train_t, eval_t, collator(recipe, tokenizer)

@@ -1,0 +1,354 @@
+"""``ia3 train``: the training story, top to bottom.
+
+1. Pre-flight (shared with ``ia3 validate``): targets resolved on a meta-device model, every data row checked.
+2. The run directory is claimed: refused when it holds another run (``--overwrite``), reused with ``--resume``.
+   ``recipe.yaml`` (resolved, overrides applied) and ``run.json`` (versions, world size) are written first.
+3. Tokenizer + base model (full precision, 4-bit or 8-bit) wrapped with IA3; the trainable-parameter line.
+4. Tokenized splits with a dynamic-padding collator; one function maps the recipe to ``TrainingArguments``.
+5. ``Trainer.train`` with the health monitor; checkpoints under ``OUTPUT_DIR/checkpoints``.
+6. Final evaluation, then the adapter, tokenizer, ``metrics.json``, ``health.json`` and a model card, each written
+   to a temporary name and renamed, so a kill never leaves a truncated file behind.
+
+Works unchanged under ``torchrun`` / ``accelerate launch``: only the main process writes files and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ia3cli import __version__
+from ia3cli.errors import Ia3Error, RunError
+from ia3cli.recipe import Recipe, dump_recipe
+
+RUN_FILES = ("recipe.yaml", "run.json")
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    health: dict[str, Any] = field(default_factory=dict)
+    health_line: str = ""
+
+
+def is_main_process() -> bool:
+    """True on the process that writes files (rank 0, or the only process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    """Number of processes the launcher started (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary sibling and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def publish_dir(staging: Path, dest: Path) -> None:
+    """Move every file of ``staging`` into ``dest`` one atomic rename at a time, then remove ``staging``."""
+    for src in sorted(staging.iterdir()):
+        os.replace(src, dest / src.name)
+    staging.rmdir()
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint: it has ``trainer_state.json`` and a loadable adapter file."""
+    from safetensors import safe_open
+
+    candidates = sorted(
+        (p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for ckpt in candidates:
+        adapter = ckpt / "adapter_model.safetensors"
+        if not (ckpt / "trainer_state.json").is_file() or not adapter.is_file():
+            continue
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+            with safe_open(str(adapter), "pt") as fh:
+                list(fh.keys())
+        except Exception:
+            continue
+        return ckpt
+    return None
+
+
+def claim_output_dir(recipe: Recipe, out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Create the run directory, or refuse to clobber another run.
+
+    Raises:
+        Ia3Error: when ``out`` holds files of a different recipe (or any run, without ``--resume``).
+        RunError: when the directory cannot be created.
+    """
+    if out.exists() and not out.is_dir():
+        raise Ia3Error(f"training.output_dir: {out} is a file", "choose another output_dir")
+    if out.is_dir() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif resume:
+            saved = out / "recipe.yaml"
+            if saved.is_file() and saved.read_text(encoding="utf-8") != dump_recipe(recipe):
+                raise Ia3Error(
+                    f"training.output_dir: {out} was started from a different recipe",
+                    "resume with the same recipe and --set values, or pass --overwrite to start over",
+                )
+        else:
+            raise Ia3Error(
+                f"training.output_dir: {out} is not empty",
+                "pass --resume to continue that run, --overwrite to start over, or set another output_dir",
+            )
+    elif resume:
+        raise Ia3Error(f"--resume: no run to resume in {out}", "drop --resume to start a new run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"training.output_dir: cannot create {out}: {exc.strerror}") from None
+
+
+def run_info(recipe: Recipe) -> dict[str, Any]:
+    """Versions and launch facts stored as ``run.json``: what ``eval`` and ``merge`` need to know about a run."""
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "ia3cli": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "task": recipe.model.task,
+        "base_model": recipe.model.name,
+        "quantization": recipe.model.quantization,
+        "world_size": world_size(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def training_arguments(recipe: Recipe, out: Path) -> Any:
+    """Map ``recipe.training`` to ``transformers.TrainingArguments`` (the one place this happens)."""
+    from transformers import TrainingArguments
+
+    t = recipe.training
+    evaluate = recipe.data.eval_split is not None and t.eval_strategy != "no"
+    metric = recipe.metric
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or 2 * t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps in transformers 5
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm if t.max_grad_norm is not None else 0.0,
+        eval_strategy=t.eval_strategy if evaluate else "no",
+        eval_steps=t.eval_steps,
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps,
+        load_best_model_at_end=t.load_best_model_at_end and evaluate,
+        metric_for_best_model=metric if evaluate else None,
+        greater_is_better=metric != "loss",
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=[r for r in t.report_to if r != "tensorboard"] or "none",
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        dataloader_num_workers=t.dataloader_num_workers,
+        label_names=["labels"],  # PEFT wraps forward(**kwargs): the Trainer cannot infer label names itself
+        remove_unused_columns=False,  # rows are already reduced to model inputs
+        ddp_find_unused_parameters=False,  # every IA3 vector is used in every step
+        disable_tqdm=not is_main_process(),
+    )
+
+
+def _callbacks(recipe: Recipe, out: Path, monitor: Any, printer: Callable[[str], None]) -> list[Any]:
+    from transformers import EarlyStoppingCallback
+
+    callbacks: list[Any] = [monitor]
+    if recipe.training.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.training.early_stopping_patience))
+    if "tensorboard" in recipe.training.report_to and is_main_process():
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "logs"))))
+        printer(f"TensorBoard logs: tensorboard --logdir {out / 'logs'}")
+    return callbacks
+
+
+def run(
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    printer: Callable[[str], None] = print,
+) -> RunResult:
+    """Train an IA3 adapter as the recipe says and save a self-describing run directory.
+
+    Args:
+        recipe: A validated recipe.
+        resume: Continue from the newest complete checkpoint in ``output_dir/checkpoints``.
+        overwrite: Delete an existing, different run in ``output_dir`` first.
+        printer: Where progress lines go (only the main process prints).
+
+    Raises:
+        RecipeError, DataError: from the pre-flight checks (nothing is written then).
+        Ia3Error: when ``output_dir`` holds another run.
+        RunError: when training fails (non-finite loss, disk full, ...).
+    """
+    from ia3cli import preflight
+
+    say = printer if is_main_process() else (lambda _msg: None)
+    checks = preflight.run(recipe)
+    plan = checks.plan
+    say(f"pre-flight ok: {_split_summary(checks.data)}; IA3 on {plan.target_modules} (ff: {plan.feedforward_modules})")
+
+    out = Path(recipe.training.output_dir)
+    if is_main_process():
+        claim_output_dir(recipe, out, resume=resume, overwrite=overwrite)
+        write_atomic(out / "recipe.yaml", dump_recipe(recipe))
+        write_atomic(out / "run.json", json.dumps(run_info(recipe), indent=2) + "\n")
+    try:
+        return _train(recipe, plan, out, resume=resume, say=say)
+    except OSError as exc:
+        raise RunError(f"{out}: {exc.strerror or exc} while training", "free disk space or fix permissions") from None
+
+
+def _train(recipe: Recipe, plan: Any, out: Path, *, resume: bool, say: Callable[[str], None]) -> RunResult:
+    from transformers import Trainer, set_seed
+
+    from ia3cli import data, evaluation, modeling
+    from ia3cli.monitor import GradNormMonitor
+
+    set_seed(recipe.training.seed)
+    model, tokenizer = modeling.build(recipe, plan)
+    counts = modeling.count_parameters(model)
+    say(
+        f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} || "
+        f"trainable%: {100 * counts['trainable'] / counts['total']:.4f} "
+        f"(IA3 vectors: {counts['ia3']:,}, other: {counts['other_trainable']:,})"
+    )
+    if counts["ia3"] != plan.ia3_params:
+        say(f"warning: {counts['ia3']:,} IA3 parameters were created, {plan.ia3_params:,} were planned")
+
+    train_ds, eval_ds, collator = data.build(recipe, tokenizer)
+    args = training_arguments(recipe, out)
+    monitor = GradNormMonitor(recipe.monitor, recipe.training.max_grad_norm, out, printer=say)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds if args.eval_strategy != "no" else None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=evaluation.trainer_metrics(recipe.num_labels) if recipe.model.task == "seq-cls" else None,
+        callbacks=_callbacks(recipe, out, monitor, say),
+    )
+    checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
+    if resume:
+        say(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint found: starting from step 0")
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    if monitor.failed:
+        if is_main_process():
+            monitor.write()
+        raise RunError(
+            f"training stopped: {monitor.summary_line()}",
+            f"the last good checkpoint is kept in {out / 'checkpoints'}; see {out / 'health.json'}",
+        )
+
+    metrics: dict[str, Any] = dict(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate(eval_ds))
+    metrics.update(
+        {
+            "global_step": trainer.state.global_step,
+            "world_size": world_size(),
+            "per_device_batch_size": recipe.training.batch_size,
+            "global_batch_size": recipe.training.batch_size
+            * recipe.training.gradient_accumulation_steps
+            * world_size(),
+            "trainable_params": counts["trainable"],
+            "ia3_params": counts["ia3"],
+        }
+    )
+    health = monitor.health
+    if is_main_process():
+        staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+        trainer.model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+        (staging / "README.md").write_text(model_card(recipe, plan, metrics, counts, health))
+        publish_dir(staging, out)
+        monitor.write()
+    return RunResult(output_dir=out, metrics=metrics, health=health, health_line=monitor.summary_line())
+
+
+def _split_summary(report: Any) -> str:
+    return ", ".join(f"{name} {n} rows" for name, n in report.splits.items())
+
+
+def model_card(
+    recipe: Recipe, plan: Any, metrics: dict[str, Any], counts: dict[str, int], health: dict[str, Any]
+) -> str:
+    """A short README for the run directory: what was trained, how well, and how to load it."""
+    m, d = recipe.model, recipe.data
+    auto = {"seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}.get(
+        m.task, "AutoModelForSeq2SeqLM"
+    )
+    shown = {k: v for k, v in metrics.items() if k.startswith("eval_") or k in ("train_loss", "train_runtime")}
+    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown.items())
+    extra = f', gguf_file="{m.gguf_file}"' if m.gguf_file else ""
+    return f"""---
+library_name: peft
+base_model: {m.name}
+tags: [ia3, peft, ia3cli]
+---
+# IA3 adapter for `{m.name}`
+
+Task `{m.task}`, trained with ia3cli {__version__} on `{d.path}` (split `{d.train_split}`).
+IA3 targets: `{plan.target_modules}` (feed-forward: `{plan.feedforward_modules}`); trainable parameters: {counts["trainable"]:,} ({counts["ia3"]:,} IA3 vector entries)
+out of {counts["total"]:,}. Health: {health.get("status", "unknown")}.
+
+| metric | value |
+|---|---|
+{rows}
+
+## Load it
+
+```python
+from peft import PeftModel
+from transformers import {auto}
+
+base = {auto}.from_pretrained("{m.name}"{extra})
+model = PeftModel.from_pretrained(base, "{recipe.training.output_dir}")
+```
+
+`recipe.yaml` beside this file is the exact recipe (overrides applied); `ia3 eval` and `ia3 merge` read it.
+"""

@@ -1,0 +1,164 @@
+"""Shared fixtures: tiny random models saved to disk and loaded by path (the code path a hub id takes).
+
+Each tiny model comes with a real word-level tokenizer built from the shipped sentiment data, so recipes run
+end to end on them exactly as on a downloaded checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTIMENT = ROOT / "recipes" / "data" / "sentiment"
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "[CLS]", "[SEP]", "[MASK]"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant : {% endif %}"
+)
+
+
+def _vocab() -> list[str]:
+    words: set[str] = set()
+    for f in SENTIMENT.glob("*.jsonl"):
+        for line in f.read_text().splitlines():
+            words.update(re.findall(r"\w+|[^\w\s]", json.loads(line)["text"].lower()))
+    extra = "review sentiment positive negative question answer yes no user assistant the a is : \n".split()
+    return SPECIALS + sorted(words | set(extra))
+
+
+def make_tokenizer(kind: str):
+    """A word-level fast tokenizer; BERT-style kinds get [CLS] ... [SEP], decoders get <s> ..., T5 gets ... </s>."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(_vocab()))}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    if kind in ("bert", "distilbert", "roberta"):
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 4), ("[SEP]", 5)]
+        )
+    elif kind == "t5":
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 3)])
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_config(kind: str, vocab_size: int):
+    """A tiny config of each family the tests cover."""
+    import transformers as tf
+
+    small = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    if kind == "llama":
+        return tf.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, **small,
+        )
+    if kind == "bert":
+        return tf.BertConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256, **small,
+        )
+    if kind == "distilbert":
+        return tf.DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=vocab_size, pad_token_id=0)
+    if kind == "gpt2":
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **small)
+    if kind == "t5":
+        return tf.T5Config(
+            d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
+            decoder_start_token_id=0, vocab_size=vocab_size, pad_token_id=0, eos_token_id=3,
+        )
+    raise ValueError(kind)
+
+
+def save_tiny(kind: str, task: str, dest: Path) -> Path:
+    """Save a tiny random model (seeded) of ``kind`` for ``task`` plus its tokenizer into ``dest``."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    tok = make_tokenizer(kind)
+    config = make_config(kind, len(tok))
+    auto = {
+        "seq-cls": tf.AutoModelForSequenceClassification,
+        "causal-lm": tf.AutoModelForCausalLM,
+        "seq2seq": tf.AutoModelForSeq2SeqLM,
+    }[task]
+    model = auto.from_config(config)
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
+    """``tiny_model(kind, task)`` -> folder with a tiny random model and tokenizer (built once per session)."""
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(kind: str, task: str = "causal-lm") -> Path:
+        if (kind, task) not in made:
+            made[(kind, task)] = save_tiny(kind, task, tmp_path_factory.mktemp(f"{kind}-{task}"))
+        return made[(kind, task)]
+
+    return get
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    """Dump a recipe mapping as YAML and return its path."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def tiny_recipe(model_dir: Path, task: str, out: Path, **sections: dict) -> dict:
+    """A small recipe over the shipped sentiment data for a tiny model; ``sections`` update each section."""
+    recipe: dict = {
+        "model": {"name": str(model_dir), "task": task},
+        "adapter": {},
+        "data": {
+            "path": str(SENTIMENT),
+            "label_names": ["negative", "positive"],
+            "train_samples": 32,
+            "eval_samples": 16,
+            "max_length": 32,
+        },
+        "training": {
+            "output_dir": str(out),
+            "max_steps": 4,
+            "batch_size": 8,
+            "eval_strategy": "no",
+            "save_strategy": "no",
+            "logging_steps": 1,
+            "learning_rate": 1e-2,
+        },
+        "monitor": {"every_steps": 2},
+    }
+    if task != "seq-cls":
+        recipe["data"]["prompt_template"] = "Review: {text}\nSentiment:"
+    for name, values in sections.items():
+        recipe.setdefault(name, {}).update(values)
+    return recipe
