@@ -47,8 +47,10 @@ def _quiet_libraries(debug: bool) -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     import datasets
+    import huggingface_hub
 
     datasets.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()
 
 
 @contextlib.contextmanager
@@ -108,9 +110,13 @@ def train(
 
         result = run(loaded, resume=resume, overwrite=overwrite, printer=typer.echo)
         if is_main_process():
-            shown = {k: v for k, v in result.metrics.items() if k.startswith("eval_") and isinstance(v, float)}
+            shown = {
+                k: v
+                for k, v in result.metrics.items()
+                if k.startswith("eval_") and isinstance(v, float) and not k.endswith(("_runtime", "_per_second"))
+            }
             typer.echo("final: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) if shown else "final: done")
-            typer.echo(f"health: {result.health_line}")
+            typer.echo(result.health_line)
             typer.echo(f"adapter saved to {result.output_dir}")
             typer.echo(f"next: ia3 eval {result.output_dir}    |    ia3 merge {result.output_dir} {result.output_dir}-merged")
 

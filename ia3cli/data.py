@@ -84,6 +84,8 @@ def load_split(data: DataSection, split: str) -> Dataset:
     is_local = path.exists() or data.path.startswith((".", "/")) or Path(data.path).suffix in LOCAL_FORMATS
     if is_local and not path.exists():
         raise DataError(data.path, None, "file or folder not found", "check data.path (relative to the recipe file)")
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # parse errors are reported below, by row
     try:
         if is_local:
             fmt = _local_format(path)
@@ -108,6 +110,8 @@ def load_split(data: DataSection, split: str) -> Dataset:
             if bad:
                 raise DataError(data.path, bad[0], bad[1].split(": ", 1)[1], "fix or remove that line") from None
         raise DataError(data.path, None, f"cannot load: {str(exc).splitlines()[0]}") from None
+    finally:
+        datasets.logging.set_verbosity(level)
 
 
 def _available_splits(data: DataSection) -> list[str]:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from ia3cli.targets import TargetPlan
 
 PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+# Classification heads are trained in full (modules_to_save), so they must not be quantised.
+HEAD_MODULES = ["classifier", "pre_classifier", "score", "classification_head", "lm_head"]
 
 
 def _auto_class(task: str) -> Any:
@@ -78,9 +80,10 @@ def quantization_config(model: ModelSection, quantization: str | None = None) ->
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
     return BitsAndBytesConfig(
         load_in_4bit=True,
+        llm_int8_skip_modules=HEAD_MODULES,
         bnb_4bit_quant_type=model.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=model.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=torch_dtype(model.bnb_4bit_compute_dtype),
@@ -127,8 +130,9 @@ def load_base(
         if label_names:
             kwargs["id2label"] = dict(enumerate(label_names))
             kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
-    if model.gguf_file and quant is not None:
-        # bitsandbytes quantises from full-precision tensors: dequantise the GGUF once into a cached folder.
+    if model.gguf_file:
+        # A model loaded straight from GGUF refuses training and bitsandbytes needs full-precision tensors:
+        # dequantise the GGUF once into a cached safetensors folder and load that.
         path = str(dequantized_gguf(model))
         kwargs.pop("gguf_file")
     try:
@@ -170,9 +174,22 @@ def ia3_config(recipe: Recipe, plan: TargetPlan) -> Any:
         task_type=PEFT_TASK_TYPES[recipe.model.task],
         target_modules=plan.target_modules,
         feedforward_modules=plan.feedforward_modules,
-        modules_to_save=recipe.adapter.modules_to_save,
+        modules_to_save=modules_to_save(recipe, plan),
         init_ia3_weights=recipe.adapter.init_ia3_weights,
+        fan_in_fan_out=plan.fan_in_fan_out,
     )
+
+
+def modules_to_save(recipe: Recipe, plan: TargetPlan) -> list[str] | None:
+    """The recipe's extra trainable modules plus, for seq-cls, every newly initialised head module.
+
+    PEFT adds only ``classifier``/``score`` by itself; DistilBERT's ``pre_classifier`` or BART's
+    ``classification_head`` would otherwise stay frozen at their random initialisation.
+    """
+    names = list(recipe.adapter.modules_to_save or [])
+    if recipe.model.task == "seq-cls":
+        names += [h for h in plan.head_modules if h not in names]
+    return names or None
 
 
 def wrap(base: PreTrainedModel, recipe: Recipe, plan: TargetPlan) -> PeftModel:

@@ -26,7 +26,7 @@ from typing import Any
 
 from ia3cli import __version__
 from ia3cli.errors import Ia3Error, RunError
-from ia3cli.recipe import Recipe, dump_recipe
+from ia3cli.recipe import Recipe, dump_recipe, resolve_model_path
 
 RUN_FILES = ("recipe.yaml", "run.json")
 
@@ -60,15 +60,23 @@ def write_atomic(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def publish_dir(staging: Path, dest: Path) -> None:
     """Move every file of ``staging`` into ``dest`` one atomic rename at a time, then remove ``staging``."""
     for src in sorted(staging.iterdir()):
+        os.chmod(src, _file_mode())
         os.replace(src, dest / src.name)
     staging.rmdir()
 
@@ -180,6 +188,7 @@ def training_arguments(recipe: Recipe, out: Path) -> Any:
         report_to=[r for r in t.report_to if r != "tensorboard"] or "none",
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=_has_accelerator(),
         label_names=["labels"],  # PEFT wraps forward(**kwargs): the Trainer cannot infer label names itself
         remove_unused_columns=False,  # rows are already reduced to model inputs
         ddp_find_unused_parameters=False,  # every IA3 vector is used in every step
@@ -187,10 +196,16 @@ def training_arguments(recipe: Recipe, out: Path) -> Any:
     )
 
 
-def _callbacks(recipe: Recipe, out: Path, monitor: Any, printer: Callable[[str], None]) -> list[Any]:
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _callbacks(recipe: Recipe, out: Path, printer: Callable[[str], None]) -> list[Any]:
     from transformers import EarlyStoppingCallback
 
-    callbacks: list[Any] = [monitor]
+    callbacks: list[Any] = []
     if recipe.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.training.early_stopping_patience))
     if "tensorboard" in recipe.training.report_to and is_main_process():
@@ -268,8 +283,9 @@ def _train(recipe: Recipe, plan: Any, out: Path, *, resume: bool, say: Callable[
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=evaluation.trainer_metrics(recipe.num_labels) if recipe.model.task == "seq-cls" else None,
-        callbacks=_callbacks(recipe, out, monitor, say),
+        callbacks=_callbacks(recipe, out, say),
     )
+    monitor.attach(trainer)  # ahead of the reporters, so TensorBoard receives the ia3/* values too
     checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
     if resume:
         say(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint found: starting from step 0")
@@ -322,9 +338,14 @@ def model_card(
     auto = {"seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}.get(
         m.task, "AutoModelForSeq2SeqLM"
     )
-    shown = {k: v for k, v in metrics.items() if k.startswith("eval_") or k in ("train_loss", "train_runtime")}
+    shown = {
+        k: v
+        for k, v in metrics.items()
+        if (k.startswith("eval_") or k in ("train_loss", "train_runtime")) and not k.endswith(("_runtime", "_second"))
+    }
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown.items())
     extra = f', gguf_file="{m.gguf_file}"' if m.gguf_file else ""
+    source = resolve_model_path(m.name)
     return f"""---
 library_name: peft
 base_model: {m.name}
@@ -346,7 +367,7 @@ out of {counts["total"]:,}. Health: {health.get("status", "unknown")}.
 from peft import PeftModel
 from transformers import {auto}
 
-base = {auto}.from_pretrained("{m.name}"{extra})
+base = {auto}.from_pretrained("{source}"{extra})
 model = PeftModel.from_pretrained(base, "{recipe.training.output_dir}")
 ```
 
