@@ -1,9 +1,36 @@
-"""Metrics: accuracy and macro-F1 for classification."""
+"""Metrics: accuracy and macro-F1, loss and perplexity, exact match, and rank classification.
+
+``ia3 eval TARGET`` evaluates a run dir (base rebuilt as in training, adapter loaded), a merged model dir, or a
+plain base model (the zero-shot baseline, with ``--recipe``) on one split:
+
+- ``seq-cls``: accuracy, macro-F1 and loss of the classification head.
+- ``causal-lm``: loss (mean negative log-likelihood per target token) and perplexity (``exp(loss)``); with
+  ``data.label_names``, rank classification as in the IA3 paper: every verbaliser is scored by the mean
+  log-probability of its tokens after the prompt (built exactly as training builds targets) and the best one wins.
+- ``seq2seq``: loss and perplexity, exact match of greedy generation (stripped, lower-cased), and rank
+  classification with the verbalisers as decoder targets.
+
+Batches are padded dynamically (right padding) and run under ``torch.inference_mode()``. Heavy libraries are
+imported inside the functions, so importing this module costs nothing.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ia3cli.errors import Ia3Error, RecipeError, RunError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ia3cli.recipe import Recipe
+
+IGNORE_INDEX = -100
 
 
 def classification_metrics(preds: Sequence[int], labels: Sequence[int], num_labels: int) -> dict[str, float]:
@@ -32,3 +59,366 @@ def trainer_metrics(num_labels: int) -> Callable[[Any], dict[str, float]]:
         return classification_metrics(logits.argmax(-1).tolist(), labels.tolist(), num_labels)
 
     return compute
+
+
+# --- batching and scoring -----------------------------------------------------------------------------------------
+
+
+def pad_batch(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of encoded rows to their longest row (``labels`` with -100; scalar labels are stacked)."""
+    import torch
+
+    batch: dict[str, torch.Tensor] = {}
+    for key in features[0]:
+        values = [f[key] for f in features]
+        if not isinstance(values[0], list):
+            batch[key] = torch.tensor(values)
+            continue
+        fill = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
+        width = max(len(v) for v in values)
+        batch[key] = torch.tensor([list(v) + [fill] * (width - len(v)) for v in values])
+    return batch
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _in_length_order(n: int, lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Index batches of similar length (less padding); results are put back in row order by the caller."""
+    order = sorted(range(n), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def sequence_logprobs(
+    model: PreTrainedModel, features: list[dict[str, Any]], pad_token_id: int, batch_size: int
+) -> list[tuple[float, int]]:
+    """Sum of target-token log-probabilities and the number of target tokens, for each encoded sequence.
+
+    Target tokens are those whose ``labels`` entry is not -100. Decoder-only models predict token ``t`` from the
+    logits at ``t - 1``; encoder-decoder models' logits are already aligned with ``labels``.
+    """
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    device = _device(model)
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(features)
+    lengths = [len(f["input_ids"]) + len(f["labels"]) for f in features]
+    for idx in _in_length_order(len(features), lengths, batch_size):
+        batch = {k: v.to(device) for k, v in pad_batch([features[i] for i in idx], pad_token_id).items()}
+        labels = batch["labels"] if seq2seq else batch.pop("labels")
+        logits = model(**batch).logits.float()
+        if not seq2seq:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        mask = labels != IGNORE_INDEX
+        # log p = logit - logsumexp: one (batch, length, vocab) tensor fewer than log_softmax
+        logp = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        sums = (logp * mask).sum(-1).tolist()
+        counts = mask.sum(-1).tolist()
+        for j, i in enumerate(idx):
+            out[i] = (sums[j], counts[j])
+    return out
+
+
+def choice_features(row: dict[str, Any], recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
+    """One encoded sequence per verbaliser in ``data.label_names``, built exactly as training builds targets."""
+    from ia3cli.data import encode_causal, prompt_text
+
+    d = recipe.data
+    prompt = prompt_text(row, d)
+    feats = []
+    for choice in d.label_names or []:
+        if recipe.model.task == "causal-lm":
+            feats.append(encode_causal(tokenizer, prompt, choice, d.max_length))
+        else:
+            enc = dict(tokenizer(prompt, truncation=True, max_length=d.max_length))
+            enc["labels"] = tokenizer(text_target=choice, truncation=True, max_length=d.max_length)["input_ids"]
+            feats.append(enc)
+    return feats
+
+
+def score_choices(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    recipe: Recipe,
+    rows: Sequence[dict[str, Any]],
+    batch_size: int = 16,
+) -> list[list[float]]:
+    """Length-normalised log-likelihood of every verbaliser for every row: ``scores[row][choice]``.
+
+    The score is the mean log-probability of the choice's target tokens (for causal LMs the joined choice plus EOS,
+    as trained) given the prompt.
+    """
+    n_choices = len(recipe.data.label_names or [])
+    feats = [f for row in rows for f in choice_features(row, recipe, tokenizer)]
+    scored = sequence_logprobs(model, feats, _pad_id(tokenizer), batch_size)
+    means = [s / max(c, 1) for s, c in scored]
+    return [means[i * n_choices : (i + 1) * n_choices] for i in range(len(rows))]
+
+
+def rank_classify(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    recipe: Recipe,
+    rows: Sequence[dict[str, Any]],
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Rank classification (the IA3 paper's evaluation): pick the best-scored verbaliser; accuracy and macro-F1.
+
+    The model is put in eval mode and restored afterwards.
+    """
+    import torch
+
+    from ia3cli.data import label_id
+
+    d, n = recipe.data, len(recipe.data.label_names or [])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            scores = score_choices(model, tokenizer, recipe, rows, batch_size)
+    finally:
+        model.train(was_training)
+    preds = [max(range(n), key=lambda c, s=s: s[c]) for s in scores]
+    labels = [label_id(row[d.label_column], d, n) for row in rows]
+    return classification_metrics(preds, labels, n)
+
+
+def _has_choices(recipe: Recipe) -> bool:
+    d = recipe.data
+    return recipe.model.task != "seq-cls" and bool(d.label_names) and d.messages_column is None
+
+
+def _batch_size(recipe: Recipe) -> int:
+    return recipe.training.eval_batch_size or 2 * recipe.training.batch_size
+
+
+def _sample(ds: Any, n: int | None, seed: int) -> Any:
+    """The same subsample ``data.load_splits`` takes, so numbers compare with training's ``metrics.json``."""
+    return ds if n is None or n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
+
+
+def after_training(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> dict[str, float]:
+    """Rank-classification metrics on the eval split for ``metrics.json`` (``eval_accuracy``, ``eval_f1``).
+
+    Returns ``{}`` for ``seq-cls`` (the Trainer reports those) and when there is no eval split or no
+    ``data.label_names``.
+    """
+    d = recipe.data
+    if not _has_choices(recipe) or d.eval_split is None:
+        return {}
+    from ia3cli.data import load_split
+
+    rows = list(_sample(load_split(d, d.eval_split), d.eval_samples, recipe.training.seed))
+    metrics = rank_classify(model, tokenizer, recipe, rows, _batch_size(recipe))
+    return {f"eval_{k}": v for k, v in metrics.items()}
+
+
+# --- the metrics of one split -------------------------------------------------------------------------------------
+
+
+def _classification_head(
+    model: PreTrainedModel, features: list[dict[str, Any]], pad_token_id: int, batch_size: int, num_labels: int
+) -> dict[str, float]:
+    import torch
+
+    device = _device(model)
+    preds = [0] * len(features)
+    total_loss = 0.0
+    for idx in _in_length_order(len(features), [len(f["input_ids"]) for f in features], batch_size):
+        batch = {k: v.to(device) for k, v in pad_batch([features[i] for i in idx], pad_token_id).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        total_loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        for j, p in zip(idx, logits.argmax(-1).tolist(), strict=True):
+            preds[j] = p
+    labels = [f["labels"] for f in features]
+    return {**classification_metrics(preds, labels, num_labels), "loss": total_loss / max(len(features), 1)}
+
+
+def _exact_match(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], recipe: Recipe
+) -> float:
+    """Share of rows whose greedy generation equals the target after strip() and lower()."""
+    from ia3cli.data import prompt_text, target_text
+
+    d, device, batch_size = recipe.data, _device(model), _batch_size(recipe)
+    hits = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        feats = [dict(tokenizer(prompt_text(r, d), truncation=True, max_length=d.max_length)) for r in chunk]
+        targets = [target_text(r, d, recipe.num_labels) for r in chunk]
+        longest = max(len(tokenizer(text_target=t)["input_ids"]) for t in targets)
+        batch = {k: v.to(device) for k, v in pad_batch(feats, _pad_id(tokenizer)).items()}
+        generated = model.generate(**batch, max_new_tokens=min(longest + 2, d.max_length), do_sample=False, num_beams=1)
+        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        hits += sum(g.strip().lower() == t.strip().lower() for g, t in zip(texts, targets, strict=True))
+    return hits / max(len(rows), 1)
+
+
+def evaluate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, recipe: Recipe, rows: list[dict[str, Any]]
+) -> dict[str, float]:
+    """All metrics of the recipe's task on ``rows`` (raw dataset rows); the model is put in eval mode."""
+    import torch
+
+    from ia3cli.data import encode_row
+
+    task, batch_size, pad = recipe.model.task, _batch_size(recipe), _pad_id(tokenizer)
+    features = [encode_row(row, recipe, tokenizer) for row in rows]
+    model.eval()
+    metrics: dict[str, float] = {}
+    with torch.inference_mode():
+        if task == "seq-cls":
+            return _classification_head(model, features, pad, batch_size, recipe.num_labels)
+        scored = sequence_logprobs(model, features, pad, batch_size)
+        tokens = sum(c for _, c in scored)
+        metrics["loss"] = -sum(s for s, _ in scored) / max(tokens, 1)
+        metrics["perplexity"] = math.exp(metrics["loss"]) if metrics["loss"] < 700 else math.inf
+        metrics["target_tokens"] = tokens
+        if task == "seq2seq" and recipe.data.messages_column is None:
+            metrics["exact_match"] = _exact_match(model, tokenizer, rows, recipe)
+    if _has_choices(recipe):
+        metrics.update(rank_classify(model, tokenizer, recipe, rows, batch_size))
+    return metrics
+
+
+# --- ia3 eval -----------------------------------------------------------------------------------------------------
+
+
+def _looks_like_path(target: str) -> bool:
+    return target.startswith((".", "/", "~")) or target.count("/") > 1 or target.endswith("/") or "\\" in target
+
+
+def _target_kind(target: str) -> str:
+    """``run``, ``merged`` or ``base``.
+
+    Raises:
+        Ia3Error: when a path-like target does not exist or a folder holds neither an adapter nor a model.
+    """
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            return "run"
+        if (path / "merge_report.json").is_file():
+            return "merged"
+        if (path / "config.json").is_file() and (path / "recipe.yaml").is_file():
+            return "merged"
+        if (path / "config.json").is_file() or any(path.glob("*.gguf")):
+            return "base"
+        raise Ia3Error(
+            f"{target}: neither a run dir (adapter_config.json) nor a model dir (config.json)",
+            "pass the output_dir of `ia3 train`, the OUT of `ia3 merge`, or a base model with --recipe",
+        )
+    if path.exists() or _looks_like_path(target):
+        raise Ia3Error(
+            f"{target}: target not found" if not path.exists() else f"{target}: not a directory",
+            "pass a run dir from `ia3 train`, a merged dir from `ia3 merge`, or a base model (hub id, folder, "
+            "pkg:PACKAGE/DIR) with --recipe",
+        )
+    return "base"
+
+
+def _load_recipe(kind: str, target: str, recipe_path: Path | None, overrides: list[str]) -> Recipe:
+    from ia3cli.recipe import load_recipe
+
+    saved = Path(target).expanduser() / "recipe.yaml"
+    if recipe_path is None and kind in ("run", "merged") and saved.is_file():
+        recipe_path = saved
+    if recipe_path is None:
+        what = {"run": "the run dir has no recipe.yaml", "merged": "the merged dir has no recipe.yaml"}
+        raise RecipeError(
+            "--recipe",
+            f"no recipe for '{target}' ({what.get(kind, 'a base model needs one')})",
+            "pass --recipe RECIPE.yaml: it says the task, data and prompt to evaluate with",
+        )
+    return load_recipe(recipe_path, overrides)
+
+
+def _load_model(kind: str, target: str, recipe: Recipe, full_precision: bool) -> tuple[Any, Any]:
+    from ia3cli import modeling
+
+    if kind == "run":
+        return modeling.load_run_model(target, recipe, quantization="none" if full_precision else None)
+    if kind == "merged":
+        # A merged model is a full-precision checkpoint of its own; the base's quantization and GGUF do not apply.
+        recipe.model.name, recipe.model.quantization = str(Path(target).expanduser()), "none"
+        recipe.model.gguf_file = recipe.model.revision = None
+    else:
+        recipe.model.name = target
+    tokenizer = modeling.load_tokenizer(recipe.model)
+    model = modeling.load_base(
+        recipe.model,
+        recipe.num_labels,
+        quantization="none" if full_precision else None,
+        label_names=recipe.data.label_names,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model, tokenizer
+
+
+def run_eval(
+    target: str,
+    *,
+    recipe_path: Path | None,
+    data: str | None,
+    split: str | None,
+    overrides: list[str],
+    full_precision: bool,
+) -> dict[str, Any]:
+    """Evaluate a run dir, a merged model dir or a base model on one split; see the module docstring.
+
+    Args:
+        target: Run dir (adapter + recipe.yaml), merged dir (from ``ia3 merge``), or base model (needs a recipe).
+        recipe_path: Recipe to use instead of the one saved in TARGET.
+        data: Replaces ``data.path``.
+        split: Replaces ``data.eval_split`` (default: the recipe's eval split). ``data.eval_samples`` applies.
+        overrides: ``section.key=value`` strings applied to the recipe.
+        full_precision: Load the base unquantised even when the recipe says 4/8-bit.
+
+    Returns:
+        The metrics: ``target``, ``split``, ``rows`` and the task's metrics. Also written to ``eval-<split>.json``
+        in TARGET when it is a run or merged dir.
+
+    Raises:
+        Ia3Error: TARGET not found or not a model; RecipeError: no recipe, no split; DataError: bad data.
+    """
+    from ia3cli.data import check_rows, load_split
+    from ia3cli.train import write_atomic
+
+    kind = _target_kind(target)
+    recipe = _load_recipe(kind, target, recipe_path, overrides)
+    if data is not None:
+        recipe.data.path = data
+    split = split or recipe.data.eval_split
+    if split is None:
+        raise RecipeError("data.eval_split", "is null: nothing to evaluate on", "pass --split (e.g. --split train)")
+    ds = _sample(load_split(recipe.data, split), recipe.data.eval_samples, recipe.training.seed)
+    if len(ds) == 0:
+        raise RecipeError("--split", f"split '{split}' of {recipe.data.path} is empty")
+    check_rows(ds, recipe, f"{recipe.data.path} [{split}]")
+
+    model, tokenizer = _load_model(kind, target, recipe, full_precision)
+    metrics: dict[str, Any] = {"target": target, "kind": kind, "task": recipe.model.task, "data": recipe.data.path}
+    metrics.update({"split": split, "rows": len(ds)})
+    metrics.update(evaluate(model, tokenizer, recipe, list(ds)))
+    if kind in ("run", "merged"):
+        dest = Path(target).expanduser() / f"eval-{split.replace('/', '_')}.json"
+        try:
+            write_atomic(dest, json.dumps(metrics, indent=2) + "\n")
+        except OSError as exc:
+            raise RunError(f"{dest}: cannot write: {exc.strerror or exc}") from None
+    return metrics
+
+
+def render(metrics: dict[str, Any]) -> str:
+    """The metrics as a small aligned table for the terminal."""
+    shown = {k: v for k, v in metrics.items() if k not in ("kind",)}
+    width = max((len(k) for k in shown), default=0)
+    lines = []
+    for key, value in shown.items():
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key.ljust(width)}  {text}")
+    return "\n".join(lines)

@@ -1,0 +1,271 @@
+"""`ia3 merge` on real tiny models: the merged checkpoint reproduces the adapter, for every family and for 4-bit runs.
+
+Run dirs are built directly (base loaded by `modeling.load_base` as training does, wrapped by `get_peft_model` with
+PEFT's default IA3 targets for the family, then saved); one test goes through `ia3cli.train.run`. The IA3 vectors
+are drawn from U(0.5, 1.5) and trained heads are perturbed: with identity vectors a merge test would prove nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from peft import IA3Config, get_peft_model, prepare_model_for_kbit_training
+from peft.utils.constants import (
+    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as IA3_FEEDFORWARD,
+)
+from peft.utils.constants import (
+    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as IA3_TARGETS,
+)
+from typer.testing import CliRunner
+
+from ia3cli import modeling
+from ia3cli.cli import app
+from ia3cli.errors import Ia3Error, RunError
+from ia3cli.merge import merge
+from ia3cli.recipe import dump_recipe, load_recipe, validate_mapping
+from tests.conftest import tiny_recipe
+
+AUTO = {
+    "seq-cls": tf.AutoModelForSequenceClassification,
+    "causal-lm": tf.AutoModelForCausalLM,
+    "seq2seq": tf.AutoModelForSeq2SeqLM,
+}
+
+
+def make_run(root: Path, model_dir: Path, task: str, *, quantization: str = "none", **sections: dict) -> Path:
+    """A finished-looking run dir: non-trivial IA3 vectors (and head), tokenizer, resolved recipe.yaml."""
+    run_dir = root / "run"
+    raw = tiny_recipe(model_dir, task, run_dir, **sections)
+    raw["model"]["quantization"] = quantization
+    recipe = validate_mapping(raw)
+    tokenizer = modeling.load_tokenizer(recipe.model)
+    base = modeling.load_base(
+        recipe.model, recipe.num_labels, label_names=recipe.data.label_names, pad_token_id=tokenizer.pad_token_id
+    )
+    if quantization != "none":
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    kind = base.config.model_type
+    config = IA3Config(
+        task_type=modeling.PEFT_TASK_TYPES[task],
+        target_modules=IA3_TARGETS[kind],
+        feedforward_modules=IA3_FEEDFORWARD[kind],
+        fan_in_fan_out=kind == "gpt2",  # Conv1D stores (in, out)
+    )
+    model = get_peft_model(base, config)  # PEFT adds the seq-cls head (classifier/score) to modules_to_save
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            elif p.requires_grad:  # the seq-cls head (modules_to_save)
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    model.save_pretrained(str(run_dir))
+    tokenizer.save_pretrained(str(run_dir))
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    return run_dir
+
+
+def probe_inputs(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Inputs independent of merge's own probe: three dev sentences of different lengths, padded."""
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(run_dir))
+    texts = ["A warm, clever comedy.", "The app bombards you with ads and upsells, sadly.", "Pretty good"]
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    if recipe.model.task == "seq2seq":
+        batch["labels"] = tokenizer(text_target=["positive", "negative", "positive"], return_tensors="pt")["input_ids"]
+    return batch
+
+
+def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+FAMILIES = [
+    pytest.param("bert", "seq-cls", "none", id="bert-seq-cls"),
+    pytest.param("llama", "causal-lm", "none", id="llama-causal-lm"),
+    pytest.param("t5", "seq2seq", "none", id="t5-seq2seq"),
+    pytest.param("gpt2", "causal-lm", "none", id="gpt2-conv1d"),
+    pytest.param("llama", "causal-lm", "4bit", id="llama-trained-4bit"),
+]
+
+
+@pytest.mark.parametrize(("kind", "task", "quantization"), FAMILIES)
+def test_merged_model_matches_adapter(tmp_path: Path, tiny_model, kind: str, task: str, quantization: str) -> None:
+    run_dir = make_run(tmp_path, tiny_model(kind, task), task, quantization=quantization)
+    out = tmp_path / "merged"
+
+    report = merge(run_dir, out)
+
+    assert report["max_abs_diff"] <= 1e-4 and report["float32_max_abs_diff"] <= 1e-4
+    assert report["probe_rows"] == 8 and report["probe_source"].endswith("[validation]")
+    assert report["trained_quantization"] == quantization
+    assert json.loads((out / "merge_report.json").read_text())["max_abs_diff"] == report["max_abs_diff"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "recipe.yaml"):
+        assert (out / name).is_file(), name
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert not list(tmp_path.glob(".merged.*")), "temporary dirs left behind"
+
+    # Independently of merge's probe: plain transformers load vs the full-precision adapter model.
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    adapter, _ = modeling.load_run_model(run_dir, recipe, quantization="none")
+    adapter.eval()
+    merged = AUTO[task].from_pretrained(str(out)).eval()
+    batch = probe_inputs(run_dir)
+    expected, got = logits_of(adapter, batch), logits_of(merged, batch)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0), (got - expected).abs().max()
+    with adapter.disable_adapter():  # the adapter must matter, or this test proves nothing
+        assert (logits_of(adapter, batch) - expected).abs().max() > 1e-3
+    print(f"{kind}/{task}/{quantization}: max_abs_diff {report['max_abs_diff']:.2e}")
+
+
+def test_seq_cls_head_is_the_trained_copy(tmp_path: Path, tiny_model) -> None:
+    run_dir = make_run(tmp_path, tiny_model("bert", "seq-cls"), "seq-cls")
+    merge(run_dir, tmp_path / "merged")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    adapter, _ = modeling.load_run_model(run_dir, recipe)
+    trained = adapter.base_model.model.classifier.modules_to_save["default"].weight
+    original = adapter.base_model.model.classifier.original_module.weight
+    merged = tf.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged"))
+    assert torch.equal(merged.classifier.weight, trained) and not torch.equal(trained, original)
+    assert merged.config.id2label == {0: "negative", 1: "positive"}
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [("bfloat16", 5e-2), ("float16", 1e-2)])
+def test_half_precision_output_is_checked_with_a_looser_tolerance(
+    tmp_path: Path, tiny_model, dtype: str, rtol: float
+) -> None:
+    run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm")
+    report = merge(run_dir, tmp_path / "merged", dtype=dtype)
+    assert report["dtype"] == dtype and report["float32_max_abs_diff"] <= 1e-4  # the merge itself: exact
+    assert report["tolerance"] == pytest.approx(rtol * max(1.0, report["max_abs_logit"]))
+    assert 0 < report["max_abs_diff"] <= report["tolerance"]  # the cast: rounding, bounded
+    merged = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert merged.dtype == getattr(torch, dtype)
+    print(f"llama {dtype}: max_abs_diff {report['max_abs_diff']:.2e} (tolerance {report['tolerance']:.2e})")
+
+
+def test_probe_falls_back_to_random_tokens_when_data_is_gone(tmp_path: Path, tiny_model) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "great", "label": 1}\n{"text": "bad", "label": 0}\n')
+    run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm", data={"path": str(data)})
+    data.unlink()
+    report = merge(run_dir, tmp_path / "merged")
+    assert report["probe_source"] == "random tokens" and report["probe_rows"] == 4
+    assert report["max_abs_diff"] <= 1e-4
+
+
+def test_a_merge_that_changes_the_outputs_fails_and_writes_nothing(tmp_path: Path, tiny_model, monkeypatch) -> None:
+    from peft.tuners.ia3 import IA3Model
+
+    run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm")
+    monkeypatch.setattr(IA3Model, "merge_and_unload", lambda self, *a, **k: self.unload())  # drops the vectors
+    with pytest.raises(RunError, match="merge check failed") as err:
+        merge(run_dir, tmp_path / "merged")
+    assert err.value.exit_code == 1
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged.*"))
+
+
+def test_non_empty_out_is_refused_without_force_and_replaced_with_it(tmp_path: Path, tiny_model) -> None:
+    run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm")
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(Ia3Error, match="not empty") as err:
+        merge(run_dir, out)
+    assert err.value.exit_code == 2 and "--force" in str(err.value)
+    assert (out / "keep.txt").read_text() == "old"
+
+    merge(run_dir, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "run"]
+
+
+def test_empty_out_dir_is_used(tmp_path: Path, tiny_model) -> None:
+    run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm")
+    (tmp_path / "merged").mkdir()
+    merge(run_dir, tmp_path / "merged")
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh-out", "force-over-old-out"])
+def test_interrupted_merge_leaves_out_untouched(tmp_path: Path, tiny_model, monkeypatch, existing: bool) -> None:
+    run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm")
+    out = tmp_path / "merged"
+    if existing:
+        out.mkdir()
+        (out / "keep.txt").write_text("old")
+
+    def half_written(self, save_directory, **kwargs):
+        (Path(save_directory) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tf.PreTrainedModel, "save_pretrained", half_written)
+    with pytest.raises(OSError, match="No space"):
+        merge(run_dir, out, force=True)
+    if existing:
+        assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "old"
+    else:
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run"] + (["merged"] if existing else []))
+
+
+def test_bad_run_dirs_are_named(tmp_path: Path, tiny_model) -> None:
+    with pytest.raises(Ia3Error, match="run directory not found") as err:
+        merge(tmp_path / "nope", tmp_path / "out")
+    assert str(tmp_path / "nope") in str(err.value) and err.value.hint
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Ia3Error, match="no adapter_config.json"):
+        merge(tmp_path / "empty", tmp_path / "out")
+    run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm")
+    with pytest.raises(Ia3Error, match="outside the run dir"):
+        merge(run_dir, run_dir, force=True)
+    with pytest.raises(Ia3Error, match="outside the run dir"):
+        merge(run_dir, tmp_path, force=True)
+    with pytest.raises(Ia3Error, match="--dtype"):
+        merge(run_dir, tmp_path / "out", dtype="int8")
+    (run_dir / "adapter_model.safetensors").unlink()
+    with pytest.raises(Ia3Error, match="no adapter_model.safetensors"):
+        merge(run_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_merge(tmp_path: Path, tiny_model) -> None:
+    run_dir = make_run(tmp_path, tiny_model("gpt2", "causal-lm"), "causal-lm")
+    runner = CliRunner()
+    result = runner.invoke(app, ["merge", str(run_dir), str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    assert "merged into" in result.output and "on 8 rows" in result.output
+
+    again = runner.invoke(app, ["merge", str(run_dir), str(tmp_path / "merged")])
+    assert again.exit_code == 2 and "not empty" in again.output and "Traceback" not in again.output
+
+    missing = runner.invoke(app, ["merge", str(tmp_path / "nope"), str(tmp_path / "out")])
+    assert missing.exit_code == 2, missing.output
+    assert "error:" in missing.output and "run directory not found" in missing.output
+    assert "Traceback" not in missing.output and len(missing.output.splitlines()) <= 3
+
+
+def test_run_trained_by_ia3_train_merges(tmp_path: Path, tiny_model) -> None:
+    try:
+        from ia3cli import monitor, targets  # noqa: F401
+        from ia3cli.train import run
+    except ImportError as exc:
+        pytest.skip(f"the training path is not importable yet: {exc}")
+    model_dir = tiny_model("bert", "seq-cls")
+    recipe = validate_mapping(tiny_recipe(model_dir, "seq-cls", tmp_path / "run"))
+    run(recipe, printer=lambda _line: None)
+    report = merge(tmp_path / "run", tmp_path / "merged")
+    assert report["max_abs_diff"] <= 1e-4 and report["probe_rows"] == 8
+
+    from ia3cli.evaluation import run_eval
+
+    args = {"recipe_path": None, "data": None, "split": None, "overrides": [], "full_precision": False}
+    on_run, on_merged = run_eval(str(tmp_path / "run"), **args), run_eval(str(tmp_path / "merged"), **args)
+    assert on_run["accuracy"] == on_merged["accuracy"] and on_run["loss"] == pytest.approx(on_merged["loss"], abs=1e-5)
+    trained = json.loads((tmp_path / "run" / "metrics.json").read_text())  # the Trainer's final evaluation
+    assert on_run["accuracy"] == trained["eval_accuracy"] and on_run["loss"] == pytest.approx(trained["eval_loss"])
