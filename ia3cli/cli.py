@@ -42,6 +42,10 @@ def _examples(*lines: str) -> str:
 def _quiet_libraries(debug: bool) -> None:
     if debug:
         return
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -160,6 +160,10 @@ def dequantized_gguf(model: ModelSection) -> Path:
     full = _auto_class(model.task).from_pretrained(
         str(src.parent), gguf_file=src.name, dtype=torch_dtype("float32"), trust_remote_code=model.trust_remote_code
     )
+    # The weights are plain float32 now; drop the GGUF quantiser record so the folder saves and loads as-is.
+    full.hf_quantizer = None
+    if hasattr(full.config, "quantization_config"):
+        del full.config.quantization_config
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     full.save_pretrained(str(tmp))
     tmp.replace(dest) if not dest.exists() else shutil.rmtree(tmp)

@@ -153,6 +153,12 @@ class TrainingSection(_Section):
     group_by_length: bool = Field(True, description="Batch rows of similar length together (less padding).")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for data loading.")
 
+    @field_validator("eval_strategy", "save_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false
+        return "no" if value is False else value
+
     @field_validator("report_to", mode="before")
     @classmethod
     def _one_logger(cls, value: Any) -> Any:

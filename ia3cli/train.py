@@ -193,6 +193,9 @@ def training_arguments(recipe: Recipe, out: Path) -> Any:
         remove_unused_columns=False,  # rows are already reduced to model inputs
         ddp_find_unused_parameters=False,  # every IA3 vector is used in every step
         disable_tqdm=not is_main_process(),
+        # Without a GPU, Accelerate runs one process per launcher rank only when told to use the CPU (gloo);
+        # otherwise each rank would train alone on all the data.
+        use_cpu=world_size() > 1 and not _has_accelerator(),
     )
 
 
@@ -237,6 +240,8 @@ def run(
         Ia3Error: when ``output_dir`` holds another run.
         RunError: when training fails (non-finite loss, disk full, ...).
     """
+    from accelerate import PartialState
+
     from ia3cli import preflight
 
     say = printer if is_main_process() else (lambda _msg: None)
@@ -245,17 +250,21 @@ def run(
     say(f"pre-flight ok: {_split_summary(checks.data)}; IA3 on {plan.target_modules} (ff: {plan.feedforward_modules})")
 
     out = Path(recipe.training.output_dir)
-    if is_main_process():
-        claim_output_dir(recipe, out, resume=resume, overwrite=overwrite)
-        write_atomic(out / "recipe.yaml", dump_recipe(recipe))
-        write_atomic(out / "run.json", json.dumps(run_info(recipe), indent=2) + "\n")
+    args = training_arguments(recipe, out)  # sets up Accelerate: under torchrun / accelerate launch, all ranks meet
     try:
-        return _train(recipe, plan, out, resume=resume, say=say)
+        if is_main_process():
+            claim_output_dir(recipe, out, resume=resume, overwrite=overwrite)
+            write_atomic(out / "recipe.yaml", dump_recipe(recipe))
+            write_atomic(out / "run.json", json.dumps(run_info(recipe), indent=2) + "\n")
+        # The other ranks start only once rank 0 has claimed the run dir (or they wait there until the launcher
+        # stops them after rank 0's refusal): none of them ever sees it half-made or looks for checkpoints early.
+        PartialState().wait_for_everyone()
+        return _train(recipe, plan, out, args, resume=resume, say=say)
     except OSError as exc:
         raise RunError(f"{out}: {exc.strerror or exc} while training", "free disk space or fix permissions") from None
 
 
-def _train(recipe: Recipe, plan: Any, out: Path, *, resume: bool, say: Callable[[str], None]) -> RunResult:
+def _train(recipe: Recipe, plan: Any, out: Path, args: Any, *, resume: bool, say: Callable[[str], None]) -> RunResult:
     from transformers import Trainer, set_seed
 
     from ia3cli import data, evaluation, modeling
@@ -273,7 +282,6 @@ def _train(recipe: Recipe, plan: Any, out: Path, *, resume: bool, say: Callable[
         say(f"warning: {counts['ia3']:,} IA3 parameters were created, {plan.ia3_params:,} were planned")
 
     train_ds, eval_ds, collator = data.build(recipe, tokenizer)
-    args = training_arguments(recipe, out)
     monitor = GradNormMonitor(recipe.monitor, recipe.training.max_grad_norm, out, printer=say)
     trainer = Trainer(
         model=model,
@@ -302,14 +310,15 @@ def _train(recipe: Recipe, plan: Any, out: Path, *, resume: bool, say: Callable[
     metrics: dict[str, Any] = dict(result.metrics)
     if eval_ds is not None:
         metrics.update(trainer.evaluate(eval_ds))
+    metrics.update(evaluation.after_training(trainer.model, tokenizer, recipe))  # rank classification (causal/s2s)
     metrics.update(
         {
             "global_step": trainer.state.global_step,
-            "world_size": world_size(),
+            "world_size": args.world_size,  # what the Trainer trained with, not what the launcher asked for
             "per_device_batch_size": recipe.training.batch_size,
             "global_batch_size": recipe.training.batch_size
             * recipe.training.gradient_accumulation_steps
-            * world_size(),
+            * args.world_size,
             "trainable_params": counts["trainable"],
             "ia3_params": counts["ia3"],
         }

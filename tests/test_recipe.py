@@ -139,6 +139,13 @@ def test_load_recipe_applies_overrides_and_resolves_data_beside_the_recipe(tmp_p
     assert Path(r.data.path) == (tmp_path / "data.jsonl").resolve()
 
 
+def test_bare_no_in_yaml_means_the_strategy_no(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name: m}\ndata: {path: d}\ntraining: {eval_strategy: no, save_strategy: no}\n")
+    r = load_recipe(path, ["training.save_strategy=no"])
+    assert r.training.eval_strategy == "no" and r.training.save_strategy == "no"
+
+
 def test_scientific_notation_in_yaml_is_a_float(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
     path.write_text("model: {name: m}\ndata: {path: d}\ntraining: {learning_rate: 3e-3}\n")
