@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,8 +43,11 @@ def _examples(*lines: str) -> str:
 def _quiet_libraries(debug: bool) -> None:
     if debug:
         return
+    import logging
     import warnings
 
+    # bitsandbytes warns at import about an optional CPU kernel package that needs the Hub
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     import transformers
@@ -57,6 +61,12 @@ def _quiet_libraries(debug: bool) -> None:
     huggingface_hub.utils.logging.set_verbosity_error()
 
 
+def _say_error(text: str) -> None:
+    # Under torchrun every rank fails together; one message (the main process's) is enough.
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(text, err=True)
+
+
 @contextlib.contextmanager
 def _errors(debug: bool) -> Iterator[None]:
     """Turn known errors into a short message and an exit status; keep tracebacks for ``--debug``."""
@@ -65,10 +75,10 @@ def _errors(debug: bool) -> Iterator[None]:
     except Ia3Error as exc:
         if debug:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        _say_error(f"error: {exc}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        _say_error("interrupted")
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
@@ -76,8 +86,7 @@ def _errors(debug: bool) -> Iterator[None]:
         if debug:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        typer.echo(f"error: {type(exc).__name__}: {first}", err=True)
-        typer.echo("  hint: run again with --debug for the traceback", err=True)
+        _say_error(f"error: {type(exc).__name__}: {first}\n  hint: run again with --debug for the traceback")
         raise typer.Exit(1) from None
 
 

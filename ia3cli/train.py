@@ -9,7 +9,8 @@
 6. Final evaluation, then the adapter, tokenizer, ``metrics.json``, ``health.json`` and a model card, each written
    to a temporary name and renamed, so a kill never leaves a truncated file behind.
 
-Works unchanged under ``torchrun`` / ``accelerate launch``: only the main process writes files and prints.
+Works unchanged under ``torchrun`` / ``accelerate launch`` (``ia3 train --nproc N`` calls torchrun): rank 0 claims
+the run directory while the other ranks wait, and only rank 0 writes files and prints.
 """
 
 from __future__ import annotations
@@ -82,7 +83,12 @@ def publish_dir(staging: Path, dest: Path) -> None:
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint: it has ``trainer_state.json`` and a loadable adapter file."""
+    """The newest complete checkpoint: it has ``trainer_state.json`` and a loadable adapter file.
+
+    The Trainer (transformers 5.23, ``_save_checkpoint``) writes ``trainer_state.json`` after the adapter, optimizer,
+    scheduler and RNG state, so a checkpoint killed mid-write lacks it. Under several processes the other ranks'
+    ``rng_state_<rank>.pth`` are written alongside and not checked: if one is missing the Trainer warns and goes on.
+    """
     from safetensors import safe_open
 
     candidates = sorted(
@@ -280,6 +286,11 @@ def _train(recipe: Recipe, plan: Any, out: Path, args: Any, *, resume: bool, say
     )
     if counts["ia3"] != plan.ia3_params:
         say(f"warning: {counts['ia3']:,} IA3 parameters were created, {plan.ia3_params:,} were planned")
+    if recipe.model.task != "causal-lm":
+        # These heads average their loss per batch and ignore ``num_items_in_batch``. Unless told so, the Trainer
+        # (transformers 5) multiplies their loss by the number of processes and skips the division by
+        # gradient_accumulation_steps: the gradient would grow with the world size and the accumulation.
+        model.get_base_model().accepts_loss_kwargs = False
 
     train_ds, eval_ds, collator = data.build(recipe, tokenizer)
     monitor = GradNormMonitor(recipe.monitor, recipe.training.max_grad_norm, out, printer=say)
