@@ -113,6 +113,12 @@ def save_tiny(kind: str, task: str, dest: Path) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Derived files (dequantised GGUF) go to a per-session folder, so tests exercise the conversion too."""
+    os.environ["IA3CLI_CACHE"] = str(tmp_path_factory.mktemp("ia3cli-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
     """``tiny_model(kind, task)`` -> folder with a tiny random model and tokenizer (built once per session)."""
