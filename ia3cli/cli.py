@@ -131,7 +131,9 @@ def train(
             typer.echo("final: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) if shown else "final: done")
             typer.echo(result.health_line)
             typer.echo(f"adapter saved to {result.output_dir}")
-            typer.echo(f"next: ia3 eval {result.output_dir}    |    ia3 merge {result.output_dir} {result.output_dir}-merged")
+            typer.echo(
+                f"next: ia3 eval {result.output_dir}    |    ia3 merge {result.output_dir} {result.output_dir}-merged"
+            )
 
 
 @app.command(
@@ -188,8 +190,8 @@ def inspect_modules(
 ) -> None:
     """Show a model's modules and the recommended IA3 targets, from its config alone (no weights)."""
     with _errors(debug):
-        from ia3cli.recipe import ModelSection
         from ia3cli.errors import RecipeError
+        from ia3cli.recipe import ModelSection
 
         if task not in ("seq-cls", "causal-lm", "seq2seq"):
             raise RecipeError("--task", f"'{task}' is not a task", "use seq-cls, causal-lm or seq2seq")
@@ -260,7 +262,9 @@ def merge(
         from ia3cli import merge as merging
 
         report = merging.merge(run_dir, out, dtype=dtype, force=force)
-        typer.echo(f"merged into {out} (max |delta logits| {report['max_abs_diff']:.2e} on {report['probe_rows']} rows)")
+        typer.echo(
+            f"merged into {out} (max |delta logits| {report['max_abs_diff']:.2e} on {report['probe_rows']} rows)"
+        )
 
 
 def main() -> None:

@@ -47,7 +47,9 @@ def _local_format(path: Path) -> str:
         raise DataError(str(path), None, "no .jsonl/.json/.csv/.parquet files in this folder")
     formats = {LOCAL_FORMATS.get(p.suffix) for p in files}
     if None in formats:
-        raise DataError(str(path), None, f"unsupported file type '{path.suffix}'", "use .jsonl, .json, .csv or .parquet")
+        raise DataError(
+            str(path), None, f"unsupported file type '{path.suffix}'", "use .jsonl, .json, .csv or .parquet"
+        )
     if len(formats) > 1:
         raise DataError(str(path), None, "mixes file types; keep one format per folder")
     return formats.pop()
@@ -192,7 +194,9 @@ def check_rows(ds: Dataset, recipe: Recipe, source: str) -> dict[str, int]:
     cols = required_columns(recipe)
     missing = [c for c in cols if c not in ds.column_names]
     if missing:
-        key = "data.prompt_template" if d.prompt_template and missing[0] in _template_fields(d.prompt_template) else None
+        key = (
+            "data.prompt_template" if d.prompt_template and missing[0] in _template_fields(d.prompt_template) else None
+        )
         hint = f"columns present: {', '.join(ds.column_names)}" + (f" (used by {key})" if key else "")
         raise DataError(source, None, f"missing column '{missing[0]}'", hint)
     counts: dict[str, int] = {}
@@ -208,7 +212,9 @@ def check_rows(ds: Dataset, recipe: Recipe, source: str) -> dict[str, int]:
                 if lid is None:
                     names = f" or one of {d.label_names}" if d.label_names else ""
                     raise DataError(
-                        source, i, f"label {v!r} in column '{c}' is not a class id 0..{n_labels - 1}{names}",
+                        source,
+                        i,
+                        f"label {v!r} in column '{c}' is not a class id 0..{n_labels - 1}{names}",
                         "fix the row, or set model.num_labels / data.label_names",
                     )
                 counts[str(lid)] = counts.get(str(lid), 0) + 1
@@ -307,7 +313,11 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_le
         after = ids_of(messages[: i + 1], False)
         labels += after[len(ids) :]
         ids = after
-    return {"input_ids": ids[:max_length], "attention_mask": [1] * min(len(ids), max_length), "labels": labels[:max_length]}
+    return {
+        "input_ids": ids[:max_length],
+        "attention_mask": [1] * min(len(ids), max_length),
+        "labels": labels[:max_length],
+    }
 
 
 def encode_row(row: dict[str, Any], recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, list]:

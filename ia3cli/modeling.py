@@ -138,7 +138,9 @@ def load_base(
     try:
         base = _auto_class(model.task).from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        raise RecipeError("model.name", f"cannot load '{model.name}' for task {model.task}: {_first_line(exc)}") from None
+        raise RecipeError(
+            "model.name", f"cannot load '{model.name}' for task {model.task}: {_first_line(exc)}"
+        ) from None
     if pad_token_id is not None and getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = pad_token_id
     return base
@@ -201,9 +203,7 @@ def wrap(base: PreTrainedModel, recipe: Recipe, plan: TargetPlan) -> PeftModel:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        base = prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=recipe.training.gradient_checkpointing
-        )
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=recipe.training.gradient_checkpointing)
     elif recipe.training.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()

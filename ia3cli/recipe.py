@@ -9,11 +9,12 @@ This module imports no torch or transformers, so ``ia3 validate`` reports schema
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ia3cli.errors import RecipeError
 
 Task = Literal["seq-cls", "causal-lm", "seq2seq"]
-Targets = Union[Literal["auto"], list[str], str]
+Targets = Literal["auto"] | list[str] | str
 
 PKG_PREFIX = "pkg:"
 
@@ -52,11 +53,14 @@ class ModelSection(_Section):
     bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype of the matmuls of 4-bit layers (bfloat16 is faster on recent GPUs)."
     )
-    trust_remote_code: bool = Field(False, description="Run modelling code shipped with the checkpoint. Off by default.")
+    trust_remote_code: bool = Field(
+        False, description="Run modelling code shipped with the checkpoint. Off by default."
+    )
     revision: str | None = Field(None, description="Hub branch, tag or commit of the model.")
     gguf_file: str | None = Field(
-        None, description="GGUF file inside `name` to load, dequantised to `dtype` (with 4/8-bit quantization it is "
-        "dequantised once into a cache folder, then quantised by bitsandbytes)."
+        None,
+        description="GGUF file inside `name` to load, dequantised to `dtype` (with 4/8-bit quantization it is "
+        "dequantised once into a cache folder, then quantised by bitsandbytes).",
     )
 
 
@@ -74,8 +78,9 @@ class AdapterSection(_Section):
         "`target_modules`. `auto`, a list of suffixes, or one regex.",
     )
     modules_to_save: list[str] | None = Field(
-        None, description="Extra modules trained in full and saved with the adapter (the `seq-cls` head is added "
-        "automatically)."
+        None,
+        description="Extra modules trained in full and saved with the adapter (the `seq-cls` head is added "
+        "automatically).",
     )
     init_ia3_weights: bool = Field(True, description="Initialise the IA3 vectors to 1 (identity).")
 
@@ -94,19 +99,22 @@ class DataSection(_Section):
     text_pair_column: str | None = Field(None, description="Second text column for pair tasks (`seq-cls`).")
     label_column: str = Field("label", description="Column with the class label (int id or a name in label_names).")
     label_names: list[str] | None = Field(
-        None, description="Class names in id order. For causal-lm/seq2seq they are the verbalisers trained as "
-        "targets and scored by rank classification."
+        None,
+        description="Class names in id order. For causal-lm/seq2seq they are the verbalisers trained as "
+        "targets and scored by rank classification.",
     )
     prompt_template: str | None = Field(
-        None, description="Python format string over the row's columns building the input, e.g. "
-        "`\"Review: {text}\\nSentiment:\"` (causal-lm, seq2seq)."
+        None,
+        description="Python format string over the row's columns building the input, e.g. "
+        '`"Review: {text}\\nSentiment:"` (causal-lm, seq2seq).',
     )
     target_column: str | None = Field(
         None, description="Column with the target text (causal-lm, seq2seq); default: the label's name."
     )
     messages_column: str | None = Field(
-        None, description="Column with chat `messages` (causal-lm): rendered with the tokenizer's chat template, "
-        "loss on assistant turns only."
+        None,
+        description="Column with chat `messages` (causal-lm): rendered with the tokenizer's chat template, "
+        "loss on assistant turns only.",
     )
     train_samples: int | None = Field(None, ge=1, description="Use this many training rows (sampled with the seed).")
     eval_samples: int | None = Field(None, ge=1, description="Use this many evaluation rows (sampled with the seed).")
@@ -120,10 +128,14 @@ class TrainingSection(_Section):
     epochs: float = Field(3.0, gt=0, description="Training epochs (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps.")
     batch_size: int = Field(8, ge=1, description="Per-device training batch size.")
-    eval_batch_size: int | None = Field(None, ge=1, description="Per-device evaluation batch size (default 2x batch_size).")
+    eval_batch_size: int | None = Field(
+        None, ge=1, description="Per-device evaluation batch size (default 2x batch_size)."
+    )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate; IA3 wants 1e-3..5e-3, far above LoRA's.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0: decaying IA3 vectors pulls them to 0, not 1).")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW weight decay (0: decaying IA3 vectors pulls them to 0, not 1)."
+    )
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
     lr_scheduler: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
@@ -138,13 +150,12 @@ class TrainingSection(_Section):
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
     logging_steps: int = Field(10, ge=1, description="Log loss every N steps.")
     metric: str | None = Field(
-        None, description="Metric that picks the best checkpoint: `accuracy`, `f1` or `loss` for seq-cls (default "
-        "accuracy), `loss` otherwise (rank-classification accuracy is reported after training)."
+        None,
+        description="Metric that picks the best checkpoint: `accuracy`, `f1` or `loss` for seq-cls (default "
+        "accuracy), `loss` otherwise (rank-classification accuracy is reported after training).",
     )
     load_best_model_at_end: bool = Field(True, description="Restore the best checkpoint at the end (needs evaluation).")
-    early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after N evaluations without improvement."
-    )
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N evaluations without improvement.")
     seed: int = Field(42, description="Seed for sampling, initialisation and data order.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
         default_factory=list, description="Loggers, e.g. `[tensorboard]` (logs under output_dir/logs)."
@@ -172,7 +183,9 @@ class MonitorSection(_Section):
 
     every_steps: int = Field(50, ge=1, description="Check (and print a line) every N optimiser steps.")
     vanishing_below: float = Field(1e-4, gt=0, description="A group's gradient norm below this is vanishing.")
-    exploding_above: float = Field(1.0, gt=0, description="A group's gradient norm above this (before clipping) is exploding.")
+    exploding_above: float = Field(
+        1.0, gt=0, description="A group's gradient norm above this (before clipping) is exploding."
+    )
     patience: int = Field(3, ge=1, description="Consecutive bad checks before a finding is raised.")
     on_problem: Literal["warn", "stop"] = Field("warn", description="`warn`, or `stop` training on a finding.")
     per_layer: bool = Field(False, description="Also log gradient norm and drift per layer.")
@@ -208,7 +221,9 @@ class Recipe(_Section):
                 ("model.num_labels", f"is {m.num_labels} but data.label_names has {len(d.label_names)} names")
             )
         if m.task != "seq-cls" and d.messages_column is None and d.target_column is None and not d.label_names:
-            problems.append(("data.target_column", f"task '{m.task}' needs target_column, label_names or messages_column"))
+            problems.append(
+                ("data.target_column", f"task '{m.task}' needs target_column, label_names or messages_column")
+            )
         if m.task == "seq2seq" and d.messages_column is not None:
             problems.append(("data.messages_column", "chat messages are for causal-lm only"))
         if t.metric is not None:
@@ -296,12 +311,6 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    # YAML 1.1 reads 1e-3 as a string; accept the notation people use for learning rates.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value.lower() for c in "e.") and value[0] in "0123456789.-+" else value
-        except ValueError:
-            pass
     return path, value
 
 
@@ -311,7 +320,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         (section, key), value = parse_override(item)
         if section not in SECTIONS:
             hint = _suggest(section, list(SECTIONS))
-            raise RecipeError(f"{section}.{key}", f"unknown section '{section}'", hint or f"sections: {', '.join(SECTIONS)}")
+            raise RecipeError(
+                f"{section}.{key}", f"unknown section '{section}'", hint or f"sections: {', '.join(SECTIONS)}"
+            )
         target = raw.setdefault(section, {})
         if not isinstance(target, dict):
             raise RecipeError(section, "must be a mapping")
@@ -328,10 +339,8 @@ def _fix_float_strings(raw: dict[str, Any]) -> None:
         for key, value in values.items():
             field = section.model_fields.get(key)
             if field is not None and isinstance(value, str) and "float" in str(field.annotation):
-                try:
+                with contextlib.suppress(ValueError):  # not a number: the schema reports it
                     values[key] = float(value)
-                except ValueError:
-                    pass
 
 
 def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Recipe:

@@ -374,8 +374,9 @@ tags: [ia3, peft, ia3cli]
 # IA3 adapter for `{m.name}`
 
 Task `{m.task}`, trained with ia3cli {__version__} on `{d.path}` (split `{d.train_split}`).
-IA3 targets: `{plan.target_modules}` (feed-forward: `{plan.feedforward_modules}`); trainable parameters: {counts["trainable"]:,} ({counts["ia3"]:,} IA3 vector entries)
-out of {counts["total"]:,}. Health: {health.get("status", "unknown")}.
+IA3 targets: `{plan.target_modules}` (feed-forward: `{plan.feedforward_modules}`).
+Trainable parameters: {counts["trainable"]:,} ({counts["ia3"]:,} IA3 vector entries) of {counts["total"]:,}.
+Health: {health.get("status", "unknown")}.
 
 | metric | value |
 |---|---|

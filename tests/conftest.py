@@ -31,8 +31,8 @@ def _vocab() -> list[str]:
     for f in SENTIMENT.glob("*.jsonl"):
         for line in f.read_text().splitlines():
             words.update(re.findall(r"\w+|[^\w\s]", json.loads(line)["text"].lower()))
-    extra = "review sentiment positive negative question answer yes no user assistant the a is : \n".split()
-    return SPECIALS + sorted(words | set(extra))
+    extra = "review sentiment positive negative question answer yes no user assistant the a is :"
+    return SPECIALS + sorted(words | set(extra.split()))
 
 
 def make_tokenizer(kind: str):
@@ -74,13 +74,22 @@ def make_config(kind: str, vocab_size: int):
     small = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=2, eos_token_id=3)
     if kind == "llama":
         return tf.LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, **small,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **small,
         )
     if kind == "bert":
         return tf.BertConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=256, **small,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            **small,
         )
     if kind == "distilbert":
         return tf.DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4, vocab_size=vocab_size, pad_token_id=0)
@@ -88,8 +97,16 @@ def make_config(kind: str, vocab_size: int):
         return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **small)
     if kind == "t5":
         return tf.T5Config(
-            d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
-            decoder_start_token_id=0, vocab_size=vocab_size, pad_token_id=0, eos_token_id=3,
+            d_model=64,
+            d_ff=128,
+            d_kv=16,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            vocab_size=vocab_size,
+            pad_token_id=0,
+            eos_token_id=3,
         )
     raise ValueError(kind)
 

@@ -75,8 +75,14 @@ def test_validate_reports_targets_and_data(tiny_model, tmp_path: Path) -> None:
 def test_inspect_modules_json_from_config_alone(tmp_path: Path) -> None:
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=100).save_pretrained(tmp_path)
+    LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    ).save_pretrained(tmp_path)
     assert not list(tmp_path.glob("*.safetensors"))
     result = runner.invoke(app, ["inspect-modules", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output

@@ -27,8 +27,14 @@ def _train(recipe: str, out: Path, *overrides: str):
 
 def test_quickstart_encoder_learns_sentiment(tmp_path: Path) -> None:
     out = tmp_path / "qs"
-    result = _train("quickstart.yaml", out, "training.epochs=4", "training.save_strategy=no",
-                    "training.eval_strategy=no", "training.load_best_model_at_end=false")
+    result = _train(
+        "quickstart.yaml",
+        out,
+        "training.epochs=4",
+        "training.save_strategy=no",
+        "training.eval_strategy=no",
+        "training.load_best_model_at_end=false",
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_accuracy"] >= 0.75, metrics  # chance is 0.5; the full quick start reaches ~0.86
@@ -39,9 +45,17 @@ def test_quickstart_encoder_learns_sentiment(tmp_path: Path) -> None:
 
 def test_gguf_causal_lm_trains_and_is_rank_classified(tmp_path: Path) -> None:
     out = tmp_path / "causal"
-    result = _train("quickstart-causal.yaml", out, "training.max_steps=3", "training.batch_size=4",
-                    "data.train_samples=12", "data.eval_samples=16", "training.save_strategy=no",
-                    "training.eval_strategy=no", "training.load_best_model_at_end=false")
+    result = _train(
+        "quickstart-causal.yaml",
+        out,
+        "training.max_steps=3",
+        "training.batch_size=4",
+        "data.train_samples=12",
+        "data.eval_samples=16",
+        "training.save_strategy=no",
+        "training.eval_strategy=no",
+        "training.load_best_model_at_end=false",
+    )
     assert result.exit_code == 0, result.output
     assert "IA3 vectors: 57,600" in result.output  # 30 layers x (192 k + 192 v + 1536 ff)
     metrics = json.loads((out / "metrics.json").read_text())

@@ -67,12 +67,18 @@ BAD = [
     ({"training": {"save_strategy": "steps", "eval_strategy": "no"}}, "training.save_steps", "required"),
     ({"data": {"eval_split": None}}, "training.eval_strategy", "must be 'no'"),
     ({"training": {"eval_strategy": "epoch", "save_strategy": "no"}}, "training.save_strategy", "must match"),
-    ({"training": {"eval_strategy": "no", "early_stopping_patience": 2, "load_best_model_at_end": False}},
-     "training.early_stopping_patience", "needs evaluation"),
+    (
+        {"training": {"eval_strategy": "no", "early_stopping_patience": 2, "load_best_model_at_end": False}},
+        "training.early_stopping_patience",
+        "needs evaluation",
+    ),
     ({"model": {"num_labels": 3}, "data": {"label_names": ["a", "b"]}}, "model.num_labels", "label_names has 2"),
     ({"model": {"task": "causal-lm"}}, "data.target_column", "needs target_column"),
-    ({"model": {"task": "causal-lm"}, "data": {"target_column": "y"}, "training": {"metric": "accuracy"}},
-     "training.metric", "must be one of loss"),
+    (
+        {"model": {"task": "causal-lm"}, "data": {"target_column": "y"}, "training": {"metric": "accuracy"}},
+        "training.metric",
+        "must be one of loss",
+    ),
     ({"model": {"task": "seq2seq"}, "data": {"messages_column": "m"}}, "data.messages_column", "causal-lm only"),
 ]
 
@@ -105,7 +111,7 @@ def test_missing_required_keys() -> None:
 @pytest.mark.parametrize(
     ("item", "path", "value"),
     [
-        ("training.learning_rate=1e-3", ["training", "learning_rate"], 1e-3),
+        ("training.learning_rate=0.001", ["training", "learning_rate"], 1e-3),
         ("training.epochs=2", ["training", "epochs"], 2),
         ("model.trust_remote_code=true", ["model", "trust_remote_code"], True),
         ("adapter.target_modules=[k_proj, v_proj]", ["adapter", "target_modules"], ["k_proj", "v_proj"]),

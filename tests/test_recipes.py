@@ -69,11 +69,19 @@ def test_recipe_trains_two_steps_with_a_tiny_stand_in(tiny_model, tmp_path: Path
         overrides.append("adapter.target_modules=auto")
         overrides.append("adapter.feedforward_modules=auto")
     if not Path(recipe.data.path).exists():  # hub data sets: the shipped local data with the recipe's other keys
-        overrides += [f"data.path={ROOT / 'recipes/data/sentiment'}", "data.name=null", "data.text_column=text",
-                      "data.train_split=train", "data.eval_split=null"]
+        overrides += [
+            f"data.path={ROOT / 'recipes/data/sentiment'}",
+            "data.name=null",
+            "data.text_column=text",
+            "data.train_split=train",
+            "data.eval_split=null",
+        ]
         if recipe.data.messages_column:
-            overrides += ["data.messages_column=null", "data.label_names=[negative, positive]",
-                          "data.prompt_template='Review: {text}'"]
+            overrides += [
+                "data.messages_column=null",
+                "data.label_names=[negative, positive]",
+                "data.prompt_template='Review: {text}'",
+            ]
     result = runner.invoke(app, ["train", str(path), *[a for o in overrides for a in ("--set", o)]])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 2

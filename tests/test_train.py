@@ -50,8 +50,16 @@ def test_train_writes_a_loadable_peft_adapter(tiny_model, tmp_path: Path, kind: 
     assert "trainable params:" in result.output
     assert f"adapter saved to {out}" in result.output
 
-    for name in ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "run.json", "metrics.json",
-                 "health.json", "README.md", "tokenizer_config.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "recipe.yaml",
+        "run.json",
+        "metrics.json",
+        "health.json",
+        "README.md",
+        "tokenizer_config.json",
+    ):
         assert (out / name).is_file(), name
     assert not list(out.glob(".staging-*")), "staging folder left behind"
 
@@ -94,9 +102,16 @@ def test_printed_parameter_count_equals_the_plan(tiny_model, tmp_path: Path) -> 
 def test_seq_cls_evaluates_each_epoch_and_keeps_the_best(tiny_model, tmp_path: Path) -> None:
     out = tmp_path / "run"
     recipe = tiny_recipe(
-        tiny_model("bert", "seq-cls"), "seq-cls", out,
-        training={"max_steps": None, "epochs": 2, "eval_strategy": "epoch", "save_strategy": "epoch",
-                  "load_best_model_at_end": True},
+        tiny_model("bert", "seq-cls"),
+        "seq-cls",
+        out,
+        training={
+            "max_steps": None,
+            "epochs": 2,
+            "eval_strategy": "epoch",
+            "save_strategy": "epoch",
+            "load_best_model_at_end": True,
+        },
     )
     result = _train(tmp_path, recipe)
     assert result.exit_code == 0, result.output
@@ -150,8 +165,10 @@ def _assert_refused(result, *words: str) -> None:
     ("change", "words"),
     [
         ({"adapter": {"target_modules": ["k_proj", "nope_proj"]}}, ["adapter.target_modules", "nope_proj"]),
-        ({"adapter": {"target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]}},
-         ["adapter.feedforward_modules", "down_proj"]),
+        (
+            {"adapter": {"target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]}},
+            ["adapter.feedforward_modules", "down_proj"],
+        ),
         ({"data": {"label_column": "stars"}}, ["missing column 'stars'"]),
         ({"data": {"path": "/nonexistent/data.jsonl"}}, ["/nonexistent/data.jsonl", "not found"]),
         ({"data": {"prompt_template": "Review: {body}"}}, ["missing column 'body'", "data.prompt_template"]),
@@ -201,8 +218,9 @@ def test_refuses_a_non_empty_output_dir_and_overwrite_replaces_it(tiny_model, tm
 
 
 def test_debug_shows_the_traceback(tiny_model, tmp_path: Path) -> None:
-    recipe = tiny_recipe(tiny_model("llama", "causal-lm"), "causal-lm", tmp_path / "run",
-                         adapter={"target_modules": ["nope_proj"]})
+    recipe = tiny_recipe(
+        tiny_model("llama", "causal-lm"), "causal-lm", tmp_path / "run", adapter={"target_modules": ["nope_proj"]}
+    )
     result = _train(tmp_path, recipe, "--debug")
     assert result.exit_code != 0
     assert result.exception is not None and type(result.exception).__name__ == "RecipeError"
