@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ia3cli import __version__
 from ia3cli.errors import Ia3Error, RunError
+from ia3cli.modeling import auto_class
 
 if TYPE_CHECKING:
     import torch
@@ -63,16 +64,6 @@ def _check_paths(run_dir: Path, out: Path, force: bool) -> None:
         raise Ia3Error(f"{out}: OUT must lie outside the run dir {run_dir} (and not contain it)", hint)
     if out.is_dir() and any(out.iterdir()) and not force:
         raise Ia3Error(f"{out}: not empty", "pass --force to replace it, or choose another OUT")
-
-
-def _auto_class(task: str) -> Any:
-    import transformers
-
-    return {
-        "seq-cls": transformers.AutoModelForSequenceClassification,
-        "causal-lm": transformers.AutoModelForCausalLM,
-        "seq2seq": transformers.AutoModelForSeq2SeqLM,
-    }[task]
 
 
 def probe_batch(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[dict[str, torch.Tensor], str]:
@@ -112,7 +103,7 @@ def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _model_card(recipe: Recipe, run_dir: Path, out: Path, report: dict[str, Any]) -> str:
-    auto = _auto_class(recipe.model.task).__name__
+    auto = auto_class(recipe.model.task).__name__
     return f"""---
 base_model: {recipe.model.name}
 tags: [ia3, ia3cli, merged]
@@ -192,7 +183,7 @@ def merge(run_dir: Path, out: Path, *, dtype: str = "float32", force: bool = Fal
         del merged
         gc.collect()
         # Prove what is on disk: a plain transformers load, no PEFT involved.
-        reloaded = _auto_class(recipe.model.task).from_pretrained(
+        reloaded = auto_class(recipe.model.task).from_pretrained(
             str(tmp), dtype=getattr(torch, dtype), trust_remote_code=recipe.model.trust_remote_code
         )
         reloaded.eval()

@@ -28,9 +28,16 @@ PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "seq2seq": "S
 HEAD_MODULES = ["classifier", "pre_classifier", "score", "classification_head", "lm_head"]
 
 
-def _auto_class(task: str) -> Any:
+def auto_class(task: str) -> Any:
+    """The ``transformers`` auto class that builds a model for ``task``.
+
+    Raises:
+        RecipeError: for an unknown task.
+    """
     import transformers
 
+    if task not in PEFT_TASK_TYPES:
+        raise RecipeError("model.task", f"'{task}' is not a task", f"use one of {', '.join(PEFT_TASK_TYPES)}")
     return {
         "seq-cls": transformers.AutoModelForSequenceClassification,
         "causal-lm": transformers.AutoModelForCausalLM,
@@ -136,7 +143,7 @@ def load_base(
         path = str(dequantized_gguf(model))
         kwargs.pop("gguf_file")
     try:
-        base = _auto_class(model.task).from_pretrained(path, **kwargs)
+        base = auto_class(model.task).from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise RecipeError(
             "model.name", f"cannot load '{model.name}' for task {model.task}: {_first_line(exc)}"
@@ -159,7 +166,7 @@ def dequantized_gguf(model: ModelSection) -> Path:
     dest = cache_dir() / "gguf" / f"{src.stem}-{key}"
     if (dest / "config.json").is_file():
         return dest
-    full = _auto_class(model.task).from_pretrained(
+    full = auto_class(model.task).from_pretrained(
         str(src.parent), gguf_file=src.name, dtype=torch_dtype("float32"), trust_remote_code=model.trust_remote_code
     )
     # The weights are plain float32 now; drop the GGUF quantiser record so the folder saves and loads as-is.

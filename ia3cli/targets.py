@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ia3cli.errors import RecipeError
+from ia3cli.modeling import auto_class
 from ia3cli.recipe import AdapterSection, ModelSection, resolve_model_path
 
 if TYPE_CHECKING:
@@ -283,18 +284,6 @@ def load_config(model: ModelSection) -> PretrainedConfig:
         ) from None
 
 
-def _auto_class(task: str) -> Any:
-    import transformers
-
-    if task not in TASKS:
-        raise RecipeError("model.task", f"'{task}' is not a task", f"use one of {', '.join(TASKS)}")
-    return {
-        "seq-cls": transformers.AutoModelForSequenceClassification,
-        "causal-lm": transformers.AutoModelForCausalLM,
-        "seq2seq": transformers.AutoModelForSeq2SeqLM,
-    }[task]
-
-
 def _tasks_for(model_type: str) -> list[str]:
     from transformers.models.auto import modeling_auto as ma
 
@@ -322,7 +311,7 @@ def build_meta_model(
     """
     import torch
 
-    auto = _auto_class(task)
+    auto = auto_class(task)
     if task == "seq-cls":
         config = copy.deepcopy(config)
         config.num_labels = num_labels
@@ -857,6 +846,17 @@ def _close_names(entry: str, mods: dict[str, _Module]) -> list[str]:
     return difflib.get_close_matches(entry, sorted(suffixes), n=4, cutoff=0.5)
 
 
+def _entries(key: str, spec: list[str] | str) -> list[tuple[str, list[str] | str]]:
+    """(label, one-entry spec) pairs to test one by one; a regex must compile."""
+    if isinstance(spec, str):
+        try:
+            re.compile(spec)
+        except re.error as exc:
+            raise RecipeError(key, f"'{spec}' is not a valid regex: {exc}") from None
+        return [(spec, spec)]
+    return [(e, [e]) for e in spec]
+
+
 def _check_targets(
     spec: list[str] | str, universe: list[str], mods: dict[str, _Module], mts: list[str]
 ) -> list[str] | str:
@@ -864,16 +864,9 @@ def _check_targets(
     key = "adapter.target_modules"
     if spec == "all-linear":
         return spec
-    if isinstance(spec, str):
-        try:
-            re.compile(spec)
-        except re.error as exc:
-            raise RecipeError(key, f"'{spec}' is not a valid regex: {exc}") from None
-        entries: list[tuple[str, list[str] | str]] = [(spec, spec)]
-    else:
-        if not spec:
-            raise RecipeError(key, "is an empty list", "use `auto`, or list module-name suffixes")
-        entries = [(e, [e]) for e in spec]
+    if isinstance(spec, list) and not spec:
+        raise RecipeError(key, "is an empty list", "use `auto`, or list module-name suffixes")
+    entries = _entries(key, spec)
     problems: list[str] = []
     hints: list[str] = []
     for label, one in entries:
@@ -911,14 +904,7 @@ def _check_feedforward(
 ) -> list[str] | str:
     """Feed-forward entries must select targeted modules only, and (both lists) appear in target_modules."""
     key = "adapter.feedforward_modules"
-    if isinstance(spec, str):
-        try:
-            re.compile(spec)
-        except re.error as exc:
-            raise RecipeError(key, f"'{spec}' is not a valid regex: {exc}") from None
-        entries: list[tuple[str, list[str] | str]] = [(spec, spec)]
-    else:
-        entries = [(e, [e]) for e in spec]
+    entries = _entries(key, spec)
     if isinstance(spec, list) and isinstance(target_spec, list):
         outside = [e for e in spec if e not in target_spec]
         if outside:
