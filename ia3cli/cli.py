@@ -28,16 +28,19 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False, metavar="RECIPE")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a recipe key: section.key=value (YAML-typed, repeatable)."),
+    typer.Option(
+        "--set", "-s", metavar="KEY=VALUE", help="Override a recipe key: section.key=value (YAML-typed, repeatable)."
+    ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library warnings.")]
 
 
 def _examples(*lines: str) -> str:
-    return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
+    # "\b" keeps click from re-wrapping the block
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -180,7 +183,9 @@ def validate(
     ),
 )
 def inspect_modules(
-    model: Annotated[str, typer.Argument(help="Hub id, local folder or pkg:PACKAGE/DIR.", show_default=False)],
+    model: Annotated[
+        str, typer.Argument(help="Hub id, local folder or pkg:PACKAGE/DIR.", show_default=False, metavar="MODEL")
+    ],
     task: Annotated[str, typer.Option("--task", help="seq-cls, causal-lm or seq2seq.")] = "causal-lm",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     gguf_file: Annotated[str | None, typer.Option("--gguf-file", help="GGUF file inside MODEL.")] = None,
@@ -215,7 +220,9 @@ def inspect_modules(
     ),
 )
 def eval_(
-    target: Annotated[str, typer.Argument(help="Run dir, merged model dir, or base model.", show_default=False)],
+    target: Annotated[
+        str, typer.Argument(help="Run dir, merged model dir, or base model.", show_default=False, metavar="TARGET")
+    ],
     recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe (default: the run's).")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Data file/folder/hub id (default: recipe's).")] = None,
     split: Annotated[str | None, typer.Option("--split", help="Split (default: the recipe's eval_split).")] = None,
@@ -250,8 +257,10 @@ def eval_(
     )
 )
 def merge(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory from ia3 train.", show_default=False)],
-    out: Annotated[Path, typer.Argument(help="Where to write the merged model.", show_default=False)],
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run directory from ia3 train.", show_default=False, metavar="RUN_DIR")
+    ],
+    out: Annotated[Path, typer.Argument(help="Where to write the merged model.", show_default=False, metavar="OUT")],
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT.")] = False,
     debug: DebugOpt = False,
