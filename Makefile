@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 # CPU wheel by default; `make install TORCH=torch` takes the default (CUDA) build from PyPI instead.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+BENCH_ARGS ?=
 
 .PHONY: install test quickstart quickstart-causal lint format quality bench clean
 
@@ -40,7 +41,7 @@ quality: lint
 	$(BIN)/python -m ia3cli.docs --check README.md
 
 bench: install
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/run_all.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
