@@ -224,3 +224,60 @@ def test_debug_shows_the_traceback(tiny_model, tmp_path: Path) -> None:
     result = _train(tmp_path, recipe, "--debug")
     assert result.exit_code != 0
     assert result.exception is not None and type(result.exception).__name__ == "RecipeError"
+
+
+def test_health_findings_reach_the_run_dir_and_the_summary(tiny_model, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    recipe = tiny_recipe(
+        tiny_model("llama", "causal-lm"),
+        "causal-lm",
+        out,
+        training={"learning_rate": 1e-12, "max_steps": 6},
+        monitor={"every_steps": 1, "patience": 2},
+    )
+    result = _train(tmp_path, recipe)
+    assert result.exit_code == 0, result.output
+    assert "health: warning" in result.output and "vectors_not_moving" in result.output
+    health = json.loads((out / "health.json").read_text())
+    assert health["status"] == "warning"
+    assert {f["code"] for f in health["findings"]} == {"vectors_not_moving"}
+
+
+def test_on_problem_stop_ends_training_early(tiny_model, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    recipe = tiny_recipe(
+        tiny_model("llama", "causal-lm"),
+        "causal-lm",
+        out,
+        training={"learning_rate": 1e-12, "max_steps": 20},
+        monitor={"every_steps": 1, "patience": 2, "on_problem": "stop"},
+    )
+    result = _train(tmp_path, recipe)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["global_step"] < 20
+
+
+def test_non_finite_training_fails_with_exit_1_and_keeps_the_last_good_checkpoint(tiny_model, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    recipe = tiny_recipe(
+        tiny_model("llama", "causal-lm"),
+        "causal-lm",
+        out,
+        # an absurd learning rate: Adam moves every vector by ~1e37 at the first step, the next loss overflows
+        training={
+            "learning_rate": 1e37,
+            "max_steps": 6,
+            "warmup_ratio": 0.0,
+            "save_strategy": "steps",
+            "save_steps": 1,
+        },
+    )
+    result = _train(tmp_path, recipe)
+    assert result.exit_code == 1, result.output
+    assert "training stopped" in result.output and "Traceback" not in result.output
+    health = json.loads((out / "health.json").read_text())
+    assert health["status"] == "failed"
+    assert health["findings"][-1]["code"] == "nonfinite_loss"
+    assert not (out / "adapter_model.safetensors").exists(), "a broken adapter must not be published"
+    good = Path(health["last_good_checkpoint"])
+    assert all(torch.isfinite(t).all() for t in load_file(good / "adapter_model.safetensors").values())
