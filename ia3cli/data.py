@@ -55,7 +55,8 @@ def _local_format(path: Path) -> str:
     return formats.pop()
 
 
-def _find_bad_json_line(path: Path) -> tuple[int, str] | None:
+def _find_bad_json_line(path: Path) -> tuple[Path, int, str] | None:
+    """The first malformed line of the .jsonl files at ``path``: (file, 1-based line, what is wrong)."""
     files = [path] if path.is_file() else sorted(path.glob("*.jsonl"))
     for file in files:
         if file.suffix != ".jsonl":
@@ -67,9 +68,9 @@ def _find_bad_json_line(path: Path) -> tuple[int, str] | None:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    return i, f"{file}: line {i} is not valid JSON ({exc.msg})"
+                    return file, i, f"not valid JSON ({exc.msg})"
                 if not isinstance(obj, dict):
-                    return i, f"{file}: line {i} is not a JSON object"
+                    return file, i, "not a JSON object"
     return None
 
 
@@ -110,7 +111,7 @@ def load_split(data: DataSection, split: str) -> Dataset:
         if is_local:
             bad = _find_bad_json_line(path)
             if bad:
-                raise DataError(data.path, bad[0], bad[1].split(": ", 1)[1], "fix or remove that line") from None
+                raise DataError(str(bad[0]), bad[1], bad[2], "fix or remove that line") from None
         raise DataError(data.path, None, f"cannot load: {str(exc).splitlines()[0]}") from None
     finally:
         datasets.logging.set_verbosity(level)
