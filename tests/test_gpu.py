@@ -1,0 +1,49 @@
+"""CUDA paths: 4-bit NF4 training with bfloat16 compute, then eval and merge. Skipped without a CUDA device."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ia3cli.cli import app
+from tests.conftest import tiny_recipe, write_recipe
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(("kind", "task"), [("llama", "causal-lm"), ("bert", "seq-cls")])
+def test_4bit_bf16_training_on_cuda_then_eval_and_merge(tiny_model, tmp_path: Path, kind: str, task: str) -> None:
+    out = tmp_path / "run"
+    recipe = tiny_recipe(
+        tiny_model(kind, task),
+        task,
+        out,
+        model={"quantization": "4bit", "bnb_4bit_compute_dtype": "bfloat16"},
+        training={"max_steps": 6},
+    )
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    result = runner.invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "health.json").read_text())["status"] in ("ok", "warning")
+    assert json.loads((out / "run.json").read_text())["quantization"] == "4bit"
+
+    quantised = runner.invoke(app, ["eval", str(out), "--json"])
+    assert quantised.exit_code == 0, quantised.output
+    full = runner.invoke(app, ["eval", str(out), "--full-precision", "--json"])
+    assert full.exit_code == 0, full.output
+    a, b = json.loads(quantised.output), json.loads(full.output)
+    assert a["rows"] == b["rows"] == 16
+
+    merged = runner.invoke(app, ["merge", str(out), str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert report["trained_quantization"] == "4bit"
+    assert report["max_abs_diff"] <= report["tolerance"]
