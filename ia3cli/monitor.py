@@ -138,6 +138,22 @@ def _fmt(values: dict[str, float]) -> str:
     return " ".join(f"{g} {v:.1e}" for g, v in values.items())
 
 
+def _all_processes_agree(finite: bool, params: list[torch.nn.Parameter]) -> bool:
+    """True when every process saw finite gradients.
+
+    Under DDP the hooks may measure a process's own gradients before they are averaged, so one process can see a
+    non-finite step that the others do not; deciding together keeps them from stopping apart (and hanging).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return finite
+    device = params[0].device if params else torch.device("cpu")
+    flag = torch.tensor([0.0 if finite else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
 class GradNormMonitor(TrainerCallback):
     """Watches IA3 gradient norms and drift during training and explains what is wrong.
 
@@ -306,17 +322,18 @@ class GradNormMonitor(TrainerCallback):
         """Read this step's pre-clip norms; on a non-finite gradient drop the gradients and stop training."""
         step = state.global_step + 1
         values = self._read_pending(kwargs.get("optimizer"))
-        if values is None:
-            return control
-        if all(math.isfinite(v) for v in values):
+        finite = _all_processes_agree(values is None or all(math.isfinite(v) for v in values), self._params)
+        if finite:
             self._nonfinite_run = 0
-            self._record(values)
+            if values is not None:
+                self._record(values)
             return control
         self._nonfinite_run += 1
         if self._scaler_active and self._nonfinite_run < SCALER_NONFINITE_TOLERANCE:
             return control  # fp16 overflow: the loss scaler skips this step and lowers its scale
-        self._record(values)
-        bad = [g for g in self._group_names if not math.isfinite(self._last_grad[g])]
+        if values is not None:
+            self._record(values)
+        bad = [g for g in self._group_names if not math.isfinite((self._last_grad or {}).get(g, 0.0))]
         kwargs["model"].zero_grad(set_to_none=True)  # the optimiser skips parameters without gradients
         self._fail(step, bad, control)
         return control

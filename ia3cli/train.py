@@ -123,6 +123,8 @@ def claim_output_dir(recipe: Recipe, out: Path, *, resume: bool, overwrite: bool
         if overwrite:
             shutil.rmtree(out)
         elif resume:
+            for stale in out.glob(".staging-*"):  # a final save killed before its renames: never published
+                shutil.rmtree(stale, ignore_errors=True)
             saved = out / "recipe.yaml"
             if saved.is_file() and saved.read_text(encoding="utf-8") != dump_recipe(recipe):
                 raise Ia3Error(

@@ -108,6 +108,9 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_model, tmp_path: Pa
     real = (out / "checkpoints" / f"checkpoint-{step}" / "adapter_model.safetensors").read_bytes()
     (partial / "adapter_model.safetensors").write_bytes(real[: len(real) // 2])
     (partial / "trainer_state.json").unlink(missing_ok=True)
+    # and a final save killed before its renames: a staging folder with a half-written adapter
+    (out / ".staging-killed").mkdir()
+    (out / ".staging-killed" / "adapter_model.safetensors").write_bytes(real[:10])
 
     resumed = runner.invoke(app, ["train", str(recipe_path), "--resume"])
     assert resumed.exit_code == 0, resumed.output
