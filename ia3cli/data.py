@@ -131,7 +131,8 @@ def _available_splits(data: DataSection) -> list[str]:
         return []
 
 
-def _sample(ds: Dataset, n: int | None, seed: int) -> Dataset:
+def sample(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    """``n`` rows drawn with ``seed`` (all rows when ``n`` is None); training and ``ia3 eval`` draw the same ones."""
     if n is None or n >= len(ds):
         return ds
     return ds.shuffle(seed=seed).select(range(n))
@@ -140,8 +141,8 @@ def _sample(ds: Dataset, n: int | None, seed: int) -> Dataset:
 def load_splits(recipe: Recipe) -> tuple[Dataset, Dataset | None]:
     """Train and eval splits, subsampled to ``train_samples``/``eval_samples`` with the recipe's seed."""
     d, seed = recipe.data, recipe.training.seed
-    train = _sample(load_split(d, d.train_split), d.train_samples, seed)
-    evals = _sample(load_split(d, d.eval_split), d.eval_samples, seed) if d.eval_split else None
+    train = sample(load_split(d, d.train_split), d.train_samples, seed)
+    evals = sample(load_split(d, d.eval_split), d.eval_samples, seed) if d.eval_split else None
     return train, evals
 
 

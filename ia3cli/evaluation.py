@@ -195,11 +195,6 @@ def _batch_size(recipe: Recipe) -> int:
     return recipe.training.eval_batch_size or 2 * recipe.training.batch_size
 
 
-def _sample(ds: Any, n: int | None, seed: int) -> Any:
-    """The same subsample ``data.load_splits`` takes, so numbers compare with training's ``metrics.json``."""
-    return ds if n is None or n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
-
-
 def after_training(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> dict[str, float]:
     """Rank-classification metrics on the eval split for ``metrics.json`` (``eval_accuracy``, ``eval_f1``).
 
@@ -209,9 +204,9 @@ def after_training(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, r
     d = recipe.data
     if not _has_choices(recipe) or d.eval_split is None:
         return {}
-    from ia3cli.data import load_split
+    from ia3cli.data import load_split, sample
 
-    rows = list(_sample(load_split(d, d.eval_split), d.eval_samples, recipe.training.seed))
+    rows = list(sample(load_split(d, d.eval_split), d.eval_samples, recipe.training.seed))
     metrics = rank_classify(model, tokenizer, recipe, rows, _batch_size(recipe))
     return {f"eval_{k}": v for k, v in metrics.items()}
 
@@ -385,7 +380,7 @@ def run_eval(
     Raises:
         Ia3Error: TARGET not found or not a model; RecipeError: no recipe, no split; DataError: bad data.
     """
-    from ia3cli.data import check_rows, load_split
+    from ia3cli.data import check_rows, load_split, sample
     from ia3cli.train import write_atomic
 
     kind = _target_kind(target)
@@ -395,7 +390,7 @@ def run_eval(
     split = split or recipe.data.eval_split
     if split is None:
         raise RecipeError("data.eval_split", "is null: nothing to evaluate on", "pass --split (e.g. --split train)")
-    ds = _sample(load_split(recipe.data, split), recipe.data.eval_samples, recipe.training.seed)
+    ds = sample(load_split(recipe.data, split), recipe.data.eval_samples, recipe.training.seed)
     if len(ds) == 0:
         raise RecipeError("--split", f"split '{split}' of {recipe.data.path} is empty")
     check_rows(ds, recipe, f"{recipe.data.path} [{split}]")
