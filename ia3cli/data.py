@@ -33,12 +33,14 @@ IGNORE_INDEX = -100
 
 @dataclass
 class DataReport:
-    """What ``check`` found: split sizes and columns."""
+    """What ``check`` found: split sizes and columns, and the checked splits themselves (reused by ``build``)."""
 
     source: str
     splits: dict[str, int] = field(default_factory=dict)
     columns: list[str] = field(default_factory=list)
     label_counts: dict[str, int] = field(default_factory=dict)
+    train: Any = field(default=None, repr=False)
+    eval: Any = field(default=None, repr=False)
 
 
 def _local_format(path: Path) -> str:
@@ -244,10 +246,8 @@ def check(recipe: Recipe) -> DataReport:
     d = recipe.data
     if d.prompt_template:
         _template_fields(d.prompt_template)
-    if recipe.model.task != "seq-cls" and d.label_names is None and d.target_column is None and not d.messages_column:
-        raise RecipeError("data.target_column", "is needed (or data.label_names)")
-    report = DataReport(source=d.path)
     train, evals = load_splits(recipe)
+    report = DataReport(source=d.path, train=train, eval=evals)
     for split, ds in ((d.train_split, train), (d.eval_split, evals)):
         if ds is None:
             continue
@@ -358,9 +358,11 @@ def collator(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Any:
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
 
 
-def build(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, Dataset | None, Any]:
-    """Tokenized train and eval splits plus the collator."""
-    train, evals = load_splits(recipe)
+def build(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, report: DataReport | None = None
+) -> tuple[Dataset, Dataset | None, Any]:
+    """Tokenized train and eval splits plus the collator; the splits ``check`` already loaded are reused."""
+    train, evals = (report.train, report.eval) if report is not None else load_splits(recipe)
     train_t = tokenize(train, recipe, tokenizer)
     eval_t = tokenize(evals, recipe, tokenizer) if evals is not None else None
     return train_t, eval_t, collator(recipe, tokenizer)

@@ -195,18 +195,25 @@ def _batch_size(recipe: Recipe) -> int:
     return recipe.training.eval_batch_size or 2 * recipe.training.batch_size
 
 
-def after_training(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> dict[str, float]:
+def after_training(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    recipe: Recipe,
+    rows: Sequence[dict[str, Any]] | None = None,
+) -> dict[str, float]:
     """Rank-classification metrics on the eval split for ``metrics.json`` (``eval_accuracy``, ``eval_f1``).
 
+    ``rows`` are the eval split's raw rows when the caller has them already; otherwise the split is loaded.
     Returns ``{}`` for ``seq-cls`` (the Trainer reports those) and when there is no eval split or no
     ``data.label_names``.
     """
     d = recipe.data
     if not _has_choices(recipe) or d.eval_split is None:
         return {}
-    from ia3cli.data import load_split, sample
+    if rows is None:
+        from ia3cli.data import load_split, sample
 
-    rows = list(sample(load_split(d, d.eval_split), d.eval_samples, recipe.training.seed))
+        rows = list(sample(load_split(d, d.eval_split), d.eval_samples, recipe.training.seed))
     metrics = rank_classify(model, tokenizer, recipe, rows, _batch_size(recipe))
     return {f"eval_{k}": v for k, v in metrics.items()}
 

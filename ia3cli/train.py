@@ -267,17 +267,18 @@ def run(
         # The other ranks start only once rank 0 has claimed the run dir (or they wait there until the launcher
         # stops them after rank 0's refusal): none of them ever sees it half-made or looks for checkpoints early.
         PartialState().wait_for_everyone()
-        return _train(recipe, plan, out, args, resume=resume, say=say)
+        return _train(recipe, checks, out, args, resume=resume, say=say)
     except OSError as exc:
         raise RunError(f"{out}: {exc.strerror or exc} while training", "free disk space or fix permissions") from None
 
 
-def _train(recipe: Recipe, plan: Any, out: Path, args: Any, *, resume: bool, say: Callable[[str], None]) -> RunResult:
+def _train(recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, say: Callable[[str], None]) -> RunResult:
     from transformers import Trainer, set_seed
 
     from ia3cli import data, evaluation, modeling
     from ia3cli.monitor import GradNormMonitor
 
+    plan, report = checks.plan, checks.data
     set_seed(recipe.training.seed)
     model, tokenizer = modeling.build(recipe, plan)
     counts = modeling.count_parameters(model)
@@ -294,7 +295,7 @@ def _train(recipe: Recipe, plan: Any, out: Path, args: Any, *, resume: bool, say
         # gradient_accumulation_steps: the gradient would grow with the world size and the accumulation.
         model.get_base_model().accepts_loss_kwargs = False
 
-    train_ds, eval_ds, collator = data.build(recipe, tokenizer)
+    train_ds, eval_ds, collator = data.build(recipe, tokenizer, report)  # the splits pre-flight checked
     monitor = GradNormMonitor(recipe.monitor, recipe.training.max_grad_norm, out, printer=say)
     trainer = Trainer(
         model=model,
@@ -323,7 +324,8 @@ def _train(recipe: Recipe, plan: Any, out: Path, args: Any, *, resume: bool, say
     metrics: dict[str, Any] = dict(result.metrics)
     if eval_ds is not None:
         metrics.update(trainer.evaluate(eval_ds))
-    metrics.update(evaluation.after_training(trainer.model, tokenizer, recipe))  # rank classification (causal/s2s)
+    eval_rows = list(report.eval) if report.eval is not None else None
+    metrics.update(evaluation.after_training(trainer.model, tokenizer, recipe, eval_rows))  # rank classification
     metrics.update(
         {
             "global_step": trainer.state.global_step,
