@@ -351,13 +351,7 @@ def _load_model(kind: str, target: str, recipe: Recipe, full_precision: bool) ->
     else:
         recipe.model.name = target
     tokenizer = modeling.load_tokenizer(recipe.model)
-    model = modeling.load_base(
-        recipe.model,
-        recipe.num_labels,
-        quantization="none" if full_precision else None,
-        label_names=recipe.data.label_names,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    model = modeling.load_recipe_base(recipe, tokenizer, quantization="none" if full_precision else None)
     return model, tokenizer
 
 

@@ -74,6 +74,11 @@ def load_tokenizer(model: ModelSection) -> PreTrainedTokenizerBase:
         tok = AutoTokenizer.from_pretrained(path, **_source_kwargs(model))
     except (OSError, ValueError) as exc:
         raise RecipeError("model.name", f"cannot load a tokenizer from '{model.name}': {_first_line(exc)}") from None
+    return _with_pad_token(tok)
+
+
+def _with_pad_token(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    # batches are padded dynamically, so every tokenizer needs a pad token; decoder-only ones often lack it
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
@@ -217,16 +222,23 @@ def wrap(base: PreTrainedModel, recipe: Recipe, plan: TargetPlan) -> PeftModel:
     return get_peft_model(base, ia3_config(recipe, plan))
 
 
-def build(recipe: Recipe, plan: TargetPlan) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """Tokenizer plus IA3-wrapped base model for a recipe."""
-    tokenizer = load_tokenizer(recipe.model)
-    base = load_base(
+def load_recipe_base(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *, quantization: str | None = None
+) -> PreTrainedModel:
+    """The base model as training builds it for ``recipe``: head sized and labelled, pad id from ``tokenizer``."""
+    return load_base(
         recipe.model,
         recipe.num_labels,
+        quantization=quantization,
         label_names=recipe.data.label_names,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return wrap(base, recipe, plan), tokenizer
+
+
+def build(recipe: Recipe, plan: TargetPlan) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """Tokenizer plus IA3-wrapped base model for a recipe."""
+    tokenizer = load_tokenizer(recipe.model)
+    return wrap(load_recipe_base(recipe, tokenizer), recipe, plan), tokenizer
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
@@ -252,17 +264,11 @@ def load_run_model(
     from transformers import AutoTokenizer
 
     run_dir = Path(run_dir)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir) if (run_dir / "tokenizer_config.json").exists() else None
-    tokenizer = tokenizer or load_tokenizer(recipe.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    base = load_base(
-        recipe.model,
-        recipe.num_labels,
-        quantization=quantization,
-        label_names=recipe.data.label_names,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    if (run_dir / "tokenizer_config.json").exists():
+        tokenizer = _with_pad_token(AutoTokenizer.from_pretrained(run_dir))
+    else:
+        tokenizer = load_tokenizer(recipe.model)
+    base = load_recipe_base(recipe, tokenizer, quantization=quantization)
     model = PeftModel.from_pretrained(base, str(run_dir), is_trainable=is_trainable)
     return model, tokenizer
 
