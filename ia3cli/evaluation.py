@@ -382,7 +382,7 @@ def run_eval(
         Ia3Error: TARGET not found or not a model; RecipeError: no recipe, no split; DataError: bad data.
     """
     from ia3cli.data import check_rows, load_split, sample
-    from ia3cli.train import write_atomic
+    from ia3cli.io import write_atomic
 
     kind = _target_kind(target)
     recipe = _load_recipe(kind, target, recipe_path, overrides)

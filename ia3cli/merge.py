@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ia3cli import __version__
 from ia3cli.errors import Ia3Error, RunError
+from ia3cli.io import MERGE_MARKER, check_replaceable, remove_output
 from ia3cli.modeling import auto_class
 
 if TYPE_CHECKING:
@@ -62,8 +63,10 @@ def _check_paths(run_dir: Path, out: Path, force: bool) -> None:
     if out_abs == run_abs or run_abs.is_relative_to(out_abs) or out_abs.is_relative_to(run_abs):
         hint = f"e.g. ia3 merge {run_dir} {run_dir}-merged"
         raise Ia3Error(f"{out}: OUT must lie outside the run dir {run_dir} (and not contain it)", hint)
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise Ia3Error(f"{out}: not empty", "pass --force to replace it, or choose another OUT")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise Ia3Error(f"{out}: not empty", "pass --force to replace an earlier merge, or choose another OUT")
+        check_replaceable(out, MERGE_MARKER, key="OUT", flag="--force", keep=(run_abs,))
 
 
 def probe_batch(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[dict[str, torch.Tensor], str]:
@@ -224,6 +227,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished ``tmp`` to ``out``; an existing ``out`` is moved aside first and deleted afterwards."""
     old = None
     if out.exists():
+        check_replaceable(out, MERGE_MARKER, key="OUT", flag="--force")  # again: it may have changed meanwhile
         old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
         os.replace(out, old / "out")
     try:
@@ -234,4 +238,5 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
             old.rmdir()
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_output(old / "out", MERGE_MARKER, key="OUT", flag="--force")
+        old.rmdir()

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ia3cli.io import write_atomic
 
 if TYPE_CHECKING:
     from ia3cli.recipe import MonitorSection
@@ -255,10 +256,7 @@ class GradNormMonitor(TrainerCallback):
             The written path.
         """
         target = Path(path) if path is not None else self.output_dir / "health.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(self.health, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
+        write_atomic(target, json.dumps(self.health, indent=2, allow_nan=False) + "\n")
         return target
 
     def summary_line(self) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ia3cli.errors import RecipeError
 
@@ -199,6 +199,12 @@ class Recipe(_Section):
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     monitor: MonitorSection = Field(default_factory=MonitorSection)
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> Path | None:
+        """The YAML file this recipe was read from (``None`` when built in code)."""
+        return self._source
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
@@ -381,7 +387,9 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
         local = p.parent / data["path"]
         if not Path(data["path"]).is_absolute() and not Path(data["path"]).exists() and local.exists():
             data["path"] = str(local.resolve())
-    return validate_mapping(raw)
+    recipe = validate_mapping(raw)
+    recipe._source = p.resolve()
+    return recipe
 
 
 def validate_mapping(raw: dict[str, Any]) -> Recipe:

@@ -27,6 +27,7 @@ from typing import Any
 
 from ia3cli import __version__
 from ia3cli.errors import Ia3Error, RunError
+from ia3cli.io import RUN_MARKER, publish_dir, remove_output, write_atomic
 from ia3cli.recipe import Recipe, dump_recipe, resolve_model_path
 
 RUN_FILES = ("recipe.yaml", "run.json")
@@ -50,36 +51,6 @@ def is_main_process() -> bool:
 def world_size() -> int:
     """Number of processes the launcher started (1 without a launcher)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary sibling and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def publish_dir(staging: Path, dest: Path) -> None:
-    """Move every file of ``staging`` into ``dest`` one atomic rename at a time, then remove ``staging``."""
-    for src in sorted(staging.iterdir()):
-        os.chmod(src, _file_mode())
-        os.replace(src, dest / src.name)
-    staging.rmdir()
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
@@ -121,8 +92,14 @@ def claim_output_dir(recipe: Recipe, out: Path, *, resume: bool, overwrite: bool
         raise Ia3Error(f"training.output_dir: {out} is a file", "choose another output_dir")
     if out.is_dir() and any(out.iterdir()):
         if overwrite:
-            shutil.rmtree(out)
+            keep = protected_folders(recipe)
+            remove_output(out, RUN_MARKER, key="training.output_dir", flag="--overwrite", keep=keep)
         elif resume:
+            if not (out / RUN_MARKER).is_file():
+                raise Ia3Error(
+                    f"--resume: {out} is not an ia3cli run dir (no {RUN_MARKER})",
+                    "point training.output_dir at the run to resume",
+                )
             for stale in out.glob(".staging-*"):  # a final save killed before its renames: never published
                 shutil.rmtree(stale, ignore_errors=True)
             saved = out / "recipe.yaml"
@@ -142,6 +119,15 @@ def claim_output_dir(recipe: Recipe, out: Path, *, resume: bool, overwrite: bool
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunError(f"training.output_dir: cannot create {out}: {exc.strerror}") from None
+
+
+def protected_folders(recipe: Recipe) -> tuple[Path, ...]:
+    """Folders a run must never replace, besides the root, home and working directory: the recipe's and the data's."""
+    folders = [recipe.source.parent] if recipe.source is not None else []
+    data = Path(recipe.data.path)
+    if data.exists():
+        folders.append(data if data.is_dir() else data.parent)
+    return tuple(folders)
 
 
 def run_info(recipe: Recipe) -> dict[str, Any]:

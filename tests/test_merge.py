@@ -170,19 +170,35 @@ def test_a_merge_that_changes_the_outputs_fails_and_writes_nothing(tmp_path: Pat
     assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged.*"))
 
 
-def test_non_empty_out_is_refused_without_force_and_replaced_with_it(tmp_path: Path, tiny_model) -> None:
+def test_non_empty_out_is_refused_without_force_and_an_earlier_merge_is_replaced_with_it(
+    tmp_path: Path, tiny_model
+) -> None:
     run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm")
     out = tmp_path / "merged"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    merge(run_dir, out)
+    (out / "stale.bin").write_text("from the earlier merge")
     with pytest.raises(Ia3Error, match="not empty") as err:
         merge(run_dir, out)
     assert err.value.exit_code == 2 and "--force" in str(err.value)
-    assert (out / "keep.txt").read_text() == "old"
+    assert (out / "stale.bin").is_file()
 
     merge(run_dir, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "run"]
+
+
+def test_force_never_replaces_a_folder_ia3cli_did_not_write(tmp_path: Path, tiny_model) -> None:
+    run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm")
+    out = tmp_path / "mine"
+    (out / "precious").mkdir(parents=True)
+    (out / "notes.md").write_text("# notes\n")
+    (out / "precious" / "thesis.txt").write_bytes(b"chapter 1\x00\xff")
+    with pytest.raises(Ia3Error, match="did not write") as err:
+        merge(run_dir, out, force=True)
+    assert err.value.exit_code == 2 and "nothing was deleted" in str(err.value)
+    assert (out / "notes.md").read_text() == "# notes\n"
+    assert (out / "precious" / "thesis.txt").read_bytes() == b"chapter 1\x00\xff"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run"]  # no temporary left behind
 
 
 def test_empty_out_dir_is_used(tmp_path: Path, tiny_model) -> None:
@@ -197,8 +213,8 @@ def test_interrupted_merge_leaves_out_untouched(tmp_path: Path, tiny_model, monk
     run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm")
     out = tmp_path / "merged"
     if existing:
-        out.mkdir()
-        (out / "keep.txt").write_text("old")
+        merge(run_dir, out)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def half_written(self, save_directory, **kwargs):
         (Path(save_directory) / "model.safetensors").write_bytes(b"partial")
@@ -208,7 +224,7 @@ def test_interrupted_merge_leaves_out_untouched(tmp_path: Path, tiny_model, monk
     with pytest.raises(OSError, match="No space"):
         merge(run_dir, out, force=True)
     if existing:
-        assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "old"
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     else:
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run"] + (["merged"] if existing else []))

@@ -22,8 +22,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from ia3cli.cli import app
+from ia3cli.io import write_atomic
 from ia3cli.recipe import dump_recipe, validate_mapping
-from ia3cli.train import latest_checkpoint, write_atomic
+from ia3cli.train import latest_checkpoint
 from tests.conftest import ROOT, tiny_recipe, write_recipe
 
 runner = CliRunner()
@@ -199,9 +200,10 @@ def test_resume_refuses_a_run_of_another_recipe(tiny_model, tmp_path: Path) -> N
     recipe = tiny_recipe(tiny_model("llama", "causal-lm"), "causal-lm", out)
     out.mkdir()
     (out / "recipe.yaml").write_text(dump_recipe(validate_mapping(recipe)))
+    (out / "run.json").write_text("{}")
     recipe["training"]["learning_rate"] = 5e-3
     _assert_one_line_error(_train(tmp_path, recipe, "--resume"), 2, "different recipe", "--overwrite")
-    assert sorted(p.name for p in out.iterdir()) == ["recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["recipe.yaml", "run.json"]
 
 
 def test_resume_without_a_run_is_refused(tiny_model, tmp_path: Path) -> None:

@@ -204,17 +204,17 @@ def test_malformed_rows_are_named_by_number(tiny_model, tmp_path: Path, line: st
     assert not out.exists()
 
 
-def test_refuses_a_non_empty_output_dir_and_overwrite_replaces_it(tiny_model, tmp_path: Path) -> None:
+def test_refuses_a_non_empty_output_dir_and_overwrite_replaces_an_earlier_run(tiny_model, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "precious.txt").write_text("keep me")
     recipe = tiny_recipe(tiny_model("llama", "causal-lm"), "causal-lm", out)
+    assert _train(tmp_path, recipe).exit_code == 0
+    (out / "checkpoints" / "checkpoint-99").mkdir(parents=True)  # something only the earlier run had
     result = _train(tmp_path, recipe)
     _assert_refused(result, "is not empty", "--overwrite")
-    assert (out / "precious.txt").read_text() == "keep me"
+    assert (out / "checkpoints" / "checkpoint-99").is_dir()
     result = _train(tmp_path, recipe, "--overwrite")
     assert result.exit_code == 0, result.output
-    assert not (out / "precious.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    assert not (out / "checkpoints" / "checkpoint-99").exists() and (out / "adapter_model.safetensors").is_file()
 
 
 def test_debug_shows_the_traceback(tiny_model, tmp_path: Path) -> None:
