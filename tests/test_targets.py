@@ -20,7 +20,7 @@ import transformers as tf
 from peft import IA3Config, get_peft_model
 from peft.tuners.ia3 import IA3Layer
 
-from ia3cli import targets
+from ia3cli import modeling, render, targets
 from ia3cli.errors import RecipeError
 from ia3cli.recipe import AdapterSection, ModelSection
 
@@ -328,7 +328,7 @@ def test_explicit_regex_and_all_linear(tmp_path: Path) -> None:
 
 
 def test_load_config_from_folder(tmp_path: Path) -> None:
-    config = targets.load_config(_saved(tmp_path, "llama"))
+    config = modeling.load_config(_saved(tmp_path, "llama"))
     assert config.model_type == "llama" and config.hidden_size == 32
 
 
@@ -342,32 +342,32 @@ def test_load_config_from_folder(tmp_path: Path) -> None:
 )
 def test_load_config_errors_name_model_name(name: str, expected: str) -> None:
     with pytest.raises(RecipeError) as err:
-        targets.load_config(ModelSection(name=name))
+        modeling.load_config(ModelSection(name=name))
     assert err.value.key == "model.name"
     assert expected in err.value.message
 
 
 def test_load_config_folder_problems(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="has no config.json"):
-        targets.load_config(ModelSection(name=str(tmp_path)))
+        modeling.load_config(ModelSection(name=str(tmp_path)))
     with pytest.raises(RecipeError) as err:
-        targets.load_config(ModelSection(name=str(tmp_path), gguf_file="model.gguf"))
+        modeling.load_config(ModelSection(name=str(tmp_path), gguf_file="model.gguf"))
     assert err.value.key == "model.gguf_file"
     custom = tmp_path / "custom"
     custom.mkdir()
     (custom / "config.json").write_text(json.dumps({"model_type": "mine", "auto_map": {"AutoConfig": "c.MyConfig"}}))
     with pytest.raises(RecipeError) as err:
-        targets.load_config(ModelSection(name=str(custom)))
+        modeling.load_config(ModelSection(name=str(custom)))
     assert err.value.key == "model.name" and "trust_remote_code" in str(err.value)
 
 
 def test_meta_model_has_no_weights_and_task_must_exist(tmp_path: Path) -> None:
-    config = targets.load_config(_saved(tmp_path, "distilbert"))
-    model = targets.build_meta_model(config, "seq-cls", num_labels=5)
+    config = modeling.load_config(_saved(tmp_path, "distilbert"))
+    model = modeling.build_meta_model(config, "seq-cls", num_labels=5)
     assert all(p.device.type == "meta" for p in model.parameters())
     assert model.classifier.out_features == 5
     with pytest.raises(RecipeError) as err:
-        targets.build_meta_model(config, "causal-lm")
+        modeling.build_meta_model(config, "causal-lm")
     assert err.value.key == "model.task" and "seq-cls" in err.value.hint
 
 
@@ -410,7 +410,7 @@ def test_adapter_bytes_match_the_saved_file(tmp_path: Path, family: str) -> None
 
 def test_render_and_json(tmp_path: Path) -> None:
     plan = targets.recommend(_saved(tmp_path, "bert"), "seq-cls")
-    text = targets.render(plan)
+    text = render.render_plan(plan)
     assert "bert.encoder.layer.*.output.dense" in text and "ffn_down" in text
     assert "PEFT default" in text and "IA3 parameters:      256" in text and "LoRA r=8" in text
     assert max(len(line) for line in text.splitlines()) <= 100
@@ -424,6 +424,9 @@ def test_render_and_json(tmp_path: Path) -> None:
 
 
 def test_importing_targets_does_not_import_torch() -> None:
-    code = "import sys, ia3cli.targets; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = (
+        "import sys, ia3cli.targets, ia3cli.render, ia3cli.families, ia3cli.matching; "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
