@@ -107,6 +107,7 @@ def _wrap(model: torch.nn.Module, plan: targets.TargetPlan, task: str) -> Any:
         target_modules=plan.target_modules,
         feedforward_modules=plan.feedforward_modules,
         fan_in_fan_out=plan.fan_in_fan_out,
+        modules_to_save=plan.modules_to_save,  # what modeling.ia3_config passes
     )
     return get_peft_model(model, config)
 
@@ -321,6 +322,50 @@ def test_explicit_regex_and_all_linear(tmp_path: Path) -> None:
     everything = _resolve(tmp_path, "llama", target_modules="all-linear")
     assert len(everything.targeted_names) == 14  # 7 linears x 2 layers, lm_head excluded
     assert len(everything.feedforward_names) == 2
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "distilbert", "t5", "gpt2", "bart"])
+def test_all_linear_is_every_linear_inside_the_blocks(tmp_path: Path, family: str) -> None:
+    plan = _resolve(tmp_path, family, target_modules="all-linear")
+    rows = plan.modules
+    inside = sum(r["count"] for r in rows if ".*." in r["pattern"] and r["role"] != "head" and r["kind"] != "Embedding")
+    assert len(plan.targeted_names) == inside
+    assert all(r["targeted_count"] == r["count"] for r in rows if ".*." in r["pattern"] and r["role"] != "head")
+    assert not any(r["targeted"] for r in rows if r["role"] == "head" or ".*." not in r["pattern"])
+    assert {r["role"] for r in rows if r["feedforward"]} == {"ffn_down"}
+    assert all(r["feedforward"] for r in rows if r["role"] == "ffn_down")
+    model = _real_model(family)
+    wrapped, ff, entries = _wrapped(_wrap(model, plan, BY_ID[family][2]))
+    assert (wrapped, ff, entries) == (set(plan.targeted_names), set(plan.feedforward_names), plan.ia3_params)
+
+
+def test_all_linear_is_not_a_feedforward_value(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError) as err:
+        _resolve(tmp_path, "llama", target_modules="all-linear", feedforward_modules="all-linear")
+    assert err.value.key == "adapter.feedforward_modules"
+
+
+def test_targets_exclude_exactly_the_modules_peft_saves(tmp_path: Path) -> None:
+    """BART's seq-cls head has its own out_proj: PEFT receives classification_head in modules_to_save and never
+    wraps it, so the plan must not count it either."""
+    folder = tmp_path / "bart-cls"
+    BY_ID["bart"][1]().save_pretrained(folder)
+    plan = targets.resolve(
+        ModelSection(name=str(folder), task="seq-cls"),
+        AdapterSection(target_modules=["k_proj", "v_proj", "out_proj", "fc2"]),
+        "seq-cls",
+    )
+    assert plan.modules_to_save == ["classification_head"]
+    assert not any(n.startswith("classification_head") for n in plan.targeted_names)
+    torch.manual_seed(0)
+    model = tf.AutoModelForSequenceClassification.from_config(BY_ID["bart"][1]())
+    wrapped, ff, entries = _wrapped(_wrap(model, plan, "seq-cls"))
+    assert (wrapped, ff, entries) == (set(plan.targeted_names), set(plan.feedforward_names), plan.ia3_params)
+
+
+def test_entry_naming_only_a_saved_head_module_matches_nothing(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="'pre_classifier' matches no module"):
+        _resolve(tmp_path, "distilbert", target_modules=["k_lin", "v_lin", "lin2", "pre_classifier"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
