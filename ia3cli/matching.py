@@ -389,7 +389,7 @@ def compare_with_peft(
     if extra or missing:
 
         def described(names: list[str]) -> str:
-            return ", ".join(f"{short(n)} ({mods[n].role})" for n in _firsts(names))
+            return ", ".join(f"{short(n)} ({mods[n].role if n in mods else 'not linear'})" for n in _firsts(names))
 
         parts = []
         if extra:
