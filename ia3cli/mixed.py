@@ -182,12 +182,13 @@ class MixedIA3:
     # ---------------------------------------------------------------- loading
 
     @classmethod
-    def from_run(cls, run_dir: Path, *, quantization: str | None = None) -> MixedIA3:
+    def from_run(cls, run_dir: Path, *, quantization: str | None = None, name: str | None = None) -> MixedIA3:
         """Load the base exactly as that run trained it and register the run as an adapter named after its folder.
 
         Args:
             run_dir: Output dir of ``ia3 train``.
             quantization: ``none``, ``4bit`` or ``8bit`` to override the run's ``model.quantization``.
+            name: Register the run under this name instead of its folder name.
 
         Raises:
             Ia3Error: when the run dir is incomplete or its base cannot be loaded.
@@ -197,7 +198,7 @@ class MixedIA3:
         from ia3cli import modeling
 
         run_dir = Path(run_dir)
-        name = run_dir.resolve().name
+        name = name or run_dir.resolve().name
         recipe, config, tensors = _read_adapter(name, run_dir)
         if (run_dir / "tokenizer_config.json").exists():
             tokenizer = modeling._with_pad_token(AutoTokenizer.from_pretrained(str(run_dir)))

@@ -34,6 +34,7 @@ ROWS = ["a", "b", None, "a", "b"]  # adapters of the rows of TEXTS; None is the 
 def make_adapter(root: Path, model_dir: Path, task: str, name: str, seed: int, **kwargs) -> Path:
     """A run dir ``root/name`` whose IA3 vectors (and head) are drawn with ``seed``."""
     run_dir = make_run(root / f".{name}", model_dir, task, **kwargs).rename(root / name)
+    (root / f".{name}").rmdir()
     path = run_dir / "adapter_model.safetensors"
     tensors = load_file(str(path))
     gen = torch.Generator().manual_seed(seed)
