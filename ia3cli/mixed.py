@@ -229,13 +229,13 @@ class MixedIA3:
             target = _Target(module_name, is_ff, is_bnb, stack)
             self._targets[module_name] = target
             if is_ff or is_bnb:
-                self._hooks.append(module.register_forward_pre_hook(self._pre_hook(target)))
+                self._hooks.append(module.register_forward_pre_hook(self._pre_hook(target), with_kwargs=True))
             if not is_ff:
                 self._hooks.append(module.register_forward_hook(self._post_hook(target)))
         for head_name in self._head_names(name, config, tensors):
             head = _Head(head_name, self._modules[head_name])
             self._heads[head_name] = head
-            self._hooks.append(head.module.register_forward_hook(self._head_hook(head)))
+            self._hooks.append(head.module.register_forward_hook(self._head_hook(head), with_kwargs=True))
 
     def _head_names(self, name: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
         """Modules whose parameters an adapter saved in full (``modules_to_save``), as base module names."""
@@ -426,8 +426,9 @@ class MixedIA3:
         return stack[_expand(index, x.shape[0])].view(x.shape[0], *([1] * (x.dim() - 2)), stack.shape[1])
 
     def _pre_hook(self, target: _Target) -> Any:
-        def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
-            x = args[0]
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+            key = None if args else next(iter(kwargs))  # the input, passed by position or by name
+            x = given = args[0] if args else kwargs[key]
             scale = self._rows(x, target.stack)
             if scale is None:
                 return None
@@ -437,8 +438,8 @@ class MixedIA3:
                 if target.is_feedforward:
                     x = x * scale
             else:  # as peft.tuners.ia3.layer.Linear
-                x = (x.to(scale.dtype) * scale).to(args[0].dtype)
-            return (x, *args[1:])
+                x = (x.to(scale.dtype) * scale).to(given.dtype)
+            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, key: x})
 
         return hook
 
@@ -456,14 +457,14 @@ class MixedIA3:
     def _head_hook(self, head: _Head) -> Any:
         from torch.func import functional_call
 
-        def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor | None:
             sel = self._selection
             if sel.index is None or sel.uniform == 0 or sel.in_head:
                 return None
             sel.in_head = True
             try:
                 if sel.uniform is not None:
-                    return functional_call(module, head.params[sel.uniform], args)
+                    return functional_call(module, head.params[sel.uniform], args, kwargs)
                 index = _expand(sel.index, out.shape[0])
                 result = out.clone()
                 for slot in index.unique().tolist():
@@ -471,7 +472,8 @@ class MixedIA3:
                         continue
                     rows = (index == slot).nonzero().flatten().to(out.device)
                     part = tuple(a.index_select(0, rows) if torch.is_tensor(a) else a for a in args)
-                    result[rows] = functional_call(module, head.params[slot], part)
+                    part_kwargs = {k: v.index_select(0, rows) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+                    result[rows] = functional_call(module, head.params[slot], part, part_kwargs)
                 return result
             finally:
                 sel.in_head = False

