@@ -413,13 +413,22 @@ class MixedIA3:
         finally:
             sel.index, sel.uniform, sel.on_device = saved
 
-    def _rows(self, x: torch.Tensor, stack: torch.Tensor) -> torch.Tensor | None:
-        """The scaling for ``x`` ([batch, ..., features]): ``None`` for the base, else a broadcastable tensor."""
-        sel = self._selection
+    def _rows(self, x: torch.Tensor, target: _Target) -> torch.Tensor | None:
+        """The scaling for ``x`` ([batch, ..., features]): ``None`` for the base, else a broadcastable tensor.
+
+        Raises:
+            Ia3Error: for rows of different adapters reaching a module inside mixture-of-experts routing.
+        """
+        sel, stack = self._selection, target.stack
         if sel.index is None or sel.uniform == 0:
             return None
         if sel.uniform is not None:
             return stack[sel.uniform]
+        if ".experts." in f".{target.name}.":  # an expert sees a routed subset of tokens: rows are lost
+            raise Ia3Error(
+                f"{target.name} is a mixture-of-experts module; its tokens cannot be traced back to rows",
+                "give every row of a batch the same adapter for this model",
+            )
         index = sel.on_device.get(stack.device)
         if index is None:
             index = sel.on_device[stack.device] = sel.index.to(stack.device)
@@ -429,7 +438,7 @@ class MixedIA3:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple | None:
             key = None if args else next(iter(kwargs))  # the input, passed by position or by name
             x = given = args[0] if args else kwargs[key]
-            scale = self._rows(x, target.stack)
+            scale = self._rows(x, target)
             if scale is None:
                 return None
             if target.is_bnb:  # as peft.tuners.ia3.bnb: the 4/8-bit layer gets a float32 input
@@ -445,7 +454,7 @@ class MixedIA3:
 
     def _post_hook(self, target: _Target) -> Any:
         def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-            scale = self._rows(out, target.stack)
+            scale = self._rows(out, target)
             if scale is None:
                 return None
             if target.is_bnb and torch.is_autocast_enabled():

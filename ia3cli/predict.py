@@ -4,7 +4,7 @@
    ``adapter_config.json`` is an adapter named by its folder), plus ``--adapter NAME=RUN_DIR``. The first adapter
    (the run dir, the folder's first subfolder by name, else the first ``--adapter``) decides the base; every other
    one must share its base model, task and targets (:class:`ia3cli.mixed.MixedIA3`).
-2. Rows (``.jsonl``, ``.csv`` or ``.parquet``) name their adapter in ``--adapter-column`` (default ``adapter``). A
+2. Rows (``.jsonl``, ``.json`` lines or array, ``.csv``, ``.parquet``) name their adapter in ``--adapter-column`` (default ``adapter``). A
    row without it (or with an empty value) uses the only adapter when there is one; with several it is a bad row.
 3. Each row becomes one job, with the recipe of its adapter (``data.prompt_template``, ``text_column``, ...):
    - ``seq-cls``: the head's softmax -> ``prediction`` (the label name) and ``probabilities`` per label;
@@ -124,7 +124,12 @@ def read_rows(path: Path) -> list[tuple[str, dict[str, Any] | None, str | None]]
     suffix = path.suffix.lower()
     rows: list[tuple[str, dict[str, Any] | None, str | None]] = []
     try:
-        if suffix in (".jsonl", ".json"):
+        if suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+            items = json.loads(path.read_text(encoding="utf-8"))
+            for n, row in enumerate(items, 1):
+                problem = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+                rows.append((f"row {n}", row if problem is None else None, problem))
+        elif suffix in (".jsonl", ".json"):
             with path.open(encoding="utf-8") as fh:
                 for n, line in enumerate(fh, 1):
                     if not line.strip():
@@ -150,8 +155,8 @@ def read_rows(path: Path) -> list[tuple[str, dict[str, Any] | None, str | None]]
 
             rows = [(f"row {n}", row, None) for n, row in enumerate(pq.read_table(path).to_pylist(), 1)]
         else:
-            raise DataError(str(path), None, f"unknown input format '{suffix}'", "use .jsonl, .csv or .parquet")
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(str(path), None, f"unknown input format '{suffix}'", "use .jsonl, .json, .csv or .parquet")
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as exc:
         raise DataError(str(path), None, f"cannot read: {exc}") from None
     except DataError:
         raise
@@ -255,7 +260,8 @@ def check_output(output: Path, input_path: Path) -> None:
         )
 
 
-def _write(output: Path, jobs: list[Job], meta: dict[str, Any]) -> None:
+def _write(output: Path, input_path: Path, jobs: list[Job], meta: dict[str, Any]) -> None:
+    check_output(output, input_path)  # again: a file may have appeared there while the model ran
     lines = [json.dumps({**job.row, **job.result}, ensure_ascii=False, default=str) for job in jobs]
     # the sidecar first: an output file never exists without the record that lets a later run replace it
     write_atomic(sidecar(output), json.dumps(meta, indent=2, default=str) + "\n")
@@ -352,33 +358,36 @@ def predict(
 
     from ia3cli import inference
 
-    used = [n for n in named if any(j.adapter == n for j in jobs)] or list(named)[:1]
-    mixed = inference.load(named, used)
-    printer(f"predict: {len(jobs)} rows, adapters {', '.join(used)} on {mixed.base_name} ({mixed.task})")
-    inference.run(
-        mixed,
-        jobs,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        printer=printer,
-    )
+    used = [n for n in named if any(j.adapter == n for j in jobs)]
+    base, task = recipes[next(iter(named))].model.name, recipes[next(iter(named))].model.task
+    if jobs:
+        mixed = inference.load(named, used)
+        base, task = mixed.base_name, mixed.task
+        printer(f"predict: {len(jobs)} rows, adapters {', '.join(used)} on {base} ({task})")
+        inference.run(
+            mixed,
+            jobs,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            printer=printer,
+        )
     meta = {
         "written_by": "ia3 predict",
         "ia3cli": __version__,
         "input": str(input_path),
         "adapters": {n: str(named[n]) for n in used},
-        "base_model": mixed.base_name,
-        "task": mixed.task,
+        "base_model": base,
+        "task": task,
         "rows": len(jobs) + len(errors),
         "predicted": len(jobs),
         "skipped": len(errors),
         "errors": errors,
         "generation": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
     }
-    _write(output, jobs, meta)
+    _write(output, input_path, jobs, meta)
     return PredictResult(output, len(jobs) + len(errors), len(jobs), errors, used)
 
 

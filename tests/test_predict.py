@@ -201,7 +201,21 @@ def test_csv_and_parquet_inputs_and_a_single_adapter_default(tmp_path: Path, tin
 
     pq.write_table(pa.table({"text": TEXTS, "n": list(range(5))}), tmp_path / "rows.parquet")
     out = read_jsonl(predict(run, tmp_path / "rows.parquet", printer=quiet).output)
-    assert [r["n"] for r in out] == list(range(5)) and all(r["prediction"] in ("negative", "positive") for r in out)
+    assert [r["n"] for r in out] == list(range(5)) and all(r["prediction"] in LABELS for r in out)
+
+    (tmp_path / "rows.json").write_text(json.dumps([{"text": "good"}, "oops", {"text": "bad"}]))
+    result = predict(run, tmp_path / "rows.json", on_error="skip", printer=quiet)
+    assert result.errors == [{"where": "row 2", "error": "a JSON str, not an object"}]
+    assert [r["text"] for r in read_jsonl(result.output)] == ["good", "bad"]
+
+
+def test_a_file_of_only_bad_rows_skipped_writes_an_empty_output(tmp_path: Path, tiny_model) -> None:
+    run = make_adapter(tmp_path, tiny_model("bert", "seq-cls"), "seq-cls", "run", 1)
+    src = write_jsonl(tmp_path / "rows.jsonl", [{"txt": "a"}, {"txt": "b"}])
+    lines: list[str] = []
+    result = predict(run, src, on_error="skip", printer=lines.append)
+    assert result.predicted == 0 and len(result.errors) == 2 and result.output.read_text() == ""
+    assert not any(line.startswith("predict:") for line in lines)  # no model was loaded
 
 
 def test_output_replaces_only_an_earlier_predict_output(tmp_path: Path, tiny_model) -> None:
