@@ -4,8 +4,9 @@
    ``adapter_config.json`` is an adapter named by its folder), plus ``--adapter NAME=RUN_DIR``. The first adapter
    (the run dir, the folder's first subfolder by name, else the first ``--adapter``) decides the base; every other
    one must share its base model, task and targets (:class:`ia3cli.mixed.MixedIA3`).
-2. Rows (``.jsonl``, ``.json`` lines or array, ``.csv``, ``.parquet``) name their adapter in ``--adapter-column`` (default ``adapter``). A
-   row without it (or with an empty value) uses the only adapter when there is one; with several it is a bad row.
+2. Rows (``.jsonl``, ``.json`` lines or array, ``.csv``, ``.parquet``) name their adapter in ``--adapter-column``
+   (default ``adapter``). A row without it (or with an empty value) uses the only adapter when there is one;
+   with several it is a bad row.
 3. Each row becomes one job, with the recipe of its adapter (``data.prompt_template``, ``text_column``, ...):
    - ``seq-cls``: the head's softmax -> ``prediction`` (the label name) and ``probabilities`` per label;
    - ``causal-lm``/``seq2seq`` with choices (a row's ``choices`` list, else the recipe's ``label_names``): rank
@@ -322,6 +323,8 @@ def predict(
     check_output(output, input_path)
     recipes = {}
     for name, run_dir in named.items():
+        if not run_dir.is_dir():
+            raise Ia3Error(f"adapter '{name}': run directory not found: {run_dir}")
         if not (run_dir / "recipe.yaml").is_file():
             raise Ia3Error(f"adapter '{name}': {run_dir} has no recipe.yaml (not a finished run dir)")
         recipes[name] = load_recipe(run_dir / "recipe.yaml")
