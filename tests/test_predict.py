@@ -287,3 +287,20 @@ def test_cli_exit_codes(tmp_path: Path, tiny_model) -> None:
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and result.stderr.startswith("error:"), (args, result.output)
+
+
+def test_chat_rows_generate_through_the_chat_template(tmp_path: Path, tiny_model) -> None:
+    chat = {"messages_column": "messages", "label_names": None}
+    run = make_adapter(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm", "chat", 5, data=chat)
+    rows = [{"messages": [{"role": "user", "content": t}]} for t in TEXTS[:3]]
+    out = read_jsonl(predict(run, write_jsonl(tmp_path / "rows.jsonl", rows), max_new_tokens=5, printer=quiet).output)
+
+    model, tokenizer, _ = peft_model(run)
+    for row in out:
+        text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert (
+            row["prediction"] == tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        )
