@@ -36,6 +36,9 @@ SetOpt = Annotated[
     ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library warnings.")]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Show library warnings and the Trainer's raw log lines.")
+]
 
 
 def _examples(*lines: str) -> str:
@@ -111,8 +114,14 @@ def train(
         int | None, typer.Option("--nproc", help="Start N processes through torch.distributed.run (torchrun).")
     ] = None,
     debug: DebugOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Validate the recipe, train an IA3 adapter and save a PEFT adapter directory."""
+    """Validate the recipe, train an IA3 adapter and save a PEFT adapter directory.
+
+    The console shows one progress bar (step, epoch, loss, learning rate, health), a line per evaluation and the
+    health monitor's checks; every logged step goes to OUTPUT_DIR/logs/train_log.jsonl, and OUTPUT_DIR/report.png
+    draws the run.
+    """
     with _errors(debug):
         from ia3cli.recipe import load_recipe
 
@@ -121,10 +130,12 @@ def train(
             from ia3cli.launch import relaunch
 
             raise typer.Exit(relaunch(nproc, sys.argv[1:]))
-        _quiet_libraries(debug)
+        _quiet_libraries(debug or verbose)
+        from ia3cli.console import Console
         from ia3cli.train import is_main_process, run
 
-        result = run(loaded, resume=resume, overwrite=overwrite, printer=typer.echo)
+        console = Console(enabled=is_main_process())
+        result = run(loaded, resume=resume, overwrite=overwrite, console=console, verbose=debug or verbose)
         if is_main_process():
             shown = {
                 k: v
@@ -134,6 +145,8 @@ def train(
             typer.echo("final: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) if shown else "final: done")
             typer.echo(result.health_line)
             typer.echo(f"adapter saved to {result.output_dir}")
+            if (result.output_dir / "report.png").is_file():
+                typer.echo(f"report: {result.output_dir / 'report.png'}")
             typer.echo(
                 f"next: ia3 eval {result.output_dir}    |    ia3 merge {result.output_dir} {result.output_dir}-merged"
             )
