@@ -13,6 +13,8 @@ debris in a log file::
             if step == 99:
                 bar.update(health="warning")          # change fields without advancing
                 console.line(console.event("eval", "100/200", {"accuracy": 0.84}))
+    with console.stages() as progress:               # one bar per stage, for plain progress callbacks
+        evaluation.evaluate(..., progress=progress)   # calls progress("loss", rows_done, total), then "rank", ...
 
 On a terminal (``tty``) the bar redraws in place (``rich``) and lines print above it. Elsewhere (CI, ``> log``, under
 ``torchrun``, ``TERM=dumb``) nothing is redrawn: the bar prints one plain line every ``every`` steps (default: a
@@ -116,7 +118,7 @@ class Console:
     @staticmethod
     def event(tag: str, where: str, fields: Mapping[str, Any], note: str = "") -> str:
         """One event line: ``tag  where  key value ...  note``, aligned with the plain progress lines."""
-        parts = [f"{tag:<{TAG_WIDTH}}{where}", fields_text(fields), note]
+        parts = [f"{tag:<{TAG_WIDTH - 1}} {where}", fields_text(fields), note]
         return "  ".join(p for p in parts if p)
 
     def progress(self, total: int | None, desc: str, *, every: int | None = None, start: int = 0) -> Progress:
@@ -129,6 +131,10 @@ class Console:
             start: The count to start from (a resumed run).
         """
         return Progress(self, total, desc, every=every, start=start)
+
+    def stages(self) -> Stages:
+        """A ``progress(stage, n, total)`` callback that shows one bar per stage, in turn (see :class:`Stages`)."""
+        return Stages(self)
 
 
 class Progress:
@@ -156,7 +162,7 @@ class Progress:
         from rich.progress import Progress as RichProgress
 
         self.rich = RichProgress(
-            TextColumn(f"{self.desc:<{TAG_WIDTH - 1}}"),
+            TextColumn(f"{self.desc:<{TAG_WIDTH - 1}}", markup=False),
             BarColumn(bar_width=30),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -225,3 +231,34 @@ class Progress:
             self.rich = None
         elif self.console.enabled and self.n != self._printed:
             self._print_plain()
+
+
+class Stages:
+    """``stages(stage, n, total)``: advance the bar of ``stage`` by ``n``; a new stage closes the previous bar.
+
+    For library functions that report progress through a plain callback (``ia3cli.evaluation.Progress``) without
+    knowing about the console. Use it as a context manager (or call ``close()``) so the last bar is closed.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.stage: str | None = None
+        self.bar: Progress | None = None
+
+    def __call__(self, stage: str, n: int, total: int) -> None:
+        if stage != self.stage or self.bar is None:
+            self.close()
+            self.stage, self.bar = stage, self.console.progress(total, stage)
+        self.bar.advance(n)
+
+    def __enter__(self) -> Stages:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the current stage's bar."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
