@@ -261,13 +261,13 @@ def run(
         # The other ranks start only once rank 0 has claimed the run dir (or they wait there until the launcher
         # stops them after rank 0's refusal): none of them ever sees it half-made or looks for checkpoints early.
         PartialState().wait_for_everyone()
-        return _train(recipe, checks, out, args, resume=resume, console=console, verbose=verbose, report=report)
+        return _train(recipe, checks, out, args, resume=resume, console=console, verbose=verbose, draw=report)
     except OSError as exc:
         raise RunError(f"{out}: {exc.strerror or exc} while training", "free disk space or fix permissions") from None
 
 
 def _train(
-    recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, console: Console, verbose: bool, report: bool
+    recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, console: Console, verbose: bool, draw: bool
 ) -> RunResult:
     from transformers import Trainer, set_seed
 
@@ -351,7 +351,7 @@ def _train(
         (staging / "README.md").write_text(model_card(recipe, plan, metrics, counts, health))
         publish_dir(staging, out)
         monitor.write()
-        if report and _write_report(out, say):
+        if draw and _write_report(out, say):
             write_atomic(out / "README.md", model_card(recipe, plan, metrics, counts, health, report="report.png"))
     return RunResult(output_dir=out, metrics=metrics, health=health, health_line=monitor.summary_line())
 
