@@ -143,9 +143,13 @@ def _draw_vectors(fig: Any, spec: Any, data: dict[str, Any]) -> None:
         edges = h["edges"]
         ax.stairs(h["counts"], edges, fill=True, color=GROUP_COLORS[g], alpha=0.8)
         ax.axvline(1.0, color="black", lw=1, ls="--")
+        up = f"{h['amplified']:,} amplified (mean +{h['mean_amplification']:.3f})"
+        down = f"{h['inhibited']:,} inhibited (mean -{h['mean_inhibition']:.3f})"
+        ax.set_title(
+            f"'{g}' vectors ({h['entries']:,} dims)\n{up}, {down}",
+            fontsize=10,
+        )
         ax.set(
-            title=f"'{g}' vectors ({h['entries']:,} dims)\namplified {h['amplified']:,}, mean +"
-            f"{h['mean_amplification']:.3f} | inhibited {h['inhibited']:,}, mean -{h['mean_inhibition']:.3f}",
             xlabel="learned scale l (1 = unchanged)",
             ylabel="dimensions (count)" if i == 0 else None,
         )
