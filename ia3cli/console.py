@@ -13,6 +13,7 @@ debris in a log file::
             if step == 99:
                 bar.update(health="warning")          # change fields without advancing
                 console.line(console.event("eval", "100/200", {"accuracy": 0.84}))
+    # bar.goto(n, defer=True, ...) then bar.refresh(): set the count now, print the plain line once more fields are in
     with console.stages() as progress:               # one bar per stage, for plain progress callbacks
         evaluation.evaluate(..., progress=progress)   # calls progress("loss", rows_done, total), then "rank", ...
 
@@ -20,7 +21,7 @@ On a terminal (``tty``) the bar redraws in place (``rich``) and lines print abov
 ``torchrun``, ``TERM=dumb``) nothing is redrawn: the bar prints one plain line every ``every`` steps (default: a
 tenth of ``total``) and when it closes::
 
-    train   40/200  20%  loss 0.4312  lr 2.0e-03  health ok  [12s]
+    train  40/200   20%  loss 0.4312  lr 2.0e-03  health ok  [12s]
 
 :func:`fmt` is the one number format (4 decimals, or 2 significant digits in scientific notation for very small or
 large values); :meth:`Console.event` builds the ``tag  where  key value ...`` lines the commands print for
