@@ -90,7 +90,7 @@ def recipe_out(recipe):
 def train_ia3(recipe) -> float:
     from ia3cli.train import run
 
-    return run(recipe, overwrite=True, printer=quiet).metrics["eval_accuracy"]
+    return run(recipe, overwrite=True, printer=quiet, report=False).metrics["eval_accuracy"]
 
 
 def plot(summary: dict) -> None:

@@ -88,7 +88,7 @@ def ia3cli_run(out: str) -> dict:
     recipe = quickstart_recipe(
         WORK / out, training={"batch_size": BATCH, "epochs": EPOCHS, "learning_rate": LR, "output_dir": out}
     )
-    result = run(recipe, overwrite=True, printer=quiet)
+    result = run(recipe, overwrite=True, printer=quiet, report=False)
     return {
         "train_samples_per_second": result.metrics["train_samples_per_second"],
         "train_runtime": result.metrics["train_runtime"],

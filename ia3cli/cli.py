@@ -36,6 +36,9 @@ SetOpt = Annotated[
     ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library warnings.")]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Show library warnings and the Trainer's raw log lines.")
+]
 
 
 def _examples(*lines: str) -> str:
@@ -111,8 +114,14 @@ def train(
         int | None, typer.Option("--nproc", help="Start N processes through torch.distributed.run (torchrun).")
     ] = None,
     debug: DebugOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Validate the recipe, train an IA3 adapter and save a PEFT adapter directory."""
+    """Validate the recipe, train an IA3 adapter and save a PEFT adapter directory.
+
+    The console shows one progress bar (step, epoch, loss, learning rate, health), a line per evaluation and the
+    health monitor's checks; every logged step goes to OUTPUT_DIR/logs/train_log.jsonl, and OUTPUT_DIR/report.png
+    draws the run.
+    """
     with _errors(debug):
         from ia3cli.recipe import load_recipe
 
@@ -121,10 +130,12 @@ def train(
             from ia3cli.launch import relaunch
 
             raise typer.Exit(relaunch(nproc, sys.argv[1:]))
-        _quiet_libraries(debug)
+        _quiet_libraries(debug or verbose)
+        from ia3cli.console import Console
         from ia3cli.train import is_main_process, run
 
-        result = run(loaded, resume=resume, overwrite=overwrite, printer=typer.echo)
+        console = Console(enabled=is_main_process())
+        result = run(loaded, resume=resume, overwrite=overwrite, console=console, verbose=debug or verbose)
         if is_main_process():
             shown = {
                 k: v
@@ -134,6 +145,8 @@ def train(
             typer.echo("final: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) if shown else "final: done")
             typer.echo(result.health_line)
             typer.echo(f"adapter saved to {result.output_dir}")
+            if (result.output_dir / "report.png").is_file():
+                typer.echo(f"report: {result.output_dir / 'report.png'}")
             typer.echo(
                 f"next: ia3 eval {result.output_dir}    |    ia3 merge {result.output_dir} {result.output_dir}-merged"
             )
@@ -245,15 +258,18 @@ def eval_(
     with _errors(debug):
         _quiet_libraries(debug)
         from ia3cli import evaluation
+        from ia3cli.console import Console
 
-        metrics = evaluation.run_eval(
-            target,
-            recipe_path=recipe,
-            data=data,
-            split=split,
-            overrides=set_ or [],
-            full_precision=full_precision,
-        )
+        with Console(enabled=not json_out).stages() as progress:
+            metrics = evaluation.run_eval(
+                target,
+                recipe_path=recipe,
+                data=data,
+                split=split,
+                overrides=set_ or [],
+                full_precision=full_precision,
+                progress=progress,
+            )
         typer.echo(json.dumps(metrics, indent=2) if json_out else evaluation.render(metrics))
 
 
@@ -277,8 +293,9 @@ def merge(
     with _errors(debug):
         _quiet_libraries(debug)
         from ia3cli import merge as merging
+        from ia3cli.console import Console
 
-        report = merging.merge(run_dir, out, dtype=dtype, force=force)
+        report = merging.merge(run_dir, out, dtype=dtype, force=force, printer=Console().line)
         typer.echo(
             f"merged into {out} (max |delta logits| {report['max_abs_diff']:.2e} on {report['probe_rows']} rows)"
         )
@@ -350,6 +367,81 @@ def predict(
         )
         skipped = f", skipped {len(result.errors)} bad rows" if result.errors else ""
         typer.echo(f"{result.predicted} predictions written to {result.output}{skipped}")
+
+
+@app.command(
+    epilog=_examples(
+        "ia3 report runs/quickstart                       # runs/quickstart/report.png",
+        "ia3 report runs/quickstart --format html         # one self-contained page",
+        "ia3 report runs/quickstart --out /tmp/quickstart.png",
+    )
+)
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run directory from ia3 train.", show_default=False, metavar="RUN_DIR")
+    ],
+    fmt: Annotated[str | None, typer.Option("--format", help="png or html (default: from --out, else png).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output file (default: RUN_DIR/report.FORMAT).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Draw a run: loss and metric curves, per-group gradient norms and drift, the learned vectors."""
+    with _errors(debug):
+        _quiet_libraries(debug)
+        from ia3cli import report as reporting
+
+        typer.echo(f"report: {reporting.write(run_dir, out, fmt)}")
+
+
+@app.command(
+    epilog=_examples(
+        "ia3 runs",
+        "ia3 runs experiments/ --json | jq '.[] | select(.finished)'",
+    )
+)
+def runs(
+    root: Annotated[Path, typer.Argument(help="Folder holding run directories.", metavar="DIR")] = Path("runs"),
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List the run directories under DIR: task, base model, metric, health, steps, date, finished or not."""
+    with _errors(debug):
+        from ia3cli.runs import list_runs, render
+
+        rows = list_runs(root)
+        if json_out:
+            typer.echo(json.dumps(rows, indent=2))
+        else:
+            typer.echo(render(rows) if rows else f"no runs under {root}")
+
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ia3cli import __version__
+
+    typer.echo(f"ia3cli {__version__}")
+    for name in ("torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            typer.echo(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            typer.echo(f"{name} not installed")
+    import torch
+
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    typer.echo(f"device {f'cuda ({cuda})' if cuda else 'cpu'}")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Show versions and the device."),
+    ] = False,
+) -> None:
+    """Fine-tune Hugging Face models with IA3 adapters from YAML recipes."""
 
 
 def main() -> None:

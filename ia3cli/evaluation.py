@@ -32,6 +32,14 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100
 
+Progress = Callable[[str, int, int], None]
+"""Optional progress callback: ``progress(stage, rows_done_now, stage_total)``; stages ``loss``, ``classify``,
+``generate`` and ``rank`` (rows x verbalisers). The CLI passes ``Console.stages()``; library callers pass nothing."""
+
+
+def _stage(progress: Progress | None, name: str, total: int) -> Callable[[int], None] | None:
+    return None if progress is None else (lambda n: progress(name, n, total))
+
 
 def classification_metrics(preds: Sequence[int], labels: Sequence[int], num_labels: int) -> dict[str, float]:
     """Accuracy and macro-F1 (classes absent from both preds and labels are left out of the mean)."""
@@ -95,12 +103,17 @@ def _in_length_order(n: int, lengths: Sequence[int], batch_size: int) -> list[li
 
 
 def sequence_logprobs(
-    model: PreTrainedModel, features: list[dict[str, Any]], pad_token_id: int, batch_size: int
+    model: PreTrainedModel,
+    features: list[dict[str, Any]],
+    pad_token_id: int,
+    batch_size: int,
+    advance: Callable[[int], None] | None = None,
 ) -> list[tuple[float, int]]:
     """Sum of target-token log-probabilities and the number of target tokens, for each encoded sequence.
 
     Target tokens are those whose ``labels`` entry is not -100. Decoder-only models predict token ``t`` from the
-    logits at ``t - 1``; encoder-decoder models' logits are already aligned with ``labels``.
+    logits at ``t - 1``; encoder-decoder models' logits are already aligned with ``labels``. ``advance(n)`` is
+    called after each batch of ``n`` sequences.
     """
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     device = _device(model)
@@ -119,6 +132,8 @@ def sequence_logprobs(
         counts = mask.sum(-1).tolist()
         for j, i in enumerate(idx):
             out[i] = (sums[j], counts[j])
+        if advance is not None:
+            advance(len(idx))
     return out
 
 
@@ -145,6 +160,7 @@ def score_choices(
     recipe: Recipe,
     rows: Sequence[dict[str, Any]],
     batch_size: int = 16,
+    advance: Callable[[int], None] | None = None,
 ) -> list[list[float]]:
     """Length-normalised log-likelihood of every verbaliser for every row: ``scores[row][choice]``.
 
@@ -153,7 +169,7 @@ def score_choices(
     """
     n_choices = len(recipe.data.label_names or [])
     feats = [f for row in rows for f in choice_features(row, recipe, tokenizer)]
-    scored = sequence_logprobs(model, feats, _pad_id(tokenizer), batch_size)
+    scored = sequence_logprobs(model, feats, _pad_id(tokenizer), batch_size, advance)
     means = [s / max(c, 1) for s, c in scored]
     return [means[i * n_choices : (i + 1) * n_choices] for i in range(len(rows))]
 
@@ -164,6 +180,7 @@ def rank_classify(
     recipe: Recipe,
     rows: Sequence[dict[str, Any]],
     batch_size: int = 16,
+    progress: Progress | None = None,
 ) -> dict[str, float]:
     """Rank classification (the IA3 paper's evaluation): pick the best-scored verbaliser; accuracy and macro-F1.
 
@@ -178,7 +195,8 @@ def rank_classify(
     model.eval()
     try:
         with torch.inference_mode():
-            scores = score_choices(model, tokenizer, recipe, rows, batch_size)
+            advance = _stage(progress, "rank", len(rows) * n)
+            scores = score_choices(model, tokenizer, recipe, rows, batch_size, advance)
     finally:
         model.train(was_training)
     preds = [max(range(n), key=lambda c, s=s: s[c]) for s in scores]
@@ -222,7 +240,12 @@ def after_training(
 
 
 def _classification_head(
-    model: PreTrainedModel, features: list[dict[str, Any]], pad_token_id: int, batch_size: int, num_labels: int
+    model: PreTrainedModel,
+    features: list[dict[str, Any]],
+    pad_token_id: int,
+    batch_size: int,
+    num_labels: int,
+    advance: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     import torch
 
@@ -236,12 +259,18 @@ def _classification_head(
         total_loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         for j, p in zip(idx, logits.argmax(-1).tolist(), strict=True):
             preds[j] = p
+        if advance is not None:
+            advance(len(idx))
     labels = [f["labels"] for f in features]
     return {**classification_metrics(preds, labels, num_labels), "loss": total_loss / max(len(features), 1)}
 
 
 def _exact_match(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], recipe: Recipe
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict[str, Any]],
+    recipe: Recipe,
+    advance: Callable[[int], None] | None = None,
 ) -> float:
     """Share of rows whose greedy generation equals the target after strip() and lower()."""
     from ia3cli.data import prompt_text, target_text
@@ -257,13 +286,23 @@ def _exact_match(
         generated = model.generate(**batch, max_new_tokens=min(longest + 2, d.max_length), do_sample=False, num_beams=1)
         texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
         hits += sum(g.strip().lower() == t.strip().lower() for g, t in zip(texts, targets, strict=True))
+        if advance is not None:
+            advance(len(chunk))
     return hits / max(len(rows), 1)
 
 
 def evaluate(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, recipe: Recipe, rows: list[dict[str, Any]]
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    recipe: Recipe,
+    rows: list[dict[str, Any]],
+    progress: Progress | None = None,
 ) -> dict[str, float]:
-    """All metrics of the recipe's task on ``rows`` (raw dataset rows); the model is put in eval mode."""
+    """All metrics of the recipe's task on ``rows`` (raw dataset rows); the model is put in eval mode.
+
+    Args:
+        progress: Called as batches finish (see :data:`Progress`).
+    """
     import torch
 
     from ia3cli.data import encode_row
@@ -274,16 +313,19 @@ def evaluate(
     metrics: dict[str, float] = {}
     with torch.inference_mode():
         if task == "seq-cls":
-            return _classification_head(model, features, pad, batch_size, recipe.num_labels)
-        scored = sequence_logprobs(model, features, pad, batch_size)
+            advance = _stage(progress, "classify", len(features))
+            return _classification_head(model, features, pad, batch_size, recipe.num_labels, advance)
+        scored = sequence_logprobs(model, features, pad, batch_size, _stage(progress, "loss", len(features)))
         tokens = sum(c for _, c in scored)
         metrics["loss"] = -sum(s for s, _ in scored) / max(tokens, 1)
         metrics["perplexity"] = math.exp(metrics["loss"]) if metrics["loss"] < 700 else math.inf
         metrics["target_tokens"] = tokens
         if task == "seq2seq" and recipe.data.messages_column is None:
-            metrics["exact_match"] = _exact_match(model, tokenizer, rows, recipe)
+            metrics["exact_match"] = _exact_match(
+                model, tokenizer, rows, recipe, _stage(progress, "generate", len(rows))
+            )
     if _has_choices(recipe):
-        metrics.update(rank_classify(model, tokenizer, recipe, rows, batch_size))
+        metrics.update(rank_classify(model, tokenizer, recipe, rows, batch_size, progress))
     return metrics
 
 
@@ -363,6 +405,7 @@ def run_eval(
     split: str | None,
     overrides: list[str],
     full_precision: bool,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run dir, a merged model dir or a base model on one split; see the module docstring.
 
@@ -373,6 +416,7 @@ def run_eval(
         split: Replaces ``data.eval_split`` (default: the recipe's eval split). ``data.eval_samples`` applies.
         overrides: ``section.key=value`` strings applied to the recipe.
         full_precision: Load the base unquantised even when the recipe says 4/8-bit.
+        progress: Called as batches finish (see :data:`Progress`).
 
     Returns:
         The metrics: ``target``, ``split``, ``rows`` and the task's metrics. Also written to ``eval-<split>.json``
@@ -399,7 +443,7 @@ def run_eval(
     model, tokenizer = _load_model(kind, target, recipe, full_precision)
     metrics: dict[str, Any] = {"target": target, "kind": kind, "task": recipe.model.task, "data": recipe.data.path}
     metrics.update({"split": split, "rows": len(ds)})
-    metrics.update(evaluate(model, tokenizer, recipe, list(ds)))
+    metrics.update(evaluate(model, tokenizer, recipe, list(ds), progress))
     if kind in ("run", "merged"):
         dest = Path(target).expanduser() / f"eval-{split.replace('/', '_')}.json"
         try:

@@ -24,10 +24,13 @@ import json
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ia3cli import __version__
+from ia3cli.console import Console
 from ia3cli.errors import Ia3Error, RunError
 from ia3cli.io import MERGE_MARKER, check_replaceable, remove_output
 from ia3cli.modeling import auto_class
@@ -129,7 +132,14 @@ differ from the adapter's by at most {report["max_abs_diff"]:.2e} (tolerance {re
 """
 
 
-def merge(run_dir: Path, out: Path, *, dtype: str = "float32", force: bool = False) -> dict[str, Any]:
+def merge(
+    run_dir: Path,
+    out: Path,
+    *,
+    dtype: str = "float32",
+    force: bool = False,
+    printer: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Merge a run's IA3 adapter into its full-precision base and save a plain checkpoint in OUT.
 
     Args:
@@ -137,6 +147,7 @@ def merge(run_dir: Path, out: Path, *, dtype: str = "float32", force: bool = Fal
         out: Where to write the merged model.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for the saved weights.
         force: Replace a non-empty OUT.
+        printer: Receives one line per stage (load, merge, check, save, verify).
 
     Returns:
         The merge report (also saved as ``OUT/merge_report.json``), with ``max_abs_diff`` and ``probe_rows``.
@@ -153,6 +164,12 @@ def merge(run_dir: Path, out: Path, *, dtype: str = "float32", force: bool = Fal
     from ia3cli.recipe import load_recipe
 
     run_dir, out = Path(run_dir), Path(out)
+    started = time.monotonic()
+
+    def stage(tag: str, text: str) -> None:
+        if printer is not None:
+            printer(Console.event(tag, text, {}, f"[{time.monotonic() - started:.1f}s]"))
+
     if dtype not in CAST_RTOL:
         raise Ia3Error(f"--dtype: '{dtype}' is not supported", f"use one of {', '.join(CAST_RTOL)}")
     _check_paths(run_dir, out, force)
@@ -161,11 +178,15 @@ def merge(run_dir: Path, out: Path, *, dtype: str = "float32", force: bool = Fal
     full.model.dtype = "float32"
     model, tokenizer = modeling.load_run_model(run_dir, full, quantization="none")
     model.eval()
+    trained = "" if recipe.model.quantization == "none" else f", trained in {recipe.model.quantization}"
+    stage("load", f"{recipe.model.name} in float32 (unquantised{trained}) + the IA3 adapter of {run_dir}")
+    vectors = sum(1 for name, _ in model.named_parameters() if ".ia3_l." in name)
     batch, source = probe_batch(recipe, tokenizer, model.get_input_embeddings().num_embeddings)
     reference = _logits(model, batch)
 
     merged = model.merge_and_unload()
     del model
+    stage("merge", f"{vectors} IA3 vectors folded into the base weights")
     diff32 = float((_logits(merged, batch) - reference).abs().max())
     tol32 = tolerance("float32", reference)
     if not diff32 <= tol32:
@@ -174,6 +195,7 @@ def merge(run_dir: Path, out: Path, *, dtype: str = "float32", force: bool = Fal
             f"(tolerance {tol32:.1e}) on {len(reference)} probe rows; nothing was written to {out}",
             "run again with --debug and report it; the run dir is untouched",
         )
+    stage("check", f"float32 max |delta logits| {diff32:.1e} <= {tol32:.1e} on {len(reference)} rows of {source}")
     if dtype != "float32":
         merged = merged.to(getattr(torch, dtype))
 
@@ -185,6 +207,7 @@ def merge(run_dir: Path, out: Path, *, dtype: str = "float32", force: bool = Fal
         shutil.copyfile(run_dir / "recipe.yaml", tmp / "recipe.yaml")
         del merged
         gc.collect()
+        stage("save", f"{dtype} safetensors, tokenizer and recipe.yaml, into a temporary folder beside {out}")
         # Prove what is on disk: a plain transformers load, no PEFT involved.
         reloaded = auto_class(recipe.model.task).from_pretrained(
             str(tmp), dtype=getattr(torch, dtype), trust_remote_code=recipe.model.trust_remote_code
@@ -199,6 +222,7 @@ def merge(run_dir: Path, out: Path, *, dtype: str = "float32", force: bool = Fal
                 f"(tolerance {tol:.1e}) on {len(reference)} probe rows; nothing was written to {out}",
                 "try --dtype float32 (float16 overflows on some models)" if dtype != "float32" else None,
             )
+        stage("verify", f"reloaded without PEFT: {dtype} max |delta logits| {diff:.1e} <= {tol:.1e}")
         report = {
             "base_model": recipe.model.name,
             "adapter": str(run_dir),

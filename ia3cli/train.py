@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ia3cli import __version__
+from ia3cli.console import Console
 from ia3cli.errors import Ia3Error, RunError
 from ia3cli.io import RUN_MARKER, publish_dir, remove_output, write_atomic
 from ia3cli.recipe import Recipe, dump_recipe, resolve_model_path
@@ -186,7 +187,7 @@ def training_arguments(recipe: Recipe, out: Path) -> Any:
         label_names=["labels"],  # PEFT wraps forward(**kwargs): the Trainer cannot infer label names itself
         remove_unused_columns=False,  # rows are already reduced to model inputs
         ddp_find_unused_parameters=False,  # every IA3 vector is used in every step
-        disable_tqdm=not is_main_process(),
+        disable_tqdm=True,  # ia3cli.logbook draws the one progress bar
         # Without a GPU, Accelerate runs one process per launcher rank only when told to use the CPU (gloo);
         # otherwise each rank would train alone on all the data.
         use_cpu=world_size() > 1 and not _has_accelerator(),
@@ -223,6 +224,9 @@ def run(
     resume: bool = False,
     overwrite: bool = False,
     printer: Callable[[str], None] = print,
+    console: Console | None = None,
+    verbose: bool = False,
+    report: bool = True,
 ) -> RunResult:
     """Train an IA3 adapter as the recipe says and save a self-describing run directory.
 
@@ -230,7 +234,10 @@ def run(
         recipe: A validated recipe.
         resume: Continue from the newest complete checkpoint in ``output_dir/checkpoints``.
         overwrite: Delete an existing, different run in ``output_dir`` first.
-        printer: Where progress lines go (only the main process prints).
+        printer: Where progress lines go (only the main process prints); used when no ``console`` is given.
+        console: The console for lines and the progress bar (the CLI's); default: plain lines to ``printer``.
+        verbose: Keep the Trainer's own dict log lines on the console.
+        report: Draw ``report.png`` at the end and show it in the model card.
 
     Raises:
         RecipeError, DataError: from the pre-flight checks (nothing is written then).
@@ -241,7 +248,8 @@ def run(
 
     from ia3cli import preflight
 
-    say = printer if is_main_process() else (lambda _msg: None)
+    console = console or Console(enabled=is_main_process(), sink=printer)
+    say = console.line if is_main_process() else (lambda _msg: None)
     checks = preflight.run(recipe)
     plan = checks.plan
     say(f"pre-flight ok: {_split_summary(checks.data)}; IA3 on {plan.target_modules} (ff: {plan.feedforward_modules})")
@@ -256,16 +264,21 @@ def run(
         # The other ranks start only once rank 0 has claimed the run dir (or they wait there until the launcher
         # stops them after rank 0's refusal): none of them ever sees it half-made or looks for checkpoints early.
         PartialState().wait_for_everyone()
-        return _train(recipe, checks, out, args, resume=resume, say=say)
+        return _train(recipe, checks, out, args, resume=resume, console=console, verbose=verbose, draw=report)
     except OSError as exc:
         raise RunError(f"{out}: {exc.strerror or exc} while training", "free disk space or fix permissions") from None
 
 
-def _train(recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, say: Callable[[str], None]) -> RunResult:
+def _train(
+    recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, console: Console, verbose: bool, draw: bool
+) -> RunResult:
     from transformers import Trainer, set_seed
 
     from ia3cli import data, evaluation, modeling
+    from ia3cli.logbook import LOG_NAME, TrainLogbook, install
     from ia3cli.monitor import GradNormMonitor
+
+    say = console.line if is_main_process() else (lambda _msg: None)
 
     plan, report = checks.plan, checks.data
     set_seed(recipe.training.seed)
@@ -285,7 +298,13 @@ def _train(recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, s
         model.get_base_model().accepts_loss_kwargs = False
 
     train_ds, eval_ds, collator = data.build(recipe, tokenizer, report)  # the splits pre-flight checked
-    monitor = GradNormMonitor(recipe.monitor, recipe.training.max_grad_norm, out, groups=plan.groups, printer=say)
+    logbook = TrainLogbook(
+        console, out / LOG_NAME if is_main_process() else None, recipe.metric, recipe.metric != "loss"
+    )
+    monitor = GradNormMonitor(
+        recipe.monitor, recipe.training.max_grad_norm, out, groups=plan.groups, printer=logbook.monitor_line
+    )
+    logbook.health = lambda: "failed" if monitor.failed else ("warning" if monitor.findings else "ok")
     trainer = Trainer(
         model=model,
         args=args,
@@ -296,6 +315,7 @@ def _train(recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, s
         compute_metrics=evaluation.trainer_metrics(recipe.num_labels) if recipe.model.task == "seq-cls" else None,
         callbacks=_callbacks(recipe, out, say, monitor),
     )
+    install(trainer, logbook, verbose=verbose)  # one progress bar instead of the Trainer's dicts and tqdm bars
     checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
     if resume:
         say(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint found: starting from step 0")
@@ -332,7 +352,21 @@ def _train(recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, s
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
         (staging / "README.md").write_text(model_card(recipe, plan, metrics, counts, health))
         publish_dir(staging, out)
+        if draw and _write_report(out, say):
+            write_atomic(out / "README.md", model_card(recipe, plan, metrics, counts, health, report="report.png"))
     return RunResult(output_dir=out, metrics=metrics, health=health, health_line=monitor.summary_line())
+
+
+def _write_report(out: Path, say: Callable[[str], None]) -> bool:
+    """Draw ``report.png``; a failure is a warning (the adapter is saved already), not a failed run."""
+    from ia3cli import report
+
+    try:
+        report.write(out, out / "report.png")
+    except Exception as exc:  # matplotlib missing or a drawing error: the run itself succeeded
+        say(f"warning: no report.png ({type(exc).__name__}: {exc}); see `ia3 report {out} --debug`")
+        return False
+    return True
 
 
 def _split_summary(report: Any) -> str:
@@ -340,9 +374,18 @@ def _split_summary(report: Any) -> str:
 
 
 def model_card(
-    recipe: Recipe, plan: Any, metrics: dict[str, Any], counts: dict[str, int], health: dict[str, Any]
+    recipe: Recipe,
+    plan: Any,
+    metrics: dict[str, Any],
+    counts: dict[str, int],
+    health: dict[str, Any],
+    report: str | None = None,
 ) -> str:
-    """A short README for the run directory: what was trained, how well, and how to load it."""
+    """A short README for the run directory: what was trained, how well, and how to load it.
+
+    Args:
+        report: File name of the run's report image beside the card, shown under the metrics.
+    """
     m, d = recipe.model, recipe.data
     auto = {"seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}.get(
         m.task, "AutoModelForSeq2SeqLM"
@@ -355,6 +398,9 @@ def model_card(
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown.items())
     extra = f', gguf_file="{m.gguf_file}"' if m.gguf_file else ""
     source = resolve_model_path(m.name)
+    figure = (
+        f"\n![Training report: curves, gradient norms, drift and the learned vectors]({report})\n" if report else ""
+    )
     return f"""---
 library_name: peft
 base_model: {m.name}
@@ -370,7 +416,7 @@ Health: {health.get("status", "unknown")}.
 | metric | value |
 |---|---|
 {rows}
-
+{figure}
 ## Load it
 
 ```python

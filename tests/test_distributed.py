@@ -69,7 +69,12 @@ def test_torchrun_two_cpu_processes_match_one_process(tiny_model, tmp_path: Path
         Path("ddp/adapter_model.safetensors")
     ]
     assert run.stdout.count("adapter saved to") == 1 and run.stdout.count("trainable params:") == 1
-    assert run.stdout.count("'loss'") == 3, run.stdout  # the Trainer's log lines: rank 0 only, one per step
+    assert "{'loss'" not in run.stdout and "\r" not in run.stdout, run.stdout  # plain lines, not a redrawn bar
+    progress = [line for line in run.stdout.splitlines() if line.startswith("train ")]
+    assert [line.split()[1] for line in progress] == ["1/3", "2/3", "3/3"], run.stdout  # rank 0 only, a line per step
+    log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]  # one writer
+    assert (out / "report.png").is_file()
     assert not list(out.glob(".staging-*")) and not list(out.glob("*.tmp"))
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["world_size"], metrics["per_device_batch_size"], metrics["global_batch_size"]) == (2, 8, 16)
