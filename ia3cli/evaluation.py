@@ -269,7 +269,7 @@ def evaluate(
     from ia3cli.data import encode_row
 
     task, batch_size, pad = recipe.model.task, _batch_size(recipe), _pad_id(tokenizer)
-    features = [encode_row(row, recipe, tokenizer) for row in rows]
+    features = [encode_row(row, recipe, tokenizer, index=i) for i, row in enumerate(rows, 1)]
     model.eval()
     metrics: dict[str, float] = {}
     with torch.inference_mode():
