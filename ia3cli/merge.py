@@ -157,9 +157,10 @@ def merge(run_dir: Path, out: Path, *, dtype: str = "float32", force: bool = Fal
         raise Ia3Error(f"--dtype: '{dtype}' is not supported", f"use one of {', '.join(CAST_RTOL)}")
     _check_paths(run_dir, out, force)
     recipe = load_recipe(run_dir / "recipe.yaml")
-    full = recipe.model_copy(deep=True)
-    full.model.dtype = "float32"
-    model, tokenizer = modeling.load_run_model(run_dir, full, quantization="none")
+    full = recipe.model_copy(
+        update={"model": recipe.model.model_copy(update={"quantization": "none", "dtype": "float32"})}
+    )
+    model, tokenizer = modeling.load_run_model(run_dir, full)
     model.eval()
     batch, source = probe_batch(recipe, tokenizer, model.get_input_embeddings().num_embeddings)
     reference = _logits(model, batch)

@@ -63,6 +63,20 @@ class ModelSection(_Section):
         description="GGUF file inside `name` to load, dequantised to `dtype` (with 4/8-bit quantization it is "
         "dequantised once into a cache folder, then quantised by bitsandbytes).",
     )
+    _resolved: tuple[str, str] | None = PrivateAttr(None)
+
+    @property
+    def path(self) -> str:
+        """``name`` as something ``from_pretrained`` loads: a ``pkg:`` name resolved (once, then cached) to the folder
+        inside the installed package; any other name as written. ``name`` itself stays as the user wrote it (for
+        run.json and model cards); a copy with another ``name`` resolves its own.
+
+        Raises:
+            RecipeError: when a ``pkg:`` package is not installed or has no such folder.
+        """
+        if self._resolved is None or self._resolved[0] != self.name:
+            self._resolved = (self.name, resolve_model_path(self.name))
+        return self._resolved[1]
 
 
 class AdapterSection(_Section):

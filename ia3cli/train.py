@@ -28,7 +28,7 @@ from typing import Any
 from ia3cli import __version__
 from ia3cli.errors import Ia3Error, RunError
 from ia3cli.io import RUN_MARKER, publish_dir, remove_output, write_atomic
-from ia3cli.recipe import Recipe, dump_recipe, resolve_model_path
+from ia3cli.recipe import Recipe, dump_recipe
 
 RUN_FILES = ("recipe.yaml", "run.json")
 
@@ -355,7 +355,7 @@ def model_card(
     }
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown.items())
     extra = f', gguf_file="{m.gguf_file}"' if m.gguf_file else ""
-    source = resolve_model_path(m.name)
+    source = m.path
     return f"""---
 library_name: peft
 base_model: {m.name}

@@ -25,8 +25,7 @@ from ia3cli.evaluation import (
 )
 from ia3cli.merge import merge
 from ia3cli.recipe import load_recipe, validate_mapping
-from tests.conftest import tiny_recipe, write_recipe
-from tests.test_merge import make_run
+from tests.conftest import make_run, tiny_recipe, write_recipe
 
 ROWS = [
     {"text": "A warm, clever comedy.", "label": 1},
@@ -184,8 +183,7 @@ def test_after_training_adds_rank_classification(tmp_path: Path, tiny_model) -> 
     rows = list(evaluate(run_dir).items())
     assert added["eval_accuracy"] == dict(rows)["accuracy"]  # the same 16 sampled rows as `ia3 eval`
 
-    no_eval = recipe.model_copy(deep=True)
-    no_eval.data.eval_split = None
+    no_eval = recipe.model_copy(update={"data": recipe.data.model_copy(update={"eval_split": None})})
     assert after_training(model, tokenizer, no_eval) == {}
     seq_cls = validate_mapping(tiny_recipe(tiny_model("bert", "seq-cls"), "seq-cls", tmp_path / "x"))
     assert after_training(model, tokenizer, seq_cls) == {}
