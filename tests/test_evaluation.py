@@ -16,6 +16,7 @@ from ia3cli.cli import app
 from ia3cli.data import encode_causal, encode_row
 from ia3cli.errors import Ia3Error, RecipeError
 from ia3cli.evaluation import (
+    _load_model,
     after_training,
     classification_metrics,
     rank_classify,
@@ -248,3 +249,21 @@ def test_cli_eval(tmp_path: Path, tiny_model) -> None:
     bad = runner.invoke(app, ["eval", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "target not found" in bad.output
     assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) <= 2
+
+
+@pytest.mark.parametrize("full_precision", [False, True], ids=["as-trained", "full-precision"])
+@pytest.mark.parametrize("kind", ["run", "merged", "base"])
+def test_loading_the_target_leaves_the_recipe_as_it_was(tmp_path: Path, tiny_model, kind: str, full_precision) -> None:
+    run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm", quantization="8bit")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    target = {"run": run_dir, "merged": tmp_path / "merged", "base": tiny_model("gpt2", "causal-lm")}[kind]
+    if kind == "merged":
+        merge(run_dir, target)
+    before = recipe.model_dump()
+
+    model, _ = _load_model(kind, str(target), recipe, full_precision)
+
+    assert recipe.model_dump() == before
+    base = model.get_base_model() if kind == "run" else model
+    assert base.config.model_type == ("gpt2" if kind == "base" else "llama")
+    assert getattr(base, "is_loaded_in_8bit", False) == (kind != "merged" and not full_precision)
