@@ -271,8 +271,11 @@ def merge(
         from ia3cli import merge as merging
 
         report = merging.merge(run_dir, out, dtype=dtype, force=force)
+        if report["probe_warning"]:
+            typer.echo(f"warning: {report['probe_warning']}")
         typer.echo(
-            f"merged into {out} (max |delta logits| {report['max_abs_diff']:.2e} on {report['probe_rows']} rows)"
+            f"merged into {out} (max |delta logits| {report['max_abs_diff']:.2e} on {report['probe_rows']} rows "
+            f"of {report['probe_source']})"
         )
 
 

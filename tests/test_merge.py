@@ -56,6 +56,7 @@ def test_merged_model_matches_adapter(tmp_path: Path, tiny_model, kind: str, tas
 
     assert report["max_abs_diff"] <= 1e-4 and report["float32_max_abs_diff"] <= 1e-4
     assert report["probe_rows"] == 8 and report["probe_source"].endswith("[validation]")
+    assert report["probe_warning"] is None
     assert report["trained_quantization"] == quantization
     assert json.loads((out / "merge_report.json").read_text())["max_abs_diff"] == report["max_abs_diff"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "recipe.yaml"):
@@ -103,14 +104,48 @@ def test_half_precision_output_is_checked_with_a_looser_tolerance(
     print(f"llama {dtype}: max_abs_diff {report['max_abs_diff']:.2e} (tolerance {report['tolerance']:.2e})")
 
 
-def test_probe_falls_back_to_random_tokens_when_data_is_gone(tmp_path: Path, tiny_model) -> None:
+def test_probe_falls_back_to_random_tokens_when_data_is_gone_and_says_why(tmp_path: Path, tiny_model) -> None:
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "great", "label": 1}\n{"text": "bad", "label": 0}\n')
     run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm", data={"path": str(data)})
     data.unlink()
-    report = merge(run_dir, tmp_path / "merged")
+    result = CliRunner().invoke(app, ["merge", str(run_dir), str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
     assert report["probe_source"] == "random tokens" and report["probe_rows"] == 4
     assert report["max_abs_diff"] <= 1e-4
+    why = f"{data}: file or folder not found"
+    assert report["probe_warning"] == (
+        f"the run's data could not be used ({why}; {why}): the outputs were compared on random tokens"
+    )
+    assert result.output.splitlines()[0] == f"warning: {report['probe_warning']}"
+    assert "on 4 rows of random tokens" in result.output
+    assert f"Warning: {report['probe_warning']}." in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_probe_skips_a_split_with_a_bad_row(tmp_path: Path, tiny_model) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"text": "great", "label": 1}\n{"text": "bad", "label": 0}\n')
+    (folder / "validation.jsonl").write_text('{"text": "great", "label": 1}\n{"text": "bad", "label": 7}\n')
+    run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm", data={"path": str(folder)})
+    report = merge(run_dir, tmp_path / "merged")
+    assert (report["probe_source"], report["probe_rows"], report["probe_warning"]) == (f"{folder} [train]", 2, None)
+
+
+def test_a_bug_while_building_the_probe_is_not_hidden(tmp_path: Path, tiny_model, monkeypatch) -> None:
+    from ia3cli import data
+
+    run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in encode_row")
+
+    monkeypatch.setattr(data, "encode_row", broken)
+    with pytest.raises(RuntimeError, match="a bug in encode_row"):
+        merge(run_dir, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
 
 
 def test_a_merge_that_changes_the_outputs_fails_and_writes_nothing(tmp_path: Path, tiny_model, monkeypatch) -> None:
