@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,7 +65,13 @@ def _quiet_libraries(debug: bool) -> None:
 
 def _say_error(text: str) -> None:
     # Under torchrun every rank fails together; one message (the main process's) is enough.
-    if os.environ.get("RANK", "0") == "0":
+    from ia3cli.env import is_main_process
+
+    try:
+        main = is_main_process()
+    except Ia3Error:  # a malformed RANK: better every process than none
+        main = True
+    if main:
         typer.echo(text, err=True)
 
 
@@ -122,7 +127,8 @@ def train(
 
             raise typer.Exit(relaunch(nproc, sys.argv[1:]))
         _quiet_libraries(debug)
-        from ia3cli.train import is_main_process, run
+        from ia3cli.env import is_main_process
+        from ia3cli.train import run
 
         result = run(loaded, resume=resume, overwrite=overwrite, printer=typer.echo)
         if is_main_process():

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ia3cli.env import cache_dir
 from ia3cli.errors import Ia3Error, RecipeError
 from ia3cli.recipe import ModelSection, Recipe
 
@@ -153,11 +154,6 @@ def load_base(
     if pad_token_id is not None and getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = pad_token_id
     return base
-
-
-def cache_dir() -> Path:
-    """Where ia3cli caches derived files (``$IA3CLI_CACHE``, default ``~/.cache/ia3cli``)."""
-    return Path(os.environ.get("IA3CLI_CACHE", Path.home() / ".cache" / "ia3cli"))
 
 
 def dequantized_gguf(model: ModelSection) -> Path:
