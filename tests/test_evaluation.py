@@ -190,13 +190,40 @@ def test_after_training_adds_rank_classification(tmp_path: Path, tiny_model) -> 
     assert after_training(model, tokenizer, seq_cls) == {}
 
 
-def test_rank_classify_works_on_a_plain_model(tiny_model) -> None:
-    model_dir = tiny_model("gpt2", "causal-lm")
-    recipe = validate_mapping(tiny_recipe(model_dir, "causal-lm", Path("unused")))
+@pytest.mark.parametrize(
+    ("favour", "accuracy", "f1"), [("positive", 4 / 6, (0.8 + 0.0) / 2), ("negative", 2 / 6, (0.5 + 0.0) / 2)]
+)
+def test_rank_classify_works_on_a_plain_model(
+    tmp_path: Path, tiny_model, favour: str, accuracy: float, f1: float
+) -> None:
+    base = biased_causal_lm(tiny_model("llama", "causal-lm"), tmp_path / "biased", favour)
+    recipe = validate_mapping(tiny_recipe(base, "causal-lm", Path("unused")))
     tokenizer = modeling.load_tokenizer(recipe.model)
-    model = modeling.load_base(recipe.model)
-    metrics = rank_classify(model, tokenizer, recipe, ROWS, batch_size=3)
-    assert set(metrics) == {"accuracy", "f1"} and 0 <= metrics["accuracy"] <= 1
+    model = modeling.load_base(recipe.model)  # no PeftModel around it
+    model.train()
+    metrics = rank_classify(model, tokenizer, recipe, ROWS, batch_size=4)
+    assert metrics == {"accuracy": pytest.approx(accuracy), "f1": pytest.approx(f1)}  # 4 positive rows, 2 negative
+    assert model.training  # mode restored
+
+
+def test_rank_classify_matches_a_hand_computation(tiny_model) -> None:
+    """On a random model: each row's prediction is the verbaliser with the higher unbatched mean log-prob."""
+    recipe = validate_mapping(tiny_recipe(tiny_model("gpt2", "causal-lm"), "causal-lm", Path("unused")))
+    tokenizer = modeling.load_tokenizer(recipe.model)
+    model = modeling.load_base(recipe.model).eval()
+    preds = []
+    with torch.no_grad():
+        for row in ROWS:
+            scores = []
+            for choice in recipe.data.label_names:
+                enc = encode_causal(tokenizer, recipe.data.prompt_template.format(**row), choice, 32)
+                logp = model(input_ids=torch.tensor([enc["input_ids"]])).logits[0, :-1].log_softmax(-1)
+                target = torch.tensor(enc["labels"][1:])
+                keep = target != -100
+                scores.append(logp[keep].gather(-1, target[keep].unsqueeze(-1)).mean().item())
+            preds.append(scores.index(max(scores)))
+    expected = classification_metrics(preds, [row["label"] for row in ROWS], 2)
+    assert rank_classify(model, tokenizer, recipe, ROWS, batch_size=3) == expected
 
 
 def test_split_data_and_set_overrides(tmp_path: Path, tiny_model) -> None:
@@ -240,7 +267,9 @@ def test_cli_eval(tmp_path: Path, tiny_model) -> None:
     runner = CliRunner()
     table = runner.invoke(app, ["eval", str(run_dir)])
     assert table.exit_code == 0, table.output
-    assert "accuracy" in table.output and "validation" in table.output
+    saved = json.loads((run_dir / "eval-validation.json").read_text())
+    assert table.output == render(saved) + "\n"
+    assert (saved["split"], saved["rows"]) == ("validation", 16) and {"accuracy", "f1", "loss"} <= saved.keys()
 
     as_json = runner.invoke(app, ["eval", str(run_dir), "--json", "--split", "train", "--set", "data.eval_samples=4"])
     assert as_json.exit_code == 0, as_json.output

@@ -244,7 +244,12 @@ def test_cli_merge(tmp_path: Path, tiny_model) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["merge", str(run_dir), str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output
-    assert "merged into" in result.output and "on 8 rows" in result.output
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert result.output == (
+        f"merged into {tmp_path / 'merged'} (max |delta logits| {report['max_abs_diff']:.2e} on 8 rows of "
+        f"{report['probe_source']})\n"
+    )
+    assert report["probe_source"].endswith("sentiment [validation]")
 
     again = runner.invoke(app, ["merge", str(run_dir), str(tmp_path / "merged")])
     assert again.exit_code == 2 and "not empty" in again.output and "Traceback" not in again.output
