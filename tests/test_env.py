@@ -11,8 +11,6 @@ from ia3cli import env
 from ia3cli.errors import Ia3Error
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ia3cli"
-# Modules that still read a variable themselves; each should call ia3cli.env instead (targets: HF_HUB_OFFLINE).
-NOT_YET_MOVED = {"targets.py"}
 
 LAUNCHES = [
     # (RANK, WORLD_SIZE, rank, world size, main process)
@@ -77,5 +75,5 @@ def test_only_env_reads_and_only_cli_writes_the_environment() -> None:
     found = {p.name: _environment_uses(p) for p in sorted(PACKAGE.glob("*.py"))}
     readers = {name for name, uses in found.items() if any(kind == "read" for _, kind in uses)}
     writers = {name for name, uses in found.items() if any(kind == "write" for _, kind in uses)}
-    assert readers - NOT_YET_MOVED == {"env.py"}, found
+    assert readers == {"env.py"}, found
     assert writers <= {"cli.py"}, found

@@ -94,7 +94,10 @@ def test_quantization_config(keys: dict, expected: dict | None) -> None:
         return
     for attr, value in expected.items():
         assert getattr(config, attr) == value, attr
-    assert config.llm_int8_skip_modules == ["classifier", "pre_classifier", "score", "classification_head", "lm_head"]
+    # heads train in full (modules_to_save), so bitsandbytes must leave them unquantised
+    assert {"classifier", "pre_classifier", "score", "classification_head", "lm_head"} <= set(
+        config.llm_int8_skip_modules
+    )
 
 
 # --- trained heads ------------------------------------------------------------------------------------------------
@@ -115,7 +118,7 @@ def test_seq_cls_heads_are_trained_in_full(
     raw = tiny_recipe(tiny_model(kind, "seq-cls"), "seq-cls", tmp_path / "run", adapter={"modules_to_save": extra})
     recipe = validate_mapping(raw)
     plan = preflight.run(recipe).plan
-    assert modeling.modules_to_save(recipe, plan) == expected
+    assert modeling.modules_to_save("seq-cls", extra, plan.head_modules) == expected == plan.modules_to_save
     model, _ = modeling.build(recipe, plan)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and ".ia3_l." not in n}
     for module in expected:  # PEFT keeps a trainable copy of each and freezes the original
@@ -126,9 +129,9 @@ def test_causal_lm_trains_no_head_unless_asked(tmp_path: Path, tiny_model) -> No
     raw = tiny_recipe(tiny_model("llama", "causal-lm"), "causal-lm", tmp_path / "run")
     recipe = validate_mapping(raw)
     plan = preflight.run(recipe).plan
-    assert modeling.modules_to_save(recipe, plan) is None
-    asked = validate_mapping({**raw, "adapter": {"modules_to_save": ["lm_head"]}})
-    assert modeling.modules_to_save(asked, plan) == ["lm_head"]
+    assert plan.modules_to_save is None
+    assert modeling.modules_to_save("causal-lm", None, ["classifier"]) is None
+    assert modeling.modules_to_save("causal-lm", ["lm_head"], ["classifier"]) == ["lm_head"]
 
 
 # --- reloading a run ----------------------------------------------------------------------------------------------
