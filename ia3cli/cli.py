@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,7 +68,13 @@ def _quiet_libraries(debug: bool) -> None:
 
 def _say_error(text: str) -> None:
     # Under torchrun every rank fails together; one message (the main process's) is enough.
-    if os.environ.get("RANK", "0") == "0":
+    from ia3cli.env import is_main_process
+
+    try:
+        main = is_main_process()
+    except Ia3Error:  # a malformed RANK: better every process than none
+        main = True
+    if main:
         typer.echo(text, err=True)
 
 
@@ -132,7 +137,8 @@ def train(
             raise typer.Exit(relaunch(nproc, sys.argv[1:]))
         _quiet_libraries(debug or verbose)
         from ia3cli.console import Console
-        from ia3cli.train import is_main_process, run
+        from ia3cli.env import is_main_process
+        from ia3cli.train import run
 
         console = Console(enabled=is_main_process())
         result = run(loaded, resume=resume, overwrite=overwrite, console=console, verbose=debug or verbose)
@@ -295,9 +301,13 @@ def merge(
         from ia3cli import merge as merging
         from ia3cli.console import Console
 
-        report = merging.merge(run_dir, out, dtype=dtype, force=force, printer=Console().line)
+        console = Console()
+        report = merging.merge(run_dir, out, dtype=dtype, force=force, printer=console.line)
+        if report["probe_warning"]:
+            console.line(f"warning: {report['probe_warning']}")
         typer.echo(
-            f"merged into {out} (max |delta logits| {report['max_abs_diff']:.2e} on {report['probe_rows']} rows)"
+            f"merged into {out} (max |delta logits| {report['max_abs_diff']:.2e} on {report['probe_rows']} rows "
+            f"of {report['probe_source']})"
         )
 
 

@@ -54,6 +54,9 @@ def _local_format(path: Path) -> str:
         )
     if len(formats) > 1:
         raise DataError(str(path), None, "mixes file types; keep one format per folder")
+    for file in files:  # the datasets readers stumble over empty files (StopIteration from the JSON reader)
+        if file.stat().st_size == 0:
+            raise DataError(str(file), None, "file is empty", "add rows or remove the file")
     return formats.pop()
 
 
@@ -76,11 +79,27 @@ def _find_bad_json_line(path: Path) -> tuple[Path, int, str] | None:
     return None
 
 
+def _parse_errors() -> tuple[type[BaseException], ...]:
+    """What ``datasets`` raises for a malformed file: its JSON reader a bare ``ValueError``, pandas' CSV reader a
+    ``ParserError`` (a ``ValueError``), pyarrow ``ArrowInvalid``/``ArrowTypeError``, undecodable text a
+    ``UnicodeDecodeError`` (a ``ValueError``)."""
+    import pyarrow
+
+    return (ValueError, pyarrow.ArrowInvalid, pyarrow.ArrowTypeError)
+
+
+# Unreachable or missing sources: a wrong hub id, offline, a file that vanished or cannot be read.
+_SOURCE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, ConnectionError, TimeoutError)
+
+
 def load_split(data: DataSection, split: str) -> Dataset:
     """Load one split (a ``datasets`` split expression such as ``train`` or ``train[:80%]``).
 
+    Only the loader's own errors become :class:`DataError`; anything else (out of memory, a bug) propagates.
+
     Raises:
-        DataError: missing file, malformed rows, unknown split, unreachable hub dataset.
+        DataError: missing file, malformed rows (naming the first bad JSON line), unknown split, unreachable hub
+            dataset.
     """
     import datasets
 
@@ -89,6 +108,7 @@ def load_split(data: DataSection, split: str) -> Dataset:
     is_local = path.exists() or data.path.startswith((".", "/")) or Path(data.path).suffix in LOCAL_FORMATS
     if is_local and not path.exists():
         raise DataError(data.path, None, "file or folder not found", "check data.path (relative to the recipe file)")
+    parse_errors = _parse_errors()
     level = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # parse errors are reported below, by row
     try:
@@ -98,28 +118,49 @@ def load_split(data: DataSection, split: str) -> Dataset:
                 return datasets.load_dataset(fmt, data_files={"train": str(path)}, split=split)
             return datasets.load_dataset(str(path), split=split)
         return datasets.load_dataset(data.path, data.name, split=split)
-    except ValueError as exc:
+    except datasets.exceptions.DatasetGenerationError as exc:  # wraps the reader's error
+        cause = exc.__cause__ or exc.__context__
+        if not isinstance(cause, parse_errors):
+            raise
+        raise _malformed(data, path if is_local else None, cause) from None
+    except parse_errors as exc:
         msg = str(exc)
-        if "split" in msg.lower() or "Unknown split" in msg:
+        if msg.startswith("Unknown split"):
             available = _available_splits(data)
             raise DataError(
                 data.path, None, f"has no split '{split}'", f"available splits: {', '.join(available) or '?'}"
             ) from None
-        raise DataError(data.path, None, f"cannot load: {msg.splitlines()[0]}") from None
-    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError, ConnectionError) as exc:
+        if "corresponds to no data" in msg:
+            raise DataError(
+                f"{data.path} [{split}]", None, "split is empty", "add rows or choose another split"
+            ) from None
+        if msg.startswith(("Unrecognized instruction format", "Bad split")):
+            raise DataError(
+                data.path, None, f"'{split}' is not a split expression", "e.g. train, validation or train[:80%]"
+            ) from None
+        raise _malformed(data, path if is_local else None, exc) from None
+    except (datasets.exceptions.DatasetNotFoundError, *_SOURCE_ERRORS) as exc:
         hint = "check the dataset id; offline? use a local file" if not is_local else None
-        raise DataError(data.path, None, f"cannot load: {str(exc).splitlines()[0]}", hint) from None
-    except Exception as exc:  # datasets wraps parser errors in several types
-        if is_local:
-            bad = _find_bad_json_line(path)
-            if bad:
-                raise DataError(str(bad[0]), bad[1], bad[2], "fix or remove that line") from None
-        raise DataError(data.path, None, f"cannot load: {str(exc).splitlines()[0]}") from None
+        raise DataError(data.path, None, f"cannot load: {_first_line(exc)}", hint) from None
     finally:
         datasets.logging.set_verbosity(level)
 
 
+def _malformed(data: DataSection, local: Path | None, exc: BaseException) -> DataError:
+    """The error for a file the reader could not parse: the first bad JSON line when there is one."""
+    bad = _find_bad_json_line(local) if local is not None else None
+    if bad:
+        return DataError(str(bad[0]), bad[1], bad[2], "fix or remove that line")
+    return DataError(data.path, None, f"cannot parse: {_first_line(exc)}", "check the file's format")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _available_splits(data: DataSection) -> list[str]:
+    """The split names of ``data`` for a hint (empty when they cannot be listed)."""
     import datasets
 
     try:
@@ -129,7 +170,7 @@ def _available_splits(data: DataSection) -> list[str]:
                 return ["train"]
             return list(datasets.load_dataset(str(path)).keys())
         return list(datasets.get_dataset_split_names(data.path, data.name))
-    except Exception:
+    except (datasets.exceptions.DatasetsError, *_parse_errors(), *_SOURCE_ERRORS):
         return []
 
 
@@ -150,9 +191,17 @@ def load_splits(recipe: Recipe) -> tuple[Dataset, Dataset | None]:
 
 def _template_fields(template: str) -> list[str]:
     try:
-        return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+        parts = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise RecipeError("data.prompt_template", f"is not a valid format string: {exc}") from None
+    for _, name, _, conversion in parts:
+        if conversion not in (None, "r", "s", "a"):
+            raise RecipeError(
+                "data.prompt_template",
+                f"is not a valid format string: unknown conversion '!{conversion}' after {{{name}}}",
+                "use {column}, {column!r} or {column!s}",
+            )
+    return [name for _, name, _, _ in parts if name]
 
 
 def label_id(value: Any, data: DataSection, num_labels: int) -> int | None:
@@ -297,23 +346,67 @@ def encode_causal(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, 
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(p_ids) + t_ids}
 
 
-def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int) -> dict[str, list]:
-    """Render a conversation with the chat template; only assistant turns carry loss."""
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    max_length: int,
+    *,
+    source: str = "messages",
+    row: int | None = None,
+) -> dict[str, list]:
+    """Render a conversation with the chat template; only assistant turns carry loss.
 
-    def ids_of(msgs: list[dict], gen_prompt: bool) -> list[int]:
+    The template renders the conversation up to each assistant turn (with the generation prompt) and through it;
+    the tokens each render adds are that turn's. This holds only when every render extends the one before: some
+    templates rewrite earlier turns once later ones exist (Qwen3's drops the ``<think>`` part of all but the last
+    assistant turn), which would shift the loss mask. Such a row is refused rather than masked wrongly.
+
+    Args:
+        tokenizer: Tokenizer with a chat template.
+        messages: The row's ``[{role, content}, ...]``.
+        max_length: Truncate to this many tokens.
+        source: File (and split) named in errors.
+        row: 1-based row named in errors.
+
+    Raises:
+        DataError: when a render does not extend the previous one.
+    """
+
+    def render(msgs: list[dict], gen_prompt: bool) -> tuple[str, list[int]]:
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    ids: list[int] = []
+    def extend(prev_text: str, prev_ids: list[int], msgs: list[dict], gen_prompt: bool) -> tuple[str, list[int]]:
+        text, new_ids = render(msgs, gen_prompt)
+        turn = len(msgs)
+        if not text.startswith(prev_text):
+            raise DataError(
+                source,
+                row,
+                f"the chat template rewrites earlier turns once message {turn} follows them, so the assistant "
+                "turns cannot be located by rendering the conversation turn by turn",
+                "use a template that renders earlier turns unchanged (e.g. keep reasoning out of earlier assistant "
+                "messages), or split the conversation into one row per assistant turn",
+            )
+        if new_ids[: len(prev_ids)] != prev_ids:
+            raise DataError(
+                source,
+                row,
+                f"message {turn}'s first tokens merge with the text before it, so the loss mask cannot start "
+                "at a token boundary",
+                "make the chat template end each turn with a separator (newline or special token)",
+            )
+        return text, new_ids
+
+    text, ids = "", []
     labels: list[int] = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        before = ids_of(messages[:i], True)
+        text, before = extend(text, ids, messages[:i], True)
         labels += [IGNORE_INDEX] * (len(before) - len(ids))
-        ids = before
-        after = ids_of(messages[: i + 1], False)
-        labels += after[len(ids) :]
+        text, after = extend(text, before, messages[: i + 1], False)
+        labels += after[len(before) :]
         ids = after
     return {
         "input_ids": ids[:max_length],
@@ -322,15 +415,22 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_le
     }
 
 
-def encode_row(row: dict[str, Any], recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, list]:
-    """One row -> model inputs for the recipe's task."""
+def encode_row(
+    row: dict[str, Any],
+    recipe: Recipe,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    source: str | None = None,
+    index: int | None = None,
+) -> dict[str, list]:
+    """One row -> model inputs for the recipe's task; ``source`` and 1-based ``index`` name the row in errors."""
     d, task = recipe.data, recipe.model.task
     if task == "seq-cls":
         pair = row[d.text_pair_column] if d.text_pair_column else None
         enc = tokenizer(prompt_text(row, d), pair, truncation=True, max_length=d.max_length)
         return {**enc, "labels": label_id(row[d.label_column], d, recipe.num_labels)}
     if d.messages_column:
-        return encode_chat(tokenizer, row[d.messages_column], d.max_length)
+        return encode_chat(tokenizer, row[d.messages_column], d.max_length, source=source or d.path, row=index)
     prompt, target = prompt_text(row, d), target_text(row, d, recipe.num_labels)
     if task == "causal-lm":
         return encode_causal(tokenizer, prompt, target, d.max_length)
@@ -339,10 +439,11 @@ def encode_row(row: dict[str, Any], recipe: Recipe, tokenizer: PreTrainedTokeniz
     return dict(enc)
 
 
-def tokenize(ds: Dataset, recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Dataset:
-    """Tokenize a split (no padding), dropping the raw columns."""
+def tokenize(ds: Dataset, recipe: Recipe, tokenizer: PreTrainedTokenizerBase, source: str | None = None) -> Dataset:
+    """Tokenize a split (no padding), dropping the raw columns; ``source`` names the split in errors."""
     return ds.map(
-        lambda row: encode_row(row, recipe, tokenizer),
+        lambda row, i: encode_row(row, recipe, tokenizer, source=source, index=i + 1),
+        with_indices=True,
         remove_columns=ds.column_names,
         desc="tokenizing",
         load_from_cache_file=False,
@@ -363,6 +464,7 @@ def build(
 ) -> tuple[Dataset, Dataset | None, Any]:
     """Tokenized train and eval splits plus the collator; the splits ``check`` already loaded are reused."""
     train, evals = (report.train, report.eval) if report is not None else load_splits(recipe)
-    train_t = tokenize(train, recipe, tokenizer)
-    eval_t = tokenize(evals, recipe, tokenizer) if evals is not None else None
+    d = recipe.data
+    train_t = tokenize(train, recipe, tokenizer, f"{d.path} [{d.train_split}]")
+    eval_t = tokenize(evals, recipe, tokenizer, f"{d.path} [{d.eval_split}]") if evals is not None else None
     return train_t, eval_t, collator(recipe, tokenizer)

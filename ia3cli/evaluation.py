@@ -308,7 +308,7 @@ def evaluate(
     from ia3cli.data import encode_row
 
     task, batch_size, pad = recipe.model.task, _batch_size(recipe), _pad_id(tokenizer)
-    features = [encode_row(row, recipe, tokenizer) for row in rows]
+    features = [encode_row(row, recipe, tokenizer, index=i) for i, row in enumerate(rows, 1)]
     model.eval()
     metrics: dict[str, float] = {}
     with torch.inference_mode():
@@ -384,17 +384,17 @@ def _load_recipe(kind: str, target: str, recipe_path: Path | None, overrides: li
 def _load_model(kind: str, target: str, recipe: Recipe, full_precision: bool) -> tuple[Any, Any]:
     from ia3cli import modeling
 
-    if kind == "run":
-        return modeling.load_run_model(target, recipe, quantization="none" if full_precision else None)
+    changes: dict[str, Any] = {"quantization": "none"} if full_precision else {}
     if kind == "merged":
         # A merged model is a full-precision checkpoint of its own; the base's quantization and GGUF do not apply.
-        recipe.model.name, recipe.model.quantization = str(Path(target).expanduser()), "none"
-        recipe.model.gguf_file = recipe.model.revision = None
-    else:
-        recipe.model.name = target
+        changes = {"name": str(Path(target).expanduser()), "quantization": "none", "gguf_file": None, "revision": None}
+    elif kind == "base":
+        changes["name"] = target
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update=changes)})
+    if kind == "run":
+        return modeling.load_run_model(target, recipe)
     tokenizer = modeling.load_tokenizer(recipe.model)
-    model = modeling.load_recipe_base(recipe, tokenizer, quantization="none" if full_precision else None)
-    return model, tokenizer
+    return modeling.load_recipe_base(recipe, tokenizer), tokenizer
 
 
 def run_eval(
@@ -431,7 +431,7 @@ def run_eval(
     kind = _target_kind(target)
     recipe = _load_recipe(kind, target, recipe_path, overrides)
     if data is not None:
-        recipe.data.path = data
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": data})})
     split = split or recipe.data.eval_split
     if split is None:
         raise RecipeError("data.eval_split", "is null: nothing to evaluate on", "pass --split (e.g. --split train)")

@@ -3,9 +3,10 @@
 1. The run dir is self-describing: ``recipe.yaml`` names the base, ``adapter_config.json`` the adapter.
 2. The base is reloaded in float32 and *unquantised*, even for a run trained in 4/8-bit: PEFT cannot merge IA3
    into quantised layers, and the scaled weights must be stored in full precision anyway.
-3. A probe batch (up to 8 rows of the run's eval split, else its train split, else random tokens) goes through the
-   adapter model; ``merge_and_unload`` folds each ``ia3_l`` into its layer (rows of the output projection, or
-   columns for feed-forward layers; GPT-2's Conv1D transposed) and keeps trained heads (``modules_to_save``).
+3. A probe batch (up to 8 rows of the run's eval split, else its train split, else random tokens, with a warning in
+   ``merge_report.json`` and on the console saying why) goes through the adapter model; ``merge_and_unload`` folds
+   each ``ia3_l`` into its layer (rows of the output projection, or columns for feed-forward layers; GPT-2's Conv1D
+   transposed) and keeps trained heads (``modules_to_save``).
 4. The float32 merged model must reproduce the adapter's logits to ``1e-4 * max(1, max|logit|)``.
 5. The model (cast to ``--dtype``), tokenizer, recipe.yaml, a model card and ``merge_report.json`` are saved into a
    temporary sibling ``.OUT.tmp-XXXX``; the saved model is reloaded with plain ``AutoModelFor*.from_pretrained``
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ia3cli import __version__
 from ia3cli.console import Console
-from ia3cli.errors import Ia3Error, RunError
+from ia3cli.errors import DataError, Ia3Error, RecipeError, RunError
 from ia3cli.io import MERGE_MARKER, check_replaceable, remove_output
 from ia3cli.modeling import auto_class
 
@@ -72,32 +73,43 @@ def _check_paths(run_dir: Path, out: Path, force: bool) -> None:
         check_replaceable(out, MERGE_MARKER, key="OUT", flag="--force", keep=(run_abs,))
 
 
-def probe_batch(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[dict[str, torch.Tensor], str]:
-    """Up to 8 encoded rows of the run's eval (else train) split, or random tokens when the data is unavailable."""
+def probe_batch(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[dict[str, torch.Tensor], str, str | None]:
+    """Up to 8 encoded rows of the run's eval (else train) split, or random tokens when the data is unavailable.
+
+    Returns:
+        The batch, where it came from (``PATH [split]`` or ``random tokens``) and, for random tokens, a warning
+        saying why the data could not be used (each split's error).
+    """
     import torch
 
-    from ia3cli.data import encode_row, load_split
+    from ia3cli.data import check_rows, encode_row, load_split
     from ia3cli.evaluation import pad_batch
 
     d = recipe.data
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for split in (d.eval_split, d.train_split):
-        if split is None:
-            continue
+    problems: list[str] = []
+    for split in dict.fromkeys(s for s in (d.eval_split, d.train_split) if s is not None):
+        source = f"{d.path} [{split}]"
         try:
             ds = load_split(d, split)
-            rows = [ds[i] for i in range(min(PROBE_ROWS, len(ds)))]
-            feats = [encode_row(row, recipe, tokenizer) for row in rows]
-        except Exception:  # moved or unreadable data, a bad row: fall back to the next source
+            ds = ds.select(range(min(PROBE_ROWS, len(ds))))
+            check_rows(ds, recipe, source)  # a row that would not encode is reported, not a crash
+            feats = [encode_row(row, recipe, tokenizer, source=source, index=i) for i, row in enumerate(ds, 1)]
+        except (DataError, RecipeError) as exc:  # moved or unreadable data, a bad row: try the next source
+            problems.append(exc.message)
             continue
         if feats:
-            return pad_batch(feats, pad_id), f"{d.path} [{split}]"
+            return pad_batch(feats, pad_id), source, None
+        problems.append(f"{source}: split is empty")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(min(10, vocab_size - 1), vocab_size, (4, 16), generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if recipe.model.task == "seq2seq":
         batch["labels"] = torch.randint(min(10, vocab_size - 1), vocab_size, (4, 8), generator=gen)
-    return batch, "random tokens"
+    warning = (
+        "the run's data could not be used (" + "; ".join(problems) + "): the outputs were compared on random tokens"
+    )
+    return batch, "random tokens", warning
 
 
 def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -110,6 +122,7 @@ def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _model_card(recipe: Recipe, run_dir: Path, out: Path, report: dict[str, Any]) -> str:
     auto = auto_class(recipe.model.task).__name__
+    warning = f"\nWarning: {report['probe_warning']}." if report["probe_warning"] else ""
     return f"""---
 base_model: {recipe.model.name}
 tags: [ia3, ia3cli, merged]
@@ -127,7 +140,7 @@ tokenizer = AutoTokenizer.from_pretrained("{out}")
 ```
 
 Checked before saving: on {report["probe_rows"]} probe rows ({report["probe_source"]}) the saved model's logits
-differ from the adapter's by at most {report["max_abs_diff"]:.2e} (tolerance {report["tolerance"]:.2e}).
+differ from the adapter's by at most {report["max_abs_diff"]:.2e} (tolerance {report["tolerance"]:.2e}).{warning}
 `recipe.yaml` is the run's recipe (`ia3 eval` reads it); `merge_report.json` has the details.
 """
 
@@ -174,14 +187,15 @@ def merge(
         raise Ia3Error(f"--dtype: '{dtype}' is not supported", f"use one of {', '.join(CAST_RTOL)}")
     _check_paths(run_dir, out, force)
     recipe = load_recipe(run_dir / "recipe.yaml")
-    full = recipe.model_copy(deep=True)
-    full.model.dtype = "float32"
-    model, tokenizer = modeling.load_run_model(run_dir, full, quantization="none")
+    full = recipe.model_copy(
+        update={"model": recipe.model.model_copy(update={"quantization": "none", "dtype": "float32"})}
+    )
+    model, tokenizer = modeling.load_run_model(run_dir, full)
     model.eval()
     trained = "" if recipe.model.quantization == "none" else f", trained in {recipe.model.quantization}"
     stage("load", f"{recipe.model.name} in float32 (unquantised{trained}) + the IA3 adapter of {run_dir}")
     vectors = sum(1 for name, _ in model.named_parameters() if ".ia3_l." in name)
-    batch, source = probe_batch(recipe, tokenizer, model.get_input_embeddings().num_embeddings)
+    batch, source, probe_warning = probe_batch(recipe, tokenizer, model.get_input_embeddings().num_embeddings)
     reference = _logits(model, batch)
 
     merged = model.merge_and_unload()
@@ -236,6 +250,7 @@ def merge(
             "max_abs_logit": float(reference.abs().max()),
             "probe_rows": len(reference),
             "probe_source": source,
+            "probe_warning": probe_warning,
             "versions": {"ia3cli": __version__, "peft": peft.__version__, "transformers": transformers.__version__},
         }
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -15,9 +15,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ia3cli.env import cache_dir, hub_offline
 from ia3cli.errors import Ia3Error, RecipeError
 from ia3cli.families import HEAD_MODULES, TASKS, infer_task
-from ia3cli.recipe import ModelSection, Recipe, resolve_model_path
+from ia3cli.recipe import ModelSection, Recipe
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +79,7 @@ def load_config(model: ModelSection) -> PretrainedConfig:
     """
     from transformers import AutoConfig
 
-    name = resolve_model_path(model.name)
+    name = model.path
     path = Path(name).expanduser()
     if path.exists() and not path.is_dir():
         raise RecipeError("model.name", f"'{model.name}' is a file, not a model directory", "name the folder instead")
@@ -111,8 +112,7 @@ def load_config(model: ModelSection) -> PretrainedConfig:
             "a newer transformers may know this model type; or set model.trust_remote_code: true if it ships code",
         ) from None
     except (OSError, ImportError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "offline and not in the local cache" if offline else _first_line(exc)
+        why = "offline and not in the local cache" if hub_offline() else _first_line(exc)
         raise RecipeError(
             "model.name",
             f"cannot load the config of '{model.name}': {why}",
@@ -184,9 +184,8 @@ def load_tokenizer(model: ModelSection) -> PreTrainedTokenizerBase:
     """
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(model.name)
     try:
-        tok = AutoTokenizer.from_pretrained(path, **_source_kwargs(model))
+        tok = AutoTokenizer.from_pretrained(model.path, **_source_kwargs(model))
     except (OSError, ValueError) as exc:
         raise RecipeError("model.name", f"cannot load a tokenizer from '{model.name}': {_first_line(exc)}") from None
     return _with_pad_token(tok)
@@ -199,14 +198,13 @@ def _with_pad_token(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     return tok
 
 
-def quantization_config(model: ModelSection, quantization: str | None = None) -> Any:
-    """The ``BitsAndBytesConfig`` for the recipe's (or the given) quantization, or ``None`` for full precision."""
-    quantization = quantization or model.quantization
-    if quantization == "none":
+def quantization_config(model: ModelSection) -> Any:
+    """The ``BitsAndBytesConfig`` for ``model.quantization``, or ``None`` for full precision."""
+    if model.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
 
-    if quantization == "8bit":
+    if model.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -221,18 +219,17 @@ def load_base(
     model: ModelSection,
     num_labels: int = 2,
     *,
-    quantization: str | None = None,
-    dtype: str | None = None,
     label_names: list[str] | None = None,
     pad_token_id: int | None = None,
 ) -> PreTrainedModel:
     """Load the base model for ``model.task``.
 
+    To load it otherwise than the recipe says (``merge`` reloads a 4-bit run in float32), pass a copy:
+    ``model.model_copy(update={"quantization": "none"})``.
+
     Args:
         model: The recipe's model section.
         num_labels: Classes for ``seq-cls``.
-        quantization: Override ``model.quantization`` (``merge`` reloads 4-bit runs with ``"none"``).
-        dtype: Override ``model.dtype``.
         label_names: id -> name for the classification head's config.
         pad_token_id: Set on the config (decoder-only classifiers need it to find the last token).
 
@@ -240,9 +237,9 @@ def load_base(
         RecipeError: when the model cannot be found or loaded.
         Ia3Error: when bitsandbytes is needed but missing.
     """
-    path = resolve_model_path(model.name)
+    path = model.path
     kwargs = _source_kwargs(model)
-    quant = quantization_config(model, quantization)
+    quant = quantization_config(model)
     if quant is not None:
         try:
             import bitsandbytes  # noqa: F401
@@ -251,7 +248,7 @@ def load_base(
                 f"model.quantization={model.quantization} needs bitsandbytes", "pip install bitsandbytes"
             ) from None
         kwargs["quantization_config"] = quant
-    kwargs["dtype"] = torch_dtype(dtype or model.dtype)
+    kwargs["dtype"] = torch_dtype(model.dtype)
     if model.task == "seq-cls":
         kwargs["num_labels"] = num_labels
         if label_names:
@@ -273,14 +270,9 @@ def load_base(
     return base
 
 
-def cache_dir() -> Path:
-    """Where ia3cli caches derived files (``$IA3CLI_CACHE``, default ``~/.cache/ia3cli``)."""
-    return Path(os.environ.get("IA3CLI_CACHE", Path.home() / ".cache" / "ia3cli"))
-
-
 def dequantized_gguf(model: ModelSection) -> Path:
     """A GGUF checkpoint dequantised to float32 safetensors, converted on first use and cached by file identity."""
-    src = Path(resolve_model_path(model.name)) / model.gguf_file  # type: ignore[operator]
+    src = Path(model.path) / model.gguf_file  # type: ignore[operator]
     stat = src.stat()
     key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{model.task}".encode()).hexdigest()[:16]
     dest = cache_dir() / "gguf" / f"{src.stem}-{key}"
@@ -350,14 +342,11 @@ def wrap(base: PreTrainedModel, recipe: Recipe, plan: TargetPlan) -> PeftModel:
     return get_peft_model(base, ia3_config(recipe, plan))
 
 
-def load_recipe_base(
-    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *, quantization: str | None = None
-) -> PreTrainedModel:
+def load_recipe_base(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """The base model as training builds it for ``recipe``: head sized and labelled, pad id from ``tokenizer``."""
     return load_base(
         recipe.model,
         recipe.num_labels,
-        quantization=quantization,
         label_names=recipe.data.label_names,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -385,9 +374,10 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
 
 
 def load_run_model(
-    run_dir: str | Path, recipe: Recipe, *, quantization: str | None = None, is_trainable: bool = False
+    run_dir: str | Path, recipe: Recipe, *, is_trainable: bool = False
 ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """Rebuild the base as in training (or with ``quantization`` overridden) and load the run's adapter."""
+    """Rebuild the base as ``recipe`` says (the run's, or a copy with another ``model`` section) and load the run's
+    adapter; the tokenizer saved in the run dir is preferred over the base's."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -396,7 +386,7 @@ def load_run_model(
         tokenizer = _with_pad_token(AutoTokenizer.from_pretrained(run_dir))
     else:
         tokenizer = load_tokenizer(recipe.model)
-    base = load_recipe_base(recipe, tokenizer, quantization=quantization)
+    base = load_recipe_base(recipe, tokenizer)
     model = PeftModel.from_pretrained(base, str(run_dir), is_trainable=is_trainable)
     return model, tokenizer
 

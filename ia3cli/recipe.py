@@ -14,7 +14,8 @@ import difflib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -64,6 +65,20 @@ class ModelSection(_Section):
         description="GGUF file inside `name` to load, dequantised to `dtype` (with 4/8-bit quantization it is "
         "dequantised once into a cache folder, then quantised by bitsandbytes).",
     )
+    _resolved: tuple[str, str] | None = PrivateAttr(None)
+
+    @property
+    def path(self) -> str:
+        """``name`` as something ``from_pretrained`` loads: a ``pkg:`` name resolved (once, then cached) to the folder
+        inside the installed package; any other name as written. ``name`` itself stays as the user wrote it (for
+        run.json and model cards); a copy with another ``name`` resolves its own.
+
+        Raises:
+            RecipeError: when a ``pkg:`` package is not installed or has no such folder.
+        """
+        if self._resolved is None or self._resolved[0] != self.name:
+            self._resolved = (self.name, resolve_model_path(self.name))
+        return self._resolved[1]
 
 
 class AdapterSection(_Section):
@@ -271,30 +286,87 @@ def _suggest(key: str, choices: list[str]) -> str | None:
     return f"did you mean '{close[0]}'?" if close else None
 
 
+# How errors name the non-literal members of a union-typed key (only the adapter targets are unions); literal
+# members name themselves, so a value added to the Literal shows up in the message without a change here.
+UNION_MEMBER_WORDS = {"list[str]": "a list of module-name suffixes", "str": "one regex string", "NoneType": "null"}
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (``Section`` or ``list[Section]``), or ``None``."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _location(loc: tuple[str | int, ...]) -> tuple[list[str], Any, bool]:
+    """Walk an error location through the schema.
+
+    Returns:
+        The key path (schema keys, list indices, a trailing unknown key) without pydantic's union-member and
+        validator tags such as ``literal['auto']``; the field the path ends in (``None`` for an unknown key);
+        whether the location went through a union member.
+    """
+    model: type[BaseModel] | None = Recipe
+    keys: list[str] = []
+    field = None
+    tagged = False
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            keys.append(str(part))
+        elif model is not None and part in model.model_fields:
+            field = model.model_fields[part]
+            keys.append(part)
+            model = _model_of(field.annotation)
+        elif model is not None and i == len(loc) - 1:  # an unknown key of a section
+            keys.append(part)
+            field = None
+        else:  # a tag such as "literal['auto']" or "list[str]": not a key
+            tagged = True
+    return keys, field, tagged
+
+
+def _expected(annotation: Any) -> str:
+    """``'auto', a list of module-name suffixes or one regex string`` for ``Literal['auto'] | list[str] | str``."""
+    words: list[str] = []
+    for member in get_args(annotation):
+        if get_origin(member) is Literal:
+            words += [repr(v) for v in get_args(member)]
+        else:
+            name = getattr(member, "__name__", None) if get_origin(member) is None else None
+            name = name or str(member).replace("typing.", "")
+            words.append(UNION_MEMBER_WORDS.get(name, name))
+    return ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if not isinstance(value, dict) else "a mapping"
+
+
 def _format_errors(err: ValidationError) -> RecipeError:
     lines: list[str] = []
     hints: list[str] = []
     for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
-        # Union members add their type name to the location; drop those.
-        loc = [p for p in loc if not p.startswith(("list[", "literal[", "str", "function-"))]
-        key = ".".join(loc)
+        keys, field, tagged = _location(e["loc"])
+        key = ".".join(keys)
         if e["type"] == "extra_forbidden":
-            section = SECTIONS.get(loc[0]) if len(loc) == 2 else (Recipe if len(loc) == 1 else None)
+            section = SECTIONS.get(keys[0]) if len(keys) == 2 else (Recipe if len(keys) == 1 else None)
             fields = list(section.model_fields) if section else []
-            hint = _suggest(loc[-1], fields)
+            hint = _suggest(keys[-1], fields)
             lines.append(f"{key}: unknown key" + (f" ({hint})" if hint else ""))
             if fields:
-                hints.append(f"valid keys in '{loc[0] if len(loc) == 2 else 'the recipe'}': {', '.join(fields)}")
+                hints.append(f"valid keys in '{keys[0] if len(keys) == 2 else 'the recipe'}': {', '.join(fields)}")
         elif e["type"] == "missing":
             lines.append(f"{key}: required key is missing")
         elif e["type"] == "value_error":
             lines.append(str(e["msg"]).removeprefix("Value error, "))
+        elif tagged and field is not None and get_origin(field.annotation) in (Union, UnionType):
+            # one error per union member (and per bad list item): one line naming every accepted form instead
+            key = ".".join(k for k in keys if not k.isdigit())
+            lines.append(f"{key}: expected {_expected(field.annotation)} (got {_shown(e.get('input'))})")
         else:
-            got = e.get("input")
-            shown = repr(got) if not isinstance(got, dict) else "a mapping"
-            lines.append(f"{key}: {e['msg']} (got {shown})")
-    # union validation reports one error per member; keep the first of each key
+            lines.append(f"{key}: {e['msg']} (got {_shown(e.get('input'))})")
+    # keep the first line of each key (a union reports its whole value first)
     seen: set[str] = set()
     unique = [ln for ln in lines if not (ln.split(":")[0] in seen or seen.add(ln.split(":")[0]))]
     n = len(unique)

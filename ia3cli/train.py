@@ -16,7 +16,6 @@ the run directory while the other ranks wait, and only rank 0 writes files and p
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -27,9 +26,10 @@ from typing import Any
 
 from ia3cli import __version__
 from ia3cli.console import Console
+from ia3cli.env import is_main_process, world_size
 from ia3cli.errors import Ia3Error, RunError
 from ia3cli.io import RUN_MARKER, publish_dir, remove_output, write_atomic
-from ia3cli.recipe import Recipe, dump_recipe, resolve_model_path
+from ia3cli.recipe import Recipe, dump_recipe
 
 RUN_FILES = ("recipe.yaml", "run.json")
 
@@ -42,16 +42,6 @@ class RunResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
     health_line: str = ""
-
-
-def is_main_process() -> bool:
-    """True on the process that writes files (rank 0, or the only process)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def world_size() -> int:
-    """Number of processes the launcher started (1 without a launcher)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
@@ -397,7 +387,7 @@ def model_card(
     }
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown.items())
     extra = f', gguf_file="{m.gguf_file}"' if m.gguf_file else ""
-    source = resolve_model_path(m.name)
+    source = m.path
     figure = (
         f"\n![Training report: curves, gradient norms, drift and the learned vectors]({report})\n" if report else ""
     )

@@ -111,20 +111,29 @@ def make_config(kind: str, vocab_size: int):
     raise ValueError(kind)
 
 
+# The transformers auto class of each task, by name (importing transformers here would slow every test file).
+AUTO_MODEL = {
+    "seq-cls": "AutoModelForSequenceClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+}
+
+
+def auto_model(task: str):
+    """The ``transformers`` auto class that builds a model for ``task`` (tests use it as an independent check)."""
+    import transformers
+
+    return getattr(transformers, AUTO_MODEL[task])
+
+
 def save_tiny(kind: str, task: str, dest: Path) -> Path:
     """Save a tiny random model (seeded) of ``kind`` for ``task`` plus its tokenizer into ``dest``."""
     import torch
-    import transformers as tf
 
     torch.manual_seed(0)
     tok = make_tokenizer(kind)
     config = make_config(kind, len(tok))
-    auto = {
-        "seq-cls": tf.AutoModelForSequenceClassification,
-        "causal-lm": tf.AutoModelForCausalLM,
-        "seq2seq": tf.AutoModelForSeq2SeqLM,
-    }[task]
-    model = auto.from_config(config)
+    model = auto_model(task).from_config(config)
     model.save_pretrained(dest)
     tok.save_pretrained(dest)
     return dest
@@ -185,3 +194,47 @@ def tiny_recipe(model_dir: Path, task: str, out: Path, **sections: dict) -> dict
     for name, values in sections.items():
         recipe.setdefault(name, {}).update(values)
     return recipe
+
+
+def make_run(root: Path, model_dir: Path, task: str, *, quantization: str = "none", **sections: dict) -> Path:
+    """A finished-looking run dir in ``root/run``: non-trivial IA3 vectors (and head), tokenizer, resolved recipe.yaml.
+
+    The base is loaded by ``modeling.load_base`` as training does and wrapped by ``get_peft_model`` with PEFT's
+    default IA3 targets for the family. The IA3 vectors are drawn from U(0.5, 1.5) and trained heads are perturbed:
+    with identity vectors a test comparing adapter and base would prove nothing.
+    """
+    import torch
+    from peft import IA3Config, get_peft_model, prepare_model_for_kbit_training
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as IA3_FEEDFORWARD
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as IA3_TARGETS
+
+    from ia3cli import modeling
+    from ia3cli.recipe import dump_recipe, validate_mapping
+
+    run_dir = root / "run"
+    raw = tiny_recipe(model_dir, task, run_dir, **sections)
+    raw["model"]["quantization"] = quantization
+    recipe = validate_mapping(raw)
+    tokenizer = modeling.load_tokenizer(recipe.model)
+    base = modeling.load_recipe_base(recipe, tokenizer)
+    if quantization != "none":
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    kind = base.config.model_type
+    config = IA3Config(
+        task_type=modeling.PEFT_TASK_TYPES[task],
+        target_modules=IA3_TARGETS[kind],
+        feedforward_modules=IA3_FEEDFORWARD[kind],
+        fan_in_fan_out=kind == "gpt2",  # Conv1D stores (in, out)
+    )
+    model = get_peft_model(base, config)  # PEFT adds the seq-cls head (classifier/score) to modules_to_save
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            elif p.requires_grad:  # the seq-cls head (modules_to_save)
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    model.save_pretrained(str(run_dir))
+    tokenizer.save_pretrained(str(run_dir))
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    return run_dir

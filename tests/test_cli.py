@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,8 +68,11 @@ def test_validate_reports_targets_and_data(tiny_model, tmp_path: Path) -> None:
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model("llama", "causal-lm"), "causal-lm", tmp_path / "o"))
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 0, result.output
-    assert "k_proj" in result.output and "down_proj" in result.output
-    assert "train: 32 rows" in result.output
+    lines = [line.strip() for line in result.output.splitlines()]
+    assert "targets ['k_proj', 'v_proj', 'down_proj']  feed-forward ['down_proj']" in lines
+    # 2 layers x (k: 2 kv heads x 16 dims = 32, v: 32, down_proj input: 128)
+    assert f"IA3 parameters {2 * (32 + 32 + 128):,}" in lines
+    assert "data    train: 32 rows, validation: 16 rows" in lines  # train_samples 32, eval_samples 16
     assert not (tmp_path / "o").exists(), "validate must not write anything"
 
 
@@ -103,7 +107,15 @@ def test_inspect_modules_human_output_and_bad_task(tmp_path: Path) -> None:
     )
     result = runner.invoke(app, ["inspect-modules", str(tmp_path), "--task", "seq-cls"])
     assert result.exit_code == 0, result.output
-    assert "attention.self.key" in result.output or "key" in result.output
+    rows = {line.split()[0]: line.split()[1:] for line in result.output.splitlines() if line.startswith("bert.")}
+    scaled = {pattern: cells[-1] for pattern, cells in rows.items() if cells[-1] in ("out", "ff:in")}
+    assert scaled == {
+        "bert.encoder.layer.*.attention.self.key": "out",
+        "bert.encoder.layer.*.attention.self.value": "out",
+        "bert.encoder.layer.*.output.dense": "ff:in",
+    }
+    assert rows["bert.encoder.layer.*.attention.self.query"][0] == "2"  # listed (2 layers), not scaled
+    assert re.search(r"^IA3 parameters:\s+512 in 6 modules$", result.output, re.MULTILINE)  # 2 x (64 + 64 + 128)
     bad = runner.invoke(app, ["inspect-modules", str(tmp_path), "--task", "classify"])
     assert bad.exit_code == 2 and "seq-cls, causal-lm or seq2seq" in bad.output
 

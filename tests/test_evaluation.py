@@ -16,6 +16,7 @@ from ia3cli.cli import app
 from ia3cli.data import encode_causal, encode_row
 from ia3cli.errors import Ia3Error, RecipeError
 from ia3cli.evaluation import (
+    _load_model,
     after_training,
     classification_metrics,
     rank_classify,
@@ -25,8 +26,7 @@ from ia3cli.evaluation import (
 )
 from ia3cli.merge import merge
 from ia3cli.recipe import load_recipe, validate_mapping
-from tests.conftest import tiny_recipe, write_recipe
-from tests.test_merge import make_run
+from tests.conftest import make_run, tiny_recipe, write_recipe
 
 ROWS = [
     {"text": "A warm, clever comedy.", "label": 1},
@@ -184,20 +184,46 @@ def test_after_training_adds_rank_classification(tmp_path: Path, tiny_model) -> 
     rows = list(evaluate(run_dir).items())
     assert added["eval_accuracy"] == dict(rows)["accuracy"]  # the same 16 sampled rows as `ia3 eval`
 
-    no_eval = recipe.model_copy(deep=True)
-    no_eval.data.eval_split = None
+    no_eval = recipe.model_copy(update={"data": recipe.data.model_copy(update={"eval_split": None})})
     assert after_training(model, tokenizer, no_eval) == {}
     seq_cls = validate_mapping(tiny_recipe(tiny_model("bert", "seq-cls"), "seq-cls", tmp_path / "x"))
     assert after_training(model, tokenizer, seq_cls) == {}
 
 
-def test_rank_classify_works_on_a_plain_model(tiny_model) -> None:
-    model_dir = tiny_model("gpt2", "causal-lm")
-    recipe = validate_mapping(tiny_recipe(model_dir, "causal-lm", Path("unused")))
+@pytest.mark.parametrize(
+    ("favour", "accuracy", "f1"), [("positive", 4 / 6, (0.8 + 0.0) / 2), ("negative", 2 / 6, (0.5 + 0.0) / 2)]
+)
+def test_rank_classify_works_on_a_plain_model(
+    tmp_path: Path, tiny_model, favour: str, accuracy: float, f1: float
+) -> None:
+    base = biased_causal_lm(tiny_model("llama", "causal-lm"), tmp_path / "biased", favour)
+    recipe = validate_mapping(tiny_recipe(base, "causal-lm", Path("unused")))
     tokenizer = modeling.load_tokenizer(recipe.model)
-    model = modeling.load_base(recipe.model)
-    metrics = rank_classify(model, tokenizer, recipe, ROWS, batch_size=3)
-    assert set(metrics) == {"accuracy", "f1"} and 0 <= metrics["accuracy"] <= 1
+    model = modeling.load_base(recipe.model)  # no PeftModel around it
+    model.train()
+    metrics = rank_classify(model, tokenizer, recipe, ROWS, batch_size=4)
+    assert metrics == {"accuracy": pytest.approx(accuracy), "f1": pytest.approx(f1)}  # 4 positive rows, 2 negative
+    assert model.training  # mode restored
+
+
+def test_rank_classify_matches_a_hand_computation(tiny_model) -> None:
+    """On a random model: each row's prediction is the verbaliser with the higher unbatched mean log-prob."""
+    recipe = validate_mapping(tiny_recipe(tiny_model("gpt2", "causal-lm"), "causal-lm", Path("unused")))
+    tokenizer = modeling.load_tokenizer(recipe.model)
+    model = modeling.load_base(recipe.model).eval()
+    preds = []
+    with torch.no_grad():
+        for row in ROWS:
+            scores = []
+            for choice in recipe.data.label_names:
+                enc = encode_causal(tokenizer, recipe.data.prompt_template.format(**row), choice, 32)
+                logp = model(input_ids=torch.tensor([enc["input_ids"]])).logits[0, :-1].log_softmax(-1)
+                target = torch.tensor(enc["labels"][1:])
+                keep = target != -100
+                scores.append(logp[keep].gather(-1, target[keep].unsqueeze(-1)).mean().item())
+            preds.append(scores.index(max(scores)))
+    expected = classification_metrics(preds, [row["label"] for row in ROWS], 2)
+    assert rank_classify(model, tokenizer, recipe, ROWS, batch_size=3) == expected
 
 
 def test_split_data_and_set_overrides(tmp_path: Path, tiny_model) -> None:
@@ -241,7 +267,9 @@ def test_cli_eval(tmp_path: Path, tiny_model) -> None:
     runner = CliRunner()
     table = runner.invoke(app, ["eval", str(run_dir)])
     assert table.exit_code == 0, table.output
-    assert "accuracy" in table.output and "validation" in table.output
+    saved = json.loads((run_dir / "eval-validation.json").read_text())
+    assert table.output == render(saved) + "\n"
+    assert (saved["split"], saved["rows"]) == ("validation", 16) and {"accuracy", "f1", "loss"} <= saved.keys()
 
     as_json = runner.invoke(app, ["eval", str(run_dir), "--json", "--split", "train", "--set", "data.eval_samples=4"])
     assert as_json.exit_code == 0, as_json.output
@@ -250,3 +278,21 @@ def test_cli_eval(tmp_path: Path, tiny_model) -> None:
     bad = runner.invoke(app, ["eval", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "target not found" in bad.output
     assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) <= 2
+
+
+@pytest.mark.parametrize("full_precision", [False, True], ids=["as-trained", "full-precision"])
+@pytest.mark.parametrize("kind", ["run", "merged", "base"])
+def test_loading_the_target_leaves_the_recipe_as_it_was(tmp_path: Path, tiny_model, kind: str, full_precision) -> None:
+    run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm", quantization="8bit")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    target = {"run": run_dir, "merged": tmp_path / "merged", "base": tiny_model("gpt2", "causal-lm")}[kind]
+    if kind == "merged":
+        merge(run_dir, target)
+    before = recipe.model_dump()
+
+    model, _ = _load_model(kind, str(target), recipe, full_precision)
+
+    assert recipe.model_dump() == before
+    base = model.get_base_model() if kind == "run" else model
+    assert base.config.model_type == ("gpt2" if kind == "base" else "llama")
+    assert getattr(base, "is_loaded_in_8bit", False) == (kind != "merged" and not full_precision)

@@ -1,8 +1,7 @@
 """`ia3 merge` on real tiny models: the merged checkpoint reproduces the adapter, for every family and for 4-bit runs.
 
-Run dirs are built directly (base loaded by `modeling.load_base` as training does, wrapped by `get_peft_model` with
-PEFT's default IA3 targets for the family, then saved); one test goes through `ia3cli.train.run`. The IA3 vectors
-are drawn from U(0.5, 1.5) and trained heads are perturbed: with identity vectors a merge test would prove nothing.
+Run dirs are built directly by `tests.conftest.make_run` (random non-identity IA3 vectors, perturbed heads); one test
+goes through `ia3cli.train.run`.
 """
 
 from __future__ import annotations
@@ -13,60 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from peft import IA3Config, get_peft_model, prepare_model_for_kbit_training
-from peft.utils.constants import (
-    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as IA3_FEEDFORWARD,
-)
-from peft.utils.constants import (
-    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as IA3_TARGETS,
-)
 from typer.testing import CliRunner
 
 from ia3cli import modeling
 from ia3cli.cli import app
 from ia3cli.errors import Ia3Error, RunError
 from ia3cli.merge import merge
-from ia3cli.recipe import dump_recipe, load_recipe, validate_mapping
-from tests.conftest import tiny_recipe
-
-AUTO = {
-    "seq-cls": tf.AutoModelForSequenceClassification,
-    "causal-lm": tf.AutoModelForCausalLM,
-    "seq2seq": tf.AutoModelForSeq2SeqLM,
-}
-
-
-def make_run(root: Path, model_dir: Path, task: str, *, quantization: str = "none", **sections: dict) -> Path:
-    """A finished-looking run dir: non-trivial IA3 vectors (and head), tokenizer, resolved recipe.yaml."""
-    run_dir = root / "run"
-    raw = tiny_recipe(model_dir, task, run_dir, **sections)
-    raw["model"]["quantization"] = quantization
-    recipe = validate_mapping(raw)
-    tokenizer = modeling.load_tokenizer(recipe.model)
-    base = modeling.load_base(
-        recipe.model, recipe.num_labels, label_names=recipe.data.label_names, pad_token_id=tokenizer.pad_token_id
-    )
-    if quantization != "none":
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    kind = base.config.model_type
-    config = IA3Config(
-        task_type=modeling.PEFT_TASK_TYPES[task],
-        target_modules=IA3_TARGETS[kind],
-        feedforward_modules=IA3_FEEDFORWARD[kind],
-        fan_in_fan_out=kind == "gpt2",  # Conv1D stores (in, out)
-    )
-    model = get_peft_model(base, config)  # PEFT adds the seq-cls head (classifier/score) to modules_to_save
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ia3_l" in name:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-            elif p.requires_grad:  # the seq-cls head (modules_to_save)
-                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
-    model.save_pretrained(str(run_dir))
-    tokenizer.save_pretrained(str(run_dir))
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-    return run_dir
+from ia3cli.recipe import load_recipe, validate_mapping
+from tests.conftest import auto_model, make_run, tiny_recipe
 
 
 def probe_inputs(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -103,6 +56,7 @@ def test_merged_model_matches_adapter(tmp_path: Path, tiny_model, kind: str, tas
 
     assert report["max_abs_diff"] <= 1e-4 and report["float32_max_abs_diff"] <= 1e-4
     assert report["probe_rows"] == 8 and report["probe_source"].endswith("[validation]")
+    assert report["probe_warning"] is None
     assert report["trained_quantization"] == quantization
     assert json.loads((out / "merge_report.json").read_text())["max_abs_diff"] == report["max_abs_diff"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "recipe.yaml"):
@@ -112,9 +66,10 @@ def test_merged_model_matches_adapter(tmp_path: Path, tiny_model, kind: str, tas
 
     # Independently of merge's probe: plain transformers load vs the full-precision adapter model.
     recipe = load_recipe(run_dir / "recipe.yaml")
-    adapter, _ = modeling.load_run_model(run_dir, recipe, quantization="none")
+    full = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": "none"})})
+    adapter, _ = modeling.load_run_model(run_dir, full)
     adapter.eval()
-    merged = AUTO[task].from_pretrained(str(out)).eval()
+    merged = auto_model(task).from_pretrained(str(out)).eval()
     batch = probe_inputs(run_dir)
     expected, got = logits_of(adapter, batch), logits_of(merged, batch)
     assert torch.allclose(got, expected, atol=1e-4, rtol=0), (got - expected).abs().max()
@@ -149,14 +104,48 @@ def test_half_precision_output_is_checked_with_a_looser_tolerance(
     print(f"llama {dtype}: max_abs_diff {report['max_abs_diff']:.2e} (tolerance {report['tolerance']:.2e})")
 
 
-def test_probe_falls_back_to_random_tokens_when_data_is_gone(tmp_path: Path, tiny_model) -> None:
+def test_probe_falls_back_to_random_tokens_when_data_is_gone_and_says_why(tmp_path: Path, tiny_model) -> None:
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "great", "label": 1}\n{"text": "bad", "label": 0}\n')
     run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm", data={"path": str(data)})
     data.unlink()
-    report = merge(run_dir, tmp_path / "merged")
+    result = CliRunner().invoke(app, ["merge", str(run_dir), str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
     assert report["probe_source"] == "random tokens" and report["probe_rows"] == 4
     assert report["max_abs_diff"] <= 1e-4
+    why = f"{data}: file or folder not found"
+    assert report["probe_warning"] == (
+        f"the run's data could not be used ({why}; {why}): the outputs were compared on random tokens"
+    )
+    assert result.output.splitlines()[0] == f"warning: {report['probe_warning']}"
+    assert "on 4 rows of random tokens" in result.output
+    assert f"Warning: {report['probe_warning']}." in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_probe_skips_a_split_with_a_bad_row(tmp_path: Path, tiny_model) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"text": "great", "label": 1}\n{"text": "bad", "label": 0}\n')
+    (folder / "validation.jsonl").write_text('{"text": "great", "label": 1}\n{"text": "bad", "label": 7}\n')
+    run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm", data={"path": str(folder)})
+    report = merge(run_dir, tmp_path / "merged")
+    assert (report["probe_source"], report["probe_rows"], report["probe_warning"]) == (f"{folder} [train]", 2, None)
+
+
+def test_a_bug_while_building_the_probe_is_not_hidden(tmp_path: Path, tiny_model, monkeypatch) -> None:
+    from ia3cli import data
+
+    run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in encode_row")
+
+    monkeypatch.setattr(data, "encode_row", broken)
+    with pytest.raises(RuntimeError, match="a bug in encode_row"):
+        merge(run_dir, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
 
 
 def test_a_merge_that_changes_the_outputs_fails_and_writes_nothing(tmp_path: Path, tiny_model, monkeypatch) -> None:
@@ -255,7 +244,12 @@ def test_cli_merge(tmp_path: Path, tiny_model) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["merge", str(run_dir), str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output
-    assert "merged into" in result.output and "on 8 rows" in result.output
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert result.output == (
+        f"merged into {tmp_path / 'merged'} (max |delta logits| {report['max_abs_diff']:.2e} on 8 rows of "
+        f"{report['probe_source']})\n"
+    )
+    assert report["probe_source"].endswith("sentiment [validation]")
 
     again = runner.invoke(app, ["merge", str(run_dir), str(tmp_path / "merged")])
     assert again.exit_code == 2 and "not empty" in again.output and "Traceback" not in again.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,12 @@ BAD = [
         "must be one of loss",
     ),
     ({"model": {"task": "seq2seq"}, "data": {"messages_column": "m"}}, "data.messages_column", "causal-lm only"),
+    # keys starting like a pydantic union tag ("str", "list[", ...) are keys all the same
+    ({"training": {"stride": 2}}, "training.stride", "unknown key"),
+    ({"model": {"strict": True}}, "model.strict", "unknown key"),
+    ({"data": {"string_column": "x"}}, "data.string_column", "unknown key"),
+    ({"training": {"report_to": ["tensorboard", 1]}}, "training.report_to.1", "'tensorboard', 'wandb'"),
+    ({"data": {"label_names": ["a", 2]}}, "data.label_names.1", "valid string (got 2)"),
 ]
 
 
@@ -90,6 +97,45 @@ def test_bad_values_name_the_key_and_the_fix(sections: dict, key: str, words: st
     text = str(err.value)
     assert key in text
     assert words in text
+
+
+# Another accepted literal (e.g. 'all-linear') may sit between 'auto' and the list.
+TARGETS_EXPECTED = r"expected 'auto', ('[a-z-]+', )*a list of module-name suffixes or one regex string"
+BAD_TARGETS = [
+    # (key, value, how the value is shown)
+    ("target_modules", [1, 2], "[1, 2]"),
+    ("target_modules", ["k_proj", None], "['k_proj', None]"),
+    ("target_modules", 5, "5"),
+    ("feedforward_modules", {"down_proj": 1}, "a mapping"),
+    ("feedforward_modules", True, "True"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "shown"), BAD_TARGETS, ids=[f"{k}={v!r}" for k, _, v in BAD_TARGETS])
+def test_bad_targets_name_the_key_and_every_accepted_form(key: str, value: object, shown: str) -> None:
+    with pytest.raises(RecipeError) as err:
+        validate_mapping(_with(adapter={key: value}))
+    assert err.value.key == f"adapter.{key}"  # one problem, not one per union member
+    assert re.fullmatch(f"adapter.{key}: {TARGETS_EXPECTED} \\(got {re.escape(shown)}\\)", str(err.value))
+
+
+GOOD = [
+    # (sections, dotted key, value after validation)
+    ({"adapter": {"target_modules": "auto"}}, "adapter.target_modules", "auto"),
+    ({"adapter": {"target_modules": ["k_proj", "v_proj"]}}, "adapter.target_modules", ["k_proj", "v_proj"]),
+    ({"adapter": {"target_modules": r".*\.(k|v)_proj$"}}, "adapter.target_modules", r".*\.(k|v)_proj$"),
+    ({"adapter": {"feedforward_modules": []}}, "adapter.feedforward_modules", []),
+    ({"training": {"report_to": "tensorboard"}}, "training.report_to", ["tensorboard"]),
+    ({"training": {"report_to": "none"}}, "training.report_to", []),
+    ({"training": {"eval_strategy": False, "save_strategy": False}}, "training.eval_strategy", "no"),
+    ({"data": {"label_names": ["a", "b"]}}, "data.label_names", ["a", "b"]),
+]
+
+
+@pytest.mark.parametrize(("sections", "key", "value"), GOOD, ids=[f"{g[1]}={g[2]!r}" for g in GOOD])
+def test_good_values_pass(sections: dict, key: str, value: object) -> None:
+    section, name = key.split(".")
+    assert getattr(getattr(validate_mapping(_with(**sections)), section), name) == value
 
 
 def test_all_problems_are_reported_at_once() -> None:

@@ -23,6 +23,7 @@ from peft.tuners.ia3 import IA3Layer
 from ia3cli import modeling, render, targets
 from ia3cli.errors import RecipeError
 from ia3cli.recipe import AdapterSection, ModelSection
+from tests.conftest import auto_model
 
 TINY = {"num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128}
 DECODER = {"hidden_size": 32, "intermediate_size": 64, "num_key_value_heads": 2, **TINY}
@@ -93,12 +94,7 @@ def _saved(tmp_path: Path, family: str) -> ModelSection:
 def _real_model(family: str) -> torch.nn.Module:
     config, task = BY_ID[family][1](), BY_ID[family][2]
     torch.manual_seed(0)
-    auto = {
-        "seq-cls": tf.AutoModelForSequenceClassification,
-        "causal-lm": tf.AutoModelForCausalLM,
-        "seq2seq": tf.AutoModelForSeq2SeqLM,
-    }[task]
-    return auto.from_config(config)
+    return auto_model(task).from_config(config)
 
 
 def _wrap(model: torch.nn.Module, plan: targets.TargetPlan, task: str) -> Any:
