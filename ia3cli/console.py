@@ -31,11 +31,12 @@ evaluations, health checks and stages, so that they line up with the plain progr
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
+
+from ia3cli.env import dumb_terminal, world_size
 
 TAG_WIDTH = 7
 """Width of the tag column (``train``, ``eval``, ``health``, ``merge``...)."""
@@ -60,7 +61,7 @@ def fields_text(fields: Mapping[str, Any]) -> str:
 def detect_tty(stream: TextIO | None = None) -> bool:
     """Whether redrawing in place is wanted: a terminal, not ``TERM=dumb``, not one of several launched processes."""
     stream = stream or sys.stdout
-    if os.environ.get("TERM") == "dumb" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if dumb_terminal() or world_size() > 1:
         return False
     try:
         return stream.isatty()

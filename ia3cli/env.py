@@ -61,3 +61,8 @@ def cache_dir() -> Path:
 def hub_offline() -> bool:
     """Whether the Hugging Face Hub is switched off (``HF_HUB_OFFLINE`` set to 1/true/yes/on)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE_VALUES
+
+
+def dumb_terminal() -> bool:
+    """``TERM=dumb``: the terminal cannot redraw a line in place."""
+    return os.environ.get("TERM") == "dumb"
