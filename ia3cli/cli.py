@@ -266,7 +266,7 @@ def eval_(
         from ia3cli import evaluation
         from ia3cli.console import Console
 
-        with Console(enabled=not json_out).stages() as progress:
+        with Console(enabled=not json_out, stream=sys.stderr).stages() as progress:  # stdout: the results only
             metrics = evaluation.run_eval(
                 target,
                 recipe_path=recipe,

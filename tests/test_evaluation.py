@@ -268,7 +268,8 @@ def test_cli_eval(tmp_path: Path, tiny_model) -> None:
     table = runner.invoke(app, ["eval", str(run_dir)])
     assert table.exit_code == 0, table.output
     saved = json.loads((run_dir / "eval-validation.json").read_text())
-    assert table.output == render(saved) + "\n"
+    assert table.stdout == render(saved) + "\n"
+    assert "classify 16/16" in table.stderr  # progress goes to stderr, the results alone to stdout
     assert (saved["split"], saved["rows"]) == ("validation", 16) and {"accuracy", "f1", "loss"} <= saved.keys()
 
     as_json = runner.invoke(app, ["eval", str(run_dir), "--json", "--split", "train", "--set", "data.eval_samples=4"])
