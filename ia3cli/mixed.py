@@ -193,18 +193,15 @@ class MixedIA3:
         Raises:
             Ia3Error: when the run dir is incomplete or its base cannot be loaded.
         """
-        from transformers import AutoTokenizer
-
         from ia3cli import modeling
 
         run_dir = Path(run_dir)
         name = name or run_dir.resolve().name
         recipe, config, tensors = _read_adapter(name, run_dir)
-        if (run_dir / "tokenizer_config.json").exists():
-            tokenizer = modeling._with_pad_token(AutoTokenizer.from_pretrained(str(run_dir)))
-        else:
-            tokenizer = modeling.load_tokenizer(recipe.model)
-        model = modeling.load_recipe_base(recipe, tokenizer, quantization=quantization)
+        tokenizer = modeling.load_run_tokenizer(run_dir, recipe)
+        if quantization is not None:
+            recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": quantization})})
+        model = modeling.load_recipe_base(recipe, tokenizer)
         model.eval()
         mixed = cls(model, tokenizer, recipe)
         mixed._install(name, config, tensors)

@@ -373,19 +373,24 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return {"trainable": trainable, "total": total, "ia3": ia3, "other_trainable": trainable - ia3}
 
 
+def load_run_tokenizer(run_dir: str | Path, recipe: Recipe) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a run dir (with a pad token), else the base's."""
+    from transformers import AutoTokenizer
+
+    run_dir = Path(run_dir)
+    if (run_dir / "tokenizer_config.json").exists():
+        return _with_pad_token(AutoTokenizer.from_pretrained(run_dir))
+    return load_tokenizer(recipe.model)
+
+
 def load_run_model(
     run_dir: str | Path, recipe: Recipe, *, is_trainable: bool = False
 ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """Rebuild the base as ``recipe`` says (the run's, or a copy with another ``model`` section) and load the run's
     adapter; the tokenizer saved in the run dir is preferred over the base's."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
-    run_dir = Path(run_dir)
-    if (run_dir / "tokenizer_config.json").exists():
-        tokenizer = _with_pad_token(AutoTokenizer.from_pretrained(run_dir))
-    else:
-        tokenizer = load_tokenizer(recipe.model)
+    tokenizer = load_run_tokenizer(run_dir, recipe)
     base = load_recipe_base(recipe, tokenizer)
     model = PeftModel.from_pretrained(base, str(run_dir), is_trainable=is_trainable)
     return model, tokenizer

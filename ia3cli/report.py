@@ -33,41 +33,37 @@ GROUP_ORDER = ("q", "k", "v", "qkv", "ff", "other")
 TOP_K = 5
 HIST_BINS = 30
 
-_K = {"k_proj", "key", "k", "k_lin", "wk", "to_k", "key_proj"}
-_V = {"v_proj", "value", "v", "v_lin", "wv", "to_v", "value_proj"}
-_Q = {"q_proj", "query", "q", "q_lin", "wq", "to_q", "query_proj"}
-_QKV = {"c_attn", "query_key_value", "qkv_proj", "qkv", "wqkv", "w_pack", "in_proj"}
-_FF = {"down_proj", "fc2", "w2", "wo", "dense_4h_to_h", "fc_out", "lin2"}
 _LAYER = re.compile(r"\.(\d+)(?=\.|$)")
 _HIDDEN = ("_runtime", "_per_second")
 
 
-def vector_group(module: str, feedforward_modules: list[str] | str | None = None) -> str:
-    """The IA3 group of a module by its name: ``k``, ``v``, ``q``, ``qkv``, ``ff`` or ``other``.
+def vector_group(
+    module: str, feedforward_modules: list[str] | str | None = None, groups: dict[str, str] | None = None
+) -> str:
+    """The IA3 group of a module: ``k``, ``v``, ``q``, ``qkv``, ``ff`` or ``other``.
 
-    ``ff`` follows the adapter's ``feedforward_modules`` (PEFT's own rule: a regex must match the whole name, a list
-    entry must end it); without them, the usual names of the FFN down-projection (``down_proj``, ``fc2``, BERT's
-    ``output.dense``...) decide. To be replaced by the family table of module roles.
+    A run records the target plan's groups in ``run.json`` (the ones the health monitor used); those decide. For
+    older runs the role comes from the family table (``ia3cli.families``, the longest matching suffix of any
+    family), and ``ff`` follows the adapter's ``feedforward_modules`` by PEFT's rule (a regex must match the whole
+    name, a list entry must end it), else the FFN down-projection role.
 
     Args:
         module: Module name inside the base model, e.g. ``model.layers.0.self_attn.k_proj``.
         feedforward_modules: The adapter config's ``feedforward_modules``.
+        groups: ``run.json``'s module -> group mapping, when the run has one.
     """
-    parts = module.split(".")
-    leaf = parts[-1].lower()
+    from ia3cli.families import FAMILIES, group_of, role_in
+
+    if groups and module in groups:
+        return groups[module]
+    role = next((r for fam in FAMILIES.values() if (r := role_in(fam.roles, module)) is not None), None)
     if isinstance(feedforward_modules, str):
         is_ff = re.fullmatch(feedforward_modules, module) is not None
     elif feedforward_modules:
         is_ff = any(module.endswith(f) for f in feedforward_modules)
     else:
-        bert_out = parts[-2:] == ["output", "dense"] and "attention" not in parts
-        is_ff = leaf in _FF or bert_out or (leaf == "c_proj" and "mlp" in parts)
-    if is_ff:
-        return "ff"
-    for group, names in (("qkv", _QKV), ("k", _K), ("v", _V), ("q", _Q)):
-        if leaf in names:
-            return group
-    return "other"
+        is_ff = role == "ffn_down"
+    return group_of(role, is_ff)
 
 
 def layer_of(module: str) -> tuple[int, int] | None:
@@ -188,12 +184,14 @@ def _curves(records: list[dict[str, Any]], groups: list[str]) -> dict[str, Any]:
     }
 
 
-def _vector_stats(vectors: dict[str, Any], feedforward: list[str] | str | None) -> dict[str, Any]:
+def _vector_stats(
+    vectors: dict[str, Any], feedforward: list[str] | str | None, groups: dict[str, str] | None = None
+) -> dict[str, Any]:
     import numpy as np
 
     by_group: dict[str, list[tuple[str, Any]]] = {}
     for module, values in vectors.items():
-        by_group.setdefault(vector_group(module, feedforward), []).append((module, values))
+        by_group.setdefault(vector_group(module, feedforward, groups), []).append((module, values))
     groups = [g for g in GROUP_ORDER if g in by_group]
 
     histograms, top = {}, {}
@@ -258,7 +256,7 @@ def build(run: str | Path) -> dict[str, Any]:
 
     if (run / "adapter_model.safetensors").is_file():
         vectors, feedforward = read_vectors(run)
-        stats = _vector_stats(vectors, feedforward)
+        stats = _vector_stats(vectors, feedforward, info.get("groups"))
     else:
         stats = {"groups": [], "histograms": {}, "heatmap": {"layers": [], "groups": [], "values": []}, "top": {}}
         missing.append("learned vectors: no adapter_model.safetensors (the run has not finished)")

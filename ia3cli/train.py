@@ -121,7 +121,7 @@ def protected_folders(recipe: Recipe) -> tuple[Path, ...]:
     return tuple(folders)
 
 
-def run_info(recipe: Recipe) -> dict[str, Any]:
+def run_info(recipe: Recipe, plan: Any) -> dict[str, Any]:
     """Versions and launch facts stored as ``run.json``: what ``eval`` and ``merge`` need to know about a run."""
     import peft
     import torch
@@ -136,6 +136,8 @@ def run_info(recipe: Recipe) -> dict[str, Any]:
         "base_model": recipe.model.name,
         "quantization": recipe.model.quantization,
         "world_size": world_size(),
+        "model_type": plan.model_type,
+        "groups": plan.groups,  # module -> IA3 group, as the health monitor and `ia3 report` group the vectors
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -250,7 +252,7 @@ def run(
         if is_main_process():
             claim_output_dir(recipe, out, resume=resume, overwrite=overwrite)
             write_atomic(out / "recipe.yaml", dump_recipe(recipe))
-            write_atomic(out / "run.json", json.dumps(run_info(recipe), indent=2) + "\n")
+            write_atomic(out / "run.json", json.dumps(run_info(recipe, plan), indent=2) + "\n")
         # The other ranks start only once rank 0 has claimed the run dir (or they wait there until the launcher
         # stops them after rank 0's refusal): none of them ever sees it half-made or looks for checkpoints early.
         PartialState().wait_for_everyone()

@@ -19,7 +19,7 @@ from ia3cli import modeling
 from ia3cli.errors import Ia3Error
 from ia3cli.mixed import MixedIA3
 from ia3cli.recipe import dump_recipe, load_recipe
-from tests.test_merge import make_run
+from tests.conftest import make_run
 
 TEXTS = [
     "A warm, clever comedy.",
@@ -60,11 +60,12 @@ def encode(run_dir: Path, texts: list[str], *, left: bool = False) -> dict[str, 
 
 def reference(run_dir: Path | None, base_run: Path, quantization: str | None = None) -> torch.nn.Module:
     """``PeftModel.from_pretrained`` with the run's adapter, or the plain base for ``None``."""
+    recipe = load_recipe((run_dir or base_run) / "recipe.yaml")
+    if quantization is not None:
+        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": quantization})})
     if run_dir is None:
-        recipe = load_recipe(base_run / "recipe.yaml")
-        tokenizer = modeling.load_tokenizer(recipe.model)
-        return modeling.load_recipe_base(recipe, tokenizer, quantization=quantization).eval()
-    model, _ = modeling.load_run_model(run_dir, load_recipe(run_dir / "recipe.yaml"), quantization=quantization)
+        return modeling.load_recipe_base(recipe, modeling.load_tokenizer(recipe.model)).eval()
+    model, _ = modeling.load_run_model(run_dir, recipe)
     return model.eval()
 
 
