@@ -1,11 +1,11 @@
 """In-context learning, the IA3 paper's main baseline: demonstrations prepended to every prompt, no training.
 
 A demonstration is a training row rendered exactly as training renders it: the recipe's prompt template (or the
-text column) followed by its target (the label's verbaliser or ``target_column``). Demonstrations are separated by
-:data:`SEPARATOR` and put in front of each evaluation prompt, which is then scored by rank classification like
-any other model. The number of demonstrations k is given, or as many as fit (in the sample's order) in a context
-of :data:`CONTEXT_FACTOR` x ``data.max_length`` tokens next to the longest evaluation prompt and choice; either way
-capped by the model's position limit.
+text column), its target (the label's verbaliser or ``target_column``) and the EOS token. Demonstrations are
+separated by :data:`SEPARATOR` and put in front of each evaluation prompt, which is then scored by rank
+classification like any other model. The number of demonstrations k is given, or as many as fit (in the sample's
+order) in a context of :data:`CONTEXT_FACTOR` x ``data.max_length`` tokens next to the longest evaluation prompt
+and choice; either way capped by the model's position limit.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ CONTEXT_FACTOR = 4
 SEPARATOR = "\n\n"
 
 
-def demonstration(row: dict[str, Any], recipe: Recipe) -> str:
-    """A training row as prompt + target text, joined the way training joins them."""
+def demonstration(row: dict[str, Any], recipe: Recipe, eos: str = "") -> str:
+    """A training row as prompt + target text (+ ``eos``), joined the way training joins them."""
     from ia3cli.data import join_target, prompt_text, target_text
 
     prompt = prompt_text(row, recipe.data)
-    return prompt + join_target(prompt, target_text(row, recipe.data, recipe.num_labels))
+    return prompt + join_target(prompt, target_text(row, recipe.data, recipe.num_labels)) + eos
 
 
 def _escape(text: str) -> str:
@@ -65,7 +65,8 @@ def recipe_with_demonstrations(
         for row in eval_rows
         for choice in d.label_names or []
     )
-    demos = [demonstration(row, recipe) for row in train_rows]
+    # Training appends EOS to every target and rank classification scores "choice + EOS": so do the demonstrations.
+    demos = [demonstration(row, recipe, tokenizer.eos_token or "") for row in train_rows]
     sep = len(tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"])
     lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) + sep for text in demos]
     room = min(CONTEXT_FACTOR * d.max_length if k is None else limit, limit) - longest

@@ -392,7 +392,7 @@ tags: [{recipe.adapter.method}, peft, ia3cli]
 # {what[recipe.adapter.method]} for `{m.name}`
 
 Task `{m.task}`, trained with ia3cli {__version__} on `{d.path}` (split `{d.train_split}`).
-IA3 targets: `{plan.target_modules}` (feed-forward: `{plan.feedforward_modules}`).
+{_method_summary(recipe, plan)}.
 Trainable parameters: {counts["trainable"]:,} ({counts["ia3"]:,} IA3 vector entries) of {counts["total"]:,}.
 Health: {health.get("status", "unknown")}.
 

@@ -166,10 +166,8 @@ def test_icl_prompt_holds_demonstrations_in_order(tiny_model, tmp_path: Path) ->
     new, k = icl.recipe_with_demonstrations(recipe, tok, model, rows, rows[:1], k=2)
     prompt = new.data.prompt_template.format(text="nice")
     assert k == 2
-    assert (
-        prompt
-        == "Review: great {film}\nSentiment: positive\n\nReview: dull\nSentiment: negative\n\nReview: nice\nSentiment:"
-    )
+    demos = "Review: great {film}\nSentiment: positive</s>\n\nReview: dull\nSentiment: negative</s>\n\n"
+    assert prompt == demos + "Review: nice\nSentiment:"
     _, fitted = icl.recipe_with_demonstrations(recipe, tok, model, rows * 50, rows[:1])
     assert 3 < fitted < 150  # as many as fit in 4 x max_length (32) tokens, not all 150
 
