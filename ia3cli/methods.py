@@ -64,7 +64,7 @@ def lora_config(recipe: Recipe, plan: TargetPlan) -> Any:
     """The ``peft.LoraConfig`` for a recipe: rank, alpha, targets from the module table, the head in full."""
     from peft import LoraConfig
 
-    from ia3cli.modeling import PEFT_TASK_TYPES, modules_to_save
+    from ia3cli.modeling import PEFT_TASK_TYPES
 
     a = recipe.adapter
     rows = lora_target_rows(plan, a.lora_targets)
@@ -73,7 +73,7 @@ def lora_config(recipe: Recipe, plan: TargetPlan) -> Any:
         r=a.lora_r,
         lora_alpha=a.lora_alpha,
         target_modules=_regex([r["pattern"] for r in rows]),
-        modules_to_save=modules_to_save(recipe, plan),
+        modules_to_save=plan.modules_to_save,
         fan_in_fan_out=any(r["kind"] == "Conv1D" for r in rows),
     )
 

@@ -20,9 +20,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ia3cli.errors import RecipeError
+from ia3cli.families import TASK_NAMES
 
-Task = Literal["seq-cls", "causal-lm", "seq2seq"]
-Targets = Literal["auto"] | list[str] | str
+Task = Literal[TASK_NAMES]  # type: ignore[valid-type]  # seq-cls, causal-lm, seq2seq: the families.TASKS table
+Targets = Literal["auto", "all-linear"] | list[str] | str
+FeedForward = Literal["auto"] | list[str] | str
 
 PKG_PREFIX = "pkg:"
 
@@ -75,10 +77,12 @@ class AdapterSection(_Section):
     )
     target_modules: Targets = Field(
         "auto",
-        description="`auto` (keys, values and the FFN down-projection, per `ia3 inspect-modules`), a list of "
-        "module-name suffixes, or one regex matched against full module names.",
+        description="`auto` (keys, values and the FFN down-projection, per `ia3 inspect-modules`); `all-linear` "
+        "(every linear layer inside the blocks: q, k, v, o, up, gate, down or the family's equivalents; heads "
+        "excluded; feed-forward modules are the FFN down-projections unless `feedforward_modules` says otherwise); a "
+        "list of module-name suffixes; or one regex matched against full module names.",
     )
-    feedforward_modules: Targets = Field(
+    feedforward_modules: FeedForward = Field(
         "auto",
         description="Targets whose *input* is scaled (the FFN down-projection); must be a subset of "
         "`target_modules`. `auto`, a list of suffixes, or one regex.",

@@ -181,7 +181,7 @@ def training_arguments(recipe: Recipe, out: Path) -> Any:
         greater_is_better=metric != "loss",
         seed=t.seed,
         data_seed=t.seed,
-        report_to=[r for r in t.report_to if r != "tensorboard"] or "none",
+        report_to="none",  # reporters are callbacks listed after the monitor (_callbacks), so they get its values
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         dataloader_num_workers=t.dataloader_num_workers,
         dataloader_pin_memory=_has_accelerator(),
@@ -201,10 +201,13 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
-def _callbacks(recipe: Recipe, out: Path, printer: Callable[[str], None]) -> list[Any]:
+def _callbacks(recipe: Recipe, out: Path, printer: Callable[[str], None], monitor: Any | None) -> list[Any]:
+    """The monitor first, then the reporters: ``Trainer.log`` hands one ``logs`` dict to the callbacks in order."""
     from transformers import EarlyStoppingCallback
+    from transformers.integrations import get_reporting_integration_callbacks
 
-    callbacks: list[Any] = []
+    callbacks: list[Any] = [monitor] if monitor is not None else []
+    callbacks += get_reporting_integration_callbacks([r for r in recipe.training.report_to if r != "tensorboard"])
     if recipe.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.training.early_stopping_patience))
     if "tensorboard" in recipe.training.report_to and is_main_process():
@@ -285,7 +288,7 @@ def _train(recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, s
         (model.get_base_model() if hasattr(model, "get_base_model") else model).accepts_loss_kwargs = False
 
     train_ds, eval_ds, collator = data.build(recipe, tokenizer, report)  # the splits pre-flight checked
-    monitor = GradNormMonitor(recipe.monitor, recipe.training.max_grad_norm, out, printer=say)
+    monitor = GradNormMonitor(recipe.monitor, recipe.training.max_grad_norm, out, groups=plan.groups, printer=say)
     trainer = Trainer(
         model=model,
         args=args,
@@ -294,18 +297,14 @@ def _train(recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, s
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=evaluation.trainer_metrics(recipe.num_labels) if recipe.model.task == "seq-cls" else None,
-        callbacks=_callbacks(recipe, out, say),
+        callbacks=_callbacks(recipe, out, say, monitor if ia3 else None),  # the monitor watches IA3 vectors
     )
-    if ia3:  # the monitor watches IA3 vectors; other methods train without it
-        monitor.attach(trainer)  # ahead of the reporters, so TensorBoard receives the ia3/* values too
     checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
     if resume:
         say(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint found: starting from step 0")
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    if monitor.failed:
-        if is_main_process():
-            monitor.write()
+    if monitor.failed:  # health.json is already written (the monitor's on_train_end)
         raise RunError(
             f"training stopped: {monitor.summary_line()}",
             f"the last good checkpoint is kept in {out / 'checkpoints'}; see {out / 'health.json'}",
@@ -338,8 +337,6 @@ def _train(recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, s
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
         (staging / "README.md").write_text(model_card(recipe, plan, metrics, counts, health))
         publish_dir(staging, out)
-        if ia3:
-            monitor.write()
     return RunResult(output_dir=out, metrics=metrics, health=health, health_line=health_line)
 
 
