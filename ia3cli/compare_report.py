@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-TOLERANCE = 0.01  # "as good as": within this much of the best mean (or the best's std over seeds, if larger)
+TOLERANCE = 0.01  # "as good as": within this much of the best mean (or the best's standard error, if larger)
 
 
 def values(cells: Sequence[dict[str, Any]], method: str, n: int) -> list[float]:
@@ -73,14 +73,14 @@ def recommendation(
     cells: Sequence[dict[str, Any]], methods: Sequence[str], rows: Sequence[int], higher_is_better: bool = True
 ) -> str:
     """One line from the numbers at the largest N: the cheapest method (fewest stored bytes) whose mean is within
-    :data:`TOLERANCE` (or the best method's std, if larger) of the best mean."""
+    :data:`TOLERANCE` (or the standard error of the best method's mean over seeds, if larger) of the best mean."""
     n = rows[-1] if rows else 0
     stats = {m: mean_std(values(cells, m, n)) for m in methods if values(cells, m, n)}
     if not stats:
         return "no finished cells yet"
     sign = 1 if higher_is_better else -1
     best = max(stats, key=lambda m: sign * stats[m][0])
-    tol = max(TOLERANCE, stats[best][1])
+    tol = max(TOLERANCE, stats[best][1] / len(values(cells, best, n)) ** 0.5)
     close = [m for m in stats if sign * (stats[best][0] - stats[m][0]) <= tol]
     order = {m: i for i, m in enumerate(methods)}
     pick = min(close, key=lambda m: (_first(cells, m, "bytes") or 0, order[m]))
