@@ -24,6 +24,7 @@ the cell's own training rows (never on the evaluation rows).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -270,8 +271,11 @@ def run(
     state = {"recipe": dump_recipe(recipe), "settings": settings, "cells": done}
     finished = {c["cell"] for c in done}
 
+    # The untouched base (zero-shot, icl) is loaded once for all its cells, which run first; it is released before
+    # the trained cells, so their peak memory does not include it.
     plan = [("zero-shot", 0, 0)] if "zero-shot" in methods else []
-    plan += [(m, n, s) for s in seed_list for n in rows for m in methods if m != "zero-shot"]
+    plan += [(m, n, s) for s in seed_list for n in rows for m in methods if m == "icl"]
+    plan += [(m, n, s) for s in seed_list for n in rows for m in methods if m in TRAINED]
     todo = [p for p in plan if cell_name(*p) not in finished]
     printer(
         f"compare: {len(plan)} cells ({len(plan) - len(todo)} done), methods {', '.join(methods)}, N {rows}, "
@@ -285,6 +289,9 @@ def run(
         folder = folders.get((n, seed)) or folders[(rows[0], seed_list[0])]
         with compare_cells.silenced(not verbose):  # the Trainer's progress bars and log dicts, once per cell
             if method in TRAINED:
+                if base:
+                    base.clear()
+                    gc.collect()
                 lr_, steps = learning_rate(recipe, method, rates), step_budget(recipe, n)
                 sweep_lr = sweep and method not in rates
                 cell = compare_cells.trained_cell(

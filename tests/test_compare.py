@@ -130,6 +130,7 @@ def test_causal_lm_compare_with_zero_shot_and_icl(tiny_model, tmp_path: Path) ->
     result = compare.run(recipe, None, [8], 1, tmp_path / "out", printer=lines.append)
     cells = {c["method"]: c for c in result.cells}
     assert set(cells) == set(compare.applicable(recipe))
+    assert [c["method"] for c in result.cells][:2] == ["zero-shot", "icl"]  # base cells first, then released
     assert cells["zero-shot"]["n"] == 0 and cells["zero-shot"]["params"] == 0
     assert 1 <= cells["icl"]["k"] <= 8 and cells["icl"]["steps"] == 0
     for method in ("ia3", "ia3-all", "lora", "full"):
