@@ -331,14 +331,21 @@ def peft_modules_to_save(task: str, names: list[str] | None) -> list[str]:
 
 
 def wrap(base: PreTrainedModel, recipe: Recipe, plan: TargetPlan) -> PeftModel:
-    """Wrap ``base`` with IA3. Quantised bases are first prepared for k-bit training (norms in fp32, input grads)."""
+    """Wrap ``base`` with IA3, or with ``adapter.method`` (see :mod:`ia3cli.methods`).
+
+    Quantised bases are first prepared for k-bit training (norms in fp32, input grads).
+    """
     from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from ia3cli import methods
 
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=recipe.training.gradient_checkpointing)
     elif recipe.training.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
+    if recipe.adapter.method != "ia3":
+        return methods.wrap(base, recipe, plan)
     return get_peft_model(base, ia3_config(recipe, plan))
 
 
@@ -353,7 +360,7 @@ def load_recipe_base(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreT
 
 
 def build(recipe: Recipe, plan: TargetPlan) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """Tokenizer plus IA3-wrapped base model for a recipe."""
+    """Tokenizer plus the base model wrapped for ``adapter.method`` (IA3 by default)."""
     tokenizer = load_tokenizer(recipe.model)
     return wrap(load_recipe_base(recipe, tokenizer), recipe, plan), tokenizer
 

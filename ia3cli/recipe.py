@@ -82,8 +82,14 @@ class ModelSection(_Section):
 
 
 class AdapterSection(_Section):
-    """Which modules IA3 scales (passed to PEFT's `IA3Config`)."""
+    """What is trained: IA3 vectors (the default; passed to PEFT's `IA3Config`), or a baseline method."""
 
+    method: Literal["ia3", "lora", "full", "head"] = Field(
+        "ia3",
+        description="`ia3`; `lora` (PEFT LoRA, see the `lora_*` keys); `full` (every weight trained, a full model "
+        "saved); `head` (seq-cls only: just the classification head, a linear probe). `ia3 compare` runs them side "
+        "by side.",
+    )
     target_modules: Targets = Field(
         "auto",
         description="`auto` (keys, values and the FFN down-projection, per `ia3 inspect-modules`); `all-linear` "
@@ -102,6 +108,13 @@ class AdapterSection(_Section):
         "automatically).",
     )
     init_ia3_weights: bool = Field(True, description="Initialise the IA3 vectors to 1 (identity).")
+    lora_r: int = Field(8, ge=1, description="LoRA rank (`method: lora`; PEFT's default 8).")
+    lora_alpha: int = Field(8, ge=1, description="LoRA scaling numerator: updates are scaled by alpha/r (PEFT's 8).")
+    lora_targets: Literal["attention", "all-linear"] | list[str] = Field(
+        "attention",
+        description="`method: lora` targets: `attention` (query and value projections, as in the LoRA paper, found "
+        "by role in the module table), `all-linear` (every linear layer of the blocks), or a list of suffixes.",
+    )
 
 
 class DataSection(_Section):
@@ -251,6 +264,10 @@ class Recipe(_Section):
             )
         if m.task == "seq2seq" and d.messages_column is not None:
             problems.append(("data.messages_column", "chat messages are for causal-lm only"))
+        if self.adapter.method == "head" and m.task != "seq-cls":
+            problems.append(("adapter.method", f"'head' trains a classification head: seq-cls only, not '{m.task}'"))
+        if self.adapter.method == "full" and m.quantization != "none":
+            problems.append(("adapter.method", f"'full' cannot train a {m.quantization} base; set quantization: none"))
         if t.metric is not None:
             allowed = ("accuracy", "f1", "loss") if m.task == "seq-cls" else ("loss",)
             if t.metric.removeprefix("eval_") not in allowed:
