@@ -1,0 +1,543 @@
+"""``ia3 serve``: one base model, many IA3 adapters, an OpenAI-compatible HTTP API, requests batched across adapters.
+
+An IA3 adapter is kilobytes to a few MB, so one base can hold thousands (one per user, customer or task). PEFT
+switches adapters per model (``set_adapter``), which serialises requests; LLM servers (vLLM, TGI, LoRAX) serve LoRA
+only. Here each row of a batch uses its own adapter's vectors in one forward (:mod:`ia3cli.mixed`), so requests
+for different adapters share a batch (:mod:`ia3cli.batcher`).
+
+Endpoints (``model`` is an adapter name, or the base model's own name for the base):
+
+- ``POST /v1/completions``, ``POST /v1/chat/completions``: OpenAI's request and response shapes, ``stream: true``
+  as server-sent events (``data: {...}`` chunks, then ``data: [DONE]``); ``temperature`` 0 is greedy; ``stop``,
+  ``seed`` and vLLM's ``ignore_eos`` are honoured.
+- ``POST /v1/classify``: ``{"model", "input": str | [str] | [{column: value}]}`` -> label and probabilities per
+  input, for seq-cls adapters (their head) and choice adapters (rank classification over ``data.label_names``).
+- ``GET /v1/models``; ``POST /adapters {"name", "path"}`` (the path must resolve inside the adapter directory);
+  ``DELETE /adapters/{name}``; ``GET /health``; ``GET /metrics`` (Prometheus text format).
+
+Adapters hot-load on first use from the adapter directory and live in an LRU bounded by ``--max-adapters``.
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 401 wrong API key, 403 path outside
+the adapter directory, 404 unknown adapter, 413 prompt too long, 422 malformed body.
+
+Why FastAPI + uvicorn: they are what Python model servers standardise on (vLLM's and TGI's OpenAI-compatible
+routers are FastAPI apps), pydantic request models give 422s naming the bad field for free, and uvicorn's asyncio
+loop holds thousands of idle streaming connections while the model works on its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ia3cli.batcher import (
+    AdapterNotFound,
+    AdapterPool,
+    BadInput,
+    Batcher,
+    ClassifyItem,
+    PathOutside,
+    Row,
+    is_run_dir,
+)
+from ia3cli.errors import Ia3Error
+from ia3cli.metrics import Metrics
+
+if TYPE_CHECKING:
+    from ia3cli.mixed import MixedIA3
+
+
+class ApiError(Exception):
+    """An HTTP error in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def _error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _from_ia3(exc: BaseException) -> ApiError:
+    status = {AdapterNotFound: 404, PathOutside: 403, BadInput: 422}.get(
+        type(exc), 400 if isinstance(exc, Ia3Error) else 500
+    )
+    code = {404: "model_not_found", 403: "path_outside_adapter_dir"}.get(status)
+    if isinstance(exc, Ia3Error):
+        return ApiError(status, exc.message + (f" (hint: {exc.hint})" if exc.hint else ""), code)
+    return ApiError(status, f"{type(exc).__name__}: {exc}", code)
+
+
+# --- request bodies ------------------------------------------------------------------------------------------------
+
+
+class _Sampling(BaseModel):
+    model: str
+    max_tokens: int = Field(16, ge=1, description="Tokens to generate at most.")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: Literal[1] = 1
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool = Field(False, description="Generate max_tokens whatever comes (vLLM's extension).")
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = Field(min_length=1)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class ClassifyRequest(BaseModel):
+    model: str
+    input: str | list[str | dict[str, Any]] = Field(min_length=1)
+
+
+class AdapterRequest(BaseModel):
+    name: str
+    path: str
+
+
+# --- the app -------------------------------------------------------------------------------------------------------
+
+
+class Server:
+    """What the endpoints share: the model, the adapter pool, the batcher, the metrics.
+
+    Args:
+        mixed: The base with its adapters.
+        root: The adapter directory.
+        max_adapters: LRU bound.
+        max_batch_size: Rows per batch.
+        max_wait_ms: Longest wait for a batch to fill.
+        api_key: Required as ``Authorization: Bearer KEY`` on every endpoint but /health, when set.
+        loaded: Adapters ``mixed`` holds already, with their run dirs.
+    """
+
+    def __init__(
+        self,
+        mixed: MixedIA3,
+        root: Path,
+        *,
+        max_adapters: int = 64,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 10.0,
+        api_key: str | None = None,
+        loaded: dict[str, Path] | None = None,
+    ) -> None:
+        self.mixed = mixed
+        self.metrics = Metrics()
+        self.pool = AdapterPool(mixed, root, max_adapters, self.metrics, loaded or {})
+        self.batcher = Batcher(mixed, self.pool, self.metrics, max_batch_size, max_wait_ms)
+        self.api_key = api_key
+        config = mixed.model.config
+        self.context = int(getattr(config, "max_position_embeddings", 0) or mixed.tokenizer.model_max_length)
+
+    def adapter_of(self, model: str) -> str | None:
+        """The adapter a request's ``model`` names (``None`` for the base).
+
+        Raises:
+            ApiError: 404 for an unknown name.
+        """
+        if model == self.mixed.base_name:
+            return None
+        try:
+            self.pool.find(model)
+        except AdapterNotFound as exc:
+            raise ApiError(404, str(exc), "model_not_found", "model") from None
+        return model
+
+    def encode(self, text: str, max_tokens: int, *, special: bool = True) -> list[int]:
+        ids = self.mixed.tokenizer(text, add_special_tokens=special)["input_ids"]
+        if len(ids) + max_tokens > self.context:
+            raise ApiError(
+                413,
+                f"prompt is {len(ids)} tokens; with max_tokens {max_tokens} that exceeds the context of "
+                f"{self.context} tokens",
+                "context_length_exceeded",
+                "prompt",
+            )
+        return ids
+
+
+class _Measure:
+    """ASGI middleware: count requests by route and status, and time each to its last byte (streams included)."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0, status = time.perf_counter(), ["500"]
+
+        async def measured(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, measured)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "other"
+            self.metrics.inc("ia3_requests_total", endpoint=endpoint, code=status[0])
+            self.metrics.observe("ia3_request_duration_seconds", time.perf_counter() - t0, endpoint=endpoint)
+
+
+def build_app(server: Server) -> FastAPI:
+    """The FastAPI app for ``server`` (its batcher starts and stops with the app)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        server.batcher.start()
+        yield
+        await server.batcher.stop()
+
+    app = FastAPI(title="ia3 serve", lifespan=lifespan)
+    app.state.server = server
+
+    app.add_middleware(_Measure, metrics=server.metrics)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(_error_body(exc.status, exc.message, exc.code, exc.param), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors())
+        return JSONResponse(_error_body(422, message or "malformed body", "invalid_body", where or None), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(_error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+
+    async def authorised(request: Request) -> None:
+        if server.api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), server.api_key.encode()):
+            raise ApiError(401, "incorrect API key (send Authorization: Bearer KEY)", "invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "base": server.mixed.base_name, "adapters_loaded": len(server.pool.lru)}
+
+    api = APIRouter(dependencies=[Depends(authorised)])
+
+    @api.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> str:
+        return server.metrics.render()
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        names = [server.mixed.base_name, *server.pool.known()]
+        data = [
+            {"id": n, "object": "model", "owned_by": "ia3cli", "loaded": i == 0 or n in server.pool.lru}
+            for i, n in enumerate(names)
+        ]
+        return {"object": "list", "data": data}
+
+    @api.post("/adapters", status_code=201)
+    async def add_adapter(body: AdapterRequest) -> dict[str, Any]:
+        try:
+            return await server.batcher.call(server.pool.register, body.name, body.path)
+        except Ia3Error as exc:
+            raise _from_ia3(exc) from None
+
+    @api.delete("/adapters/{name}")
+    async def remove_adapter(name: str) -> dict[str, Any]:
+        try:
+            await server.batcher.call(server.pool.unregister, name)
+        except Ia3Error as exc:
+            raise _from_ia3(exc) from None
+        return {"name": name, "deleted": True}
+
+    @api.post("/v1/classify")
+    async def classify(body: ClassifyRequest) -> dict[str, Any]:
+        adapter = server.adapter_of(body.model)
+        rows = [body.input] if isinstance(body.input, str) else body.input
+        for row in rows:
+            for value in row.values() if isinstance(row, dict) else [row]:
+                server.encode(str(value), 0)
+        loop = asyncio.get_running_loop()
+        item = ClassifyItem(adapter, rows, loop, loop.create_future())
+        server.batcher.submit_classify(item)
+        try:
+            result = await item.future
+        except Ia3Error as exc:
+            raise _from_ia3(exc) from None
+        labels = result["labels"]
+        data = []
+        for i, probs in enumerate(result["probabilities"]):
+            best = max(range(len(probs)), key=probs.__getitem__)
+            data.append({"index": i, "label": labels[best], "probabilities": dict(zip(labels, probs, strict=True))})
+        return {"object": "list", "model": body.model, "data": data}
+
+    @api.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        adapter = server.adapter_of(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        ids = [server.encode(p, body.max_tokens) for p in prompts]
+        return await _respond(server, request, body, adapter, ids, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request) -> Any:
+        adapter = server.adapter_of(body.model)
+        if body.max_completion_tokens is not None:
+            body.max_tokens = body.max_completion_tokens
+        tok = server.mixed.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise ApiError(400, f"model '{body.model}' has no chat template; use /v1/completions", "no_chat_template")
+        text = tok.apply_chat_template(
+            [m.model_dump() for m in body.messages], tokenize=False, add_generation_prompt=True
+        )
+        ids = [server.encode(text, body.max_tokens, special=False)]
+        return await _respond(server, request, body, adapter, ids, chat=True)
+
+    app.include_router(api)
+    return app
+
+
+async def _respond(
+    server: Server, request: Request, body: _Sampling, adapter: str | None, prompts: list[list[int]], *, chat: bool
+) -> Any:
+    """Queue one row per prompt; answer with one JSON body, or stream server-sent events."""
+    if server.mixed.task != "causal-lm":
+        raise ApiError(400, f"model '{body.model}' is a {server.mixed.task} model; use /v1/classify", "wrong_task")
+    loop = asyncio.get_running_loop()
+    rows = [
+        Row(adapter, ids, body.max_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos, loop)
+        for ids in prompts
+    ]
+    server.batcher.submit_rows(rows)
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    kind = "chat.completion" if chat else "text_completion"
+
+    def choice(index: int, text: str, finish: str | None, *, delta: bool) -> dict[str, Any]:
+        if not chat:
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        content = {"role": "assistant", "content": text}
+        return {"index": index, ("delta" if delta else "message"): content, "finish_reason": finish}
+
+    if body.stream:
+        pieces = _merge(server, request, rows, stops)
+        try:  # an adapter that fails to load is known with the first event: answer it with its status code
+            first = await anext(pieces)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            for row in rows:
+                row.cancelled = True
+            raise
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                piece = first
+                while piece is not None:
+                    index, text, finish = piece
+                    chunk = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created}
+                    chunk |= {"model": body.model, "choices": [choice(index, text, finish, delta=True)]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                    piece = await anext(pieces, None)
+                yield "data: [DONE]\n\n"
+            except ApiError as exc:  # after the first event the status is sent: report in the stream
+                yield f"data: {json.dumps(_error_body(exc.status, exc.message, exc.code))}\n\n"
+            finally:  # the client went away (or we are done): free every row still generating
+                for row in rows:
+                    row.cancelled = True
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    texts = [""] * len(rows)
+    finishes: list[str | None] = [None] * len(rows)
+    try:
+        async for index, text, finish in _merge(server, request, rows, stops):
+            texts[index] += text
+            finishes[index] = finish or finishes[index]
+    finally:
+        for row in rows:
+            row.cancelled = True
+    usage_prompt = sum(len(r.prompt_ids) for r in rows)
+    usage_completion = sum(_count(server, t) for t in texts)
+    return {
+        "id": rid,
+        "object": kind,
+        "created": created,
+        "model": body.model,
+        "choices": [choice(i, texts[i], finishes[i], delta=False) for i in range(len(rows))],
+        "usage": {
+            "prompt_tokens": usage_prompt,
+            "completion_tokens": usage_completion,
+            "total_tokens": usage_prompt + usage_completion,
+        },
+    }
+
+
+def _count(server: Server, text: str) -> int:
+    return len(server.mixed.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+
+async def _merge(
+    server: Server, request: Request, rows: list[Row], stops: list[str]
+) -> AsyncIterator[tuple[int, str, str | None]]:
+    """``(row index, new text, finish reason or None)`` as tokens arrive, with stop strings applied.
+
+    Text is decoded from all of a row's tokens each time (a token may end inside a multi-byte character); with
+    stop strings, the last ``len(longest stop) - 1`` characters are held back until they cannot start a stop.
+    """
+    tok = server.mixed.tokenizer
+    hold = max((len(s) for s in stops), default=1) - 1
+    ids: list[list[int]] = [[] for _ in rows]
+    sent = [0] * len(rows)
+    open_rows = set(range(len(rows)))
+    queues = {asyncio.ensure_future(rows[i].out.get()): i for i in open_rows}
+    while queues:
+        done, _ = await asyncio.wait(queues, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            if await request.is_disconnected():
+                for task in queues:
+                    task.cancel()
+                return
+            continue
+        for task in done:
+            i = queues.pop(task)
+            kind, value = task.result()
+            if kind == "error":
+                for other in queues:
+                    other.cancel()
+                raise _from_ia3(value)
+            finish = None
+            if kind == "token":
+                ids[i].append(value)
+            else:
+                finish = value
+            text = tok.decode(ids[i], skip_special_tokens=True)
+            found = [at for at in (text.find(s) for s in stops) if at >= 0]
+            if found:
+                cut = min(found)
+                text, finish = text[:cut], "stop"
+                rows[i].cancelled = True
+            upto = len(text) if finish else len(text) - hold
+            if text.endswith("\ufffd") and not finish:
+                upto = min(upto, len(text) - 1)
+            if upto > sent[i] or finish:
+                yield i, text[sent[i] : max(upto, sent[i])], finish
+                sent[i] = max(upto, sent[i])
+            if finish is None:
+                queues[asyncio.ensure_future(rows[i].out.get())] = i
+
+
+# --- the command ---------------------------------------------------------------------------------------------------
+
+
+def load(path: Path, quantization: str | None = None) -> tuple[MixedIA3, Path, dict[str, Path]]:
+    """The base model and the adapter directory for ``ia3 serve PATH`` (a run dir, or a folder of run dirs).
+
+    The base is the one the first run dir (by name) was trained on; that adapter is loaded with it.
+
+    Raises:
+        Ia3Error: when PATH is missing or holds no run dir.
+    """
+    from ia3cli.mixed import MixedIA3
+
+    path = Path(path)
+    if not path.is_dir():
+        raise Ia3Error(f"{path}: adapter directory not found", "pass a run dir or a folder of run dirs")
+    if is_run_dir(path):
+        first = path
+    else:
+        runs = sorted(p for p in path.iterdir() if is_run_dir(p) and p.resolve().is_relative_to(path.resolve()))
+        if not runs:
+            raise Ia3Error(
+                f"{path}: no run dirs (folders with adapter_config.json and recipe.yaml)",
+                "train one with `ia3 train RECIPE` and put its output_dir there",
+            )
+        first = runs[0]
+    mixed = MixedIA3.from_run(first, quantization=quantization)
+    return mixed, path, {first.name: first.resolve()}
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (port 0 picks a free one).
+
+    Raises:
+        Ia3Error: when the address cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise Ia3Error(f"cannot listen on {host}:{port}: {exc.strerror}", "choose another --port") from None
+    sock.listen(2048)
+    return sock
+
+
+def run(
+    path: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_adapters: int = 64,
+    max_batch_size: int = 32,
+    max_wait_ms: float = 10.0,
+    api_key: str | None = None,
+    printer: Callable[[str], None] = print,
+) -> None:
+    """Load the base and the first adapter, bind, and serve until interrupted.
+
+    Raises:
+        Ia3Error: for a bad adapter directory or an address that cannot be bound.
+    """
+    import uvicorn
+
+    if max_adapters < 1 or max_batch_size < 1 or max_wait_ms < 0:
+        raise Ia3Error("--max-adapters and --max-batch-size must be >= 1, --max-wait-ms >= 0")
+    mixed, root, loaded = load(path)
+    server = Server(
+        mixed,
+        root,
+        max_adapters=max_adapters,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        api_key=api_key,
+        loaded=loaded,
+    )
+    sock = bind(host, port)
+    where = sock.getsockname()
+    printer(f"serving {mixed.base_name} ({mixed.task}) with adapters from {root} on http://{host}:{where[1]}")
+    printer(f"  adapters: {', '.join(server.pool.known()[:5])}{' ...' if len(server.pool.known()) > 5 else ''}")
+    config = uvicorn.Config(build_app(server), log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
