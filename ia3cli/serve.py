@@ -19,6 +19,10 @@ Adapters hot-load on first use from the adapter directory and live in an LRU bou
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 401 wrong API key, 403 path outside
 the adapter directory, 404 unknown adapter, 413 prompt too long, 422 malformed body.
 
+Modules: this one (the app, its endpoints, the command), :mod:`ia3cli.completions` (completion responses, SSE),
+:mod:`ia3cli.batcher` (batching, the generation step loop), :mod:`ia3cli.adapter_pool` (names, paths, LRU),
+:mod:`ia3cli.metrics` (the /metrics text).
+
 Why FastAPI + uvicorn: they are what Python model servers standardise on (vLLM's and TGI's OpenAI-compatible
 routers are FastAPI apps), pydantic request models give 422s naming the bad field for free, and uvicorn's asyncio
 loop holds thousands of idle streaming connections while the model works on its own thread.
@@ -29,58 +33,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ia3cli.batcher import (
-    AdapterNotFound,
-    AdapterPool,
-    BadInput,
-    Batcher,
-    ClassifyItem,
-    PathOutside,
-    Row,
-    is_run_dir,
-)
+from ia3cli.adapter_pool import AdapterNotFound, AdapterPool, is_run_dir
+from ia3cli.batcher import Batcher, ClassifyItem
+from ia3cli.completions import ApiError, error_body, from_ia3, respond
 from ia3cli.errors import Ia3Error
 from ia3cli.metrics import Metrics
 
 if TYPE_CHECKING:
     from ia3cli.mixed import MixedIA3
-
-
-class ApiError(Exception):
-    """An HTTP error in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-
-def _error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def _from_ia3(exc: BaseException) -> ApiError:
-    status = {AdapterNotFound: 404, PathOutside: 403, BadInput: 422}.get(
-        type(exc), 400 if isinstance(exc, Ia3Error) else 500
-    )
-    code = {404: "model_not_found", 403: "path_outside_adapter_dir"}.get(status)
-    if isinstance(exc, Ia3Error):
-        return ApiError(status, exc.message + (f" (hint: {exc.hint})" if exc.hint else ""), code)
-    return ApiError(status, f"{type(exc).__name__}: {exc}", code)
 
 
 # --- request bodies ------------------------------------------------------------------------------------------------
@@ -226,18 +198,18 @@ def build_app(server: Server) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(_error_body(exc.status, exc.message, exc.code, exc.param), status_code=exc.status)
+        return JSONResponse(error_body(exc.status, exc.message, exc.code, exc.param), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors())
-        return JSONResponse(_error_body(422, message or "malformed body", "invalid_body", where or None), 422)
+        return JSONResponse(error_body(422, message or "malformed body", "invalid_body", where or None), 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(_error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
 
     async def authorised(request: Request) -> None:
         if server.api_key is None:
@@ -270,14 +242,14 @@ def build_app(server: Server) -> FastAPI:
         try:
             return await server.batcher.call(server.pool.register, body.name, body.path)
         except Ia3Error as exc:
-            raise _from_ia3(exc) from None
+            raise from_ia3(exc) from None
 
     @api.delete("/adapters/{name}")
     async def remove_adapter(name: str) -> dict[str, Any]:
         try:
             await server.batcher.call(server.pool.unregister, name)
         except Ia3Error as exc:
-            raise _from_ia3(exc) from None
+            raise from_ia3(exc) from None
         return {"name": name, "deleted": True}
 
     @api.post("/v1/classify")
@@ -293,7 +265,7 @@ def build_app(server: Server) -> FastAPI:
         try:
             result = await item.future
         except Ia3Error as exc:
-            raise _from_ia3(exc) from None
+            raise from_ia3(exc) from None
         labels = result["labels"]
         data = []
         for i, probs in enumerate(result["probabilities"]):
@@ -306,7 +278,7 @@ def build_app(server: Server) -> FastAPI:
         adapter = server.adapter_of(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         ids = [server.encode(p, body.max_tokens) for p in prompts]
-        return await _respond(server, request, body, adapter, ids, chat=False)
+        return await respond(server.mixed, server.batcher, request, body, adapter, ids, chat=False)
 
     @api.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
@@ -320,141 +292,10 @@ def build_app(server: Server) -> FastAPI:
             [m.model_dump() for m in body.messages], tokenize=False, add_generation_prompt=True
         )
         ids = [server.encode(text, body.max_tokens, special=False)]
-        return await _respond(server, request, body, adapter, ids, chat=True)
+        return await respond(server.mixed, server.batcher, request, body, adapter, ids, chat=True)
 
     app.include_router(api)
     return app
-
-
-async def _respond(
-    server: Server, request: Request, body: _Sampling, adapter: str | None, prompts: list[list[int]], *, chat: bool
-) -> Any:
-    """Queue one row per prompt; answer with one JSON body, or stream server-sent events."""
-    if server.mixed.task != "causal-lm":
-        raise ApiError(400, f"model '{body.model}' is a {server.mixed.task} model; use /v1/classify", "wrong_task")
-    loop = asyncio.get_running_loop()
-    rows = [
-        Row(adapter, ids, body.max_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos, loop)
-        for ids in prompts
-    ]
-    server.batcher.submit_rows(rows)
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    kind = "chat.completion" if chat else "text_completion"
-
-    def choice(index: int, text: str, finish: str | None, *, delta: bool) -> dict[str, Any]:
-        if not chat:
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-        content = {"role": "assistant", "content": text}
-        return {"index": index, ("delta" if delta else "message"): content, "finish_reason": finish}
-
-    if body.stream:
-        pieces = _merge(server, request, rows, stops)
-        try:  # an adapter that fails to load is known with the first event: answer it with its status code
-            first = await anext(pieces)
-        except StopAsyncIteration:
-            first = None
-        except BaseException:
-            for row in rows:
-                row.cancelled = True
-            raise
-
-        async def events() -> AsyncIterator[str]:
-            try:
-                piece = first
-                while piece is not None:
-                    index, text, finish = piece
-                    chunk = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created}
-                    chunk |= {"model": body.model, "choices": [choice(index, text, finish, delta=True)]}
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                    piece = await anext(pieces, None)
-                yield "data: [DONE]\n\n"
-            except ApiError as exc:  # after the first event the status is sent: report in the stream
-                yield f"data: {json.dumps(_error_body(exc.status, exc.message, exc.code))}\n\n"
-            finally:  # the client went away (or we are done): free every row still generating
-                for row in rows:
-                    row.cancelled = True
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    texts = [""] * len(rows)
-    finishes: list[str | None] = [None] * len(rows)
-    try:
-        async for index, text, finish in _merge(server, request, rows, stops):
-            texts[index] += text
-            finishes[index] = finish or finishes[index]
-    finally:
-        for row in rows:
-            row.cancelled = True
-    usage_prompt = sum(len(r.prompt_ids) for r in rows)
-    usage_completion = sum(_count(server, t) for t in texts)
-    return {
-        "id": rid,
-        "object": kind,
-        "created": created,
-        "model": body.model,
-        "choices": [choice(i, texts[i], finishes[i], delta=False) for i in range(len(rows))],
-        "usage": {
-            "prompt_tokens": usage_prompt,
-            "completion_tokens": usage_completion,
-            "total_tokens": usage_prompt + usage_completion,
-        },
-    }
-
-
-def _count(server: Server, text: str) -> int:
-    return len(server.mixed.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-
-
-async def _merge(
-    server: Server, request: Request, rows: list[Row], stops: list[str]
-) -> AsyncIterator[tuple[int, str, str | None]]:
-    """``(row index, new text, finish reason or None)`` as tokens arrive, with stop strings applied.
-
-    Text is decoded from all of a row's tokens each time (a token may end inside a multi-byte character); with
-    stop strings, the last ``len(longest stop) - 1`` characters are held back until they cannot start a stop.
-    """
-    tok = server.mixed.tokenizer
-    hold = max((len(s) for s in stops), default=1) - 1
-    ids: list[list[int]] = [[] for _ in rows]
-    sent = [0] * len(rows)
-    open_rows = set(range(len(rows)))
-    queues = {asyncio.ensure_future(rows[i].out.get()): i for i in open_rows}
-    while queues:
-        done, _ = await asyncio.wait(queues, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-        if not done:
-            if await request.is_disconnected():
-                for task in queues:
-                    task.cancel()
-                return
-            continue
-        for task in done:
-            i = queues.pop(task)
-            kind, value = task.result()
-            if kind == "error":
-                for other in queues:
-                    other.cancel()
-                raise _from_ia3(value)
-            finish = None
-            if kind == "token":
-                ids[i].append(value)
-            else:
-                finish = value
-            text = tok.decode(ids[i], skip_special_tokens=True)
-            found = [at for at in (text.find(s) for s in stops) if at >= 0]
-            if found:
-                cut = min(found)
-                text, finish = text[:cut], "stop"
-                rows[i].cancelled = True
-            upto = len(text) if finish else len(text) - hold
-            if text.endswith("\ufffd") and not finish:
-                upto = min(upto, len(text) - 1)
-            if upto > sent[i] or finish:
-                yield i, text[sent[i] : max(upto, sent[i])], finish
-                sent[i] = max(upto, sent[i])
-            if finish is None:
-                queues[asyncio.ensure_future(rows[i].out.get())] = i
 
 
 # --- the command ---------------------------------------------------------------------------------------------------
