@@ -53,7 +53,7 @@ def cli_reference() -> str:
 
     runner = CliRunner()
     blocks: list[str] = []
-    for args in ([], ["train"], ["validate"], ["inspect-modules"], ["eval"], ["merge"]):
+    for args in ([], ["train"], ["validate"], ["inspect-modules"], ["eval"], ["merge"], ["serve"]):
         text = runner.invoke(app, [*args, "--help"], prog_name="ia3", terminal_width=100).output
         title = " ".join(["ia3", *args])
         blocks.append(f"#### `{title}`\n\n```text\n{text.rstrip()}\n```\n")
