@@ -53,7 +53,8 @@ def cli_reference() -> str:
 
     runner = CliRunner()
     blocks: list[str] = []
-    for args in ([], ["train"], ["validate"], ["inspect-modules"], ["eval"], ["merge"], ["serve"]):
+    commands = [[c.name or c.callback.__name__.replace("_", "-")] for c in app.registered_commands]  # type: ignore[union-attr]
+    for args in [[], *commands]:
         text = runner.invoke(app, [*args, "--help"], prog_name="ia3", terminal_width=100).output
         title = " ".join(["ia3", *args])
         blocks.append(f"#### `{title}`\n\n```text\n{text.rstrip()}\n```\n")
