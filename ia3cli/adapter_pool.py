@@ -67,7 +67,10 @@ class AdapterPool:
         Raises:
             PathOutside: when it resolves (through ``..`` or symlinks) outside the adapter directory.
         """
-        resolved = (self.root / Path(path)).resolve()
+        try:
+            resolved = (self.root / Path(path)).resolve()
+        except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symlink loop
+            raise PathOutside(f"path '{path}' cannot be resolved: {exc}") from None
         if not resolved.is_relative_to(self.root):
             raise PathOutside(f"path '{path}' is outside the adapter directory", "give a path inside the adapter dir")
         return resolved

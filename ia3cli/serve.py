@@ -37,7 +37,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -55,6 +55,8 @@ if TYPE_CHECKING:
     from ia3cli.mixed import MixedIA3
 
 
+MAX_INPUTS = 256  # prompts or inputs in one request (each is a row of a batch)
+
 # --- request bodies ------------------------------------------------------------------------------------------------
 
 
@@ -71,7 +73,7 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(min_length=1)
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
 
 
 class ChatMessage(BaseModel):
@@ -86,7 +88,7 @@ class ChatRequest(_Sampling):
 
 class ClassifyRequest(BaseModel):
     model: str
-    input: str | list[str | dict[str, Any]] = Field(min_length=1)
+    input: str | Annotated[list[str | dict[str, Any]], Field(min_length=1, max_length=MAX_INPUTS)]
 
 
 class AdapterRequest(BaseModel):

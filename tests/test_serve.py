@@ -235,6 +235,7 @@ ERRORS = [
     pytest.param("/v1/completions", {"model": "alpha", "prompt": "x", "temperature": 9}, 422, None, id="temperature"),
     pytest.param("/v1/chat/completions", {"model": "alpha", "messages": []}, 422, None, id="no-messages"),
     pytest.param("/v1/completions", "{not json", 422, None, id="not-json"),
+    pytest.param("/v1/completions", {"model": "alpha", "prompt": ["x"] * 257}, 422, None, id="too-many-prompts"),
     pytest.param("/v1/completions", {"model": "alpha", "prompt": LONG}, 413, "context_length_exceeded", id="long"),
     pytest.param("/v1/classify", {"model": "alpha", "input": [LONG]}, 413, "context_length_exceeded", id="long-in"),
     pytest.param("/v1/classify", {"model": "alpha", "input": [{"title": "x"}]}, 422, None, id="missing-column"),
@@ -276,7 +277,7 @@ def test_paths_outside_the_adapter_dir_are_refused(causal, causal_root: Path) ->
     link = causal_root / "link"
     link.symlink_to(outside, target_is_directory=True)
     try:
-        for path in ["../template/run", str(outside), "link", "alpha/../../template/run", "/etc"]:
+        for path in ["../template/run", str(outside), "link", "alpha/../../template/run", "/etc", "alpha\x00"]:
             answer = client.post("/adapters", json={"name": "sneaky", "path": path})
             assert answer.status_code == 403, (path, answer.text)
             assert answer.json()["error"]["code"] == "path_outside_adapter_dir"
