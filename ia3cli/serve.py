@@ -146,6 +146,11 @@ class Server:
         return model
 
     def encode(self, text: str, max_tokens: int, *, special: bool = True) -> list[int]:
+        """Token ids of a prompt that leaves room for ``max_tokens`` in the context.
+
+        Raises:
+            ApiError: 413 when prompt plus ``max_tokens`` exceed the model's context.
+        """
         ids = self.mixed.tokenizer(text, add_special_tokens=special)["input_ids"]
         if len(ids) + max_tokens > self.context:
             raise ApiError(

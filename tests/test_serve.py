@@ -307,6 +307,21 @@ def test_adapters_hot_load_register_and_unload(causal) -> None:
     assert client.post("/adapters", json={"name": "x", "path": "missing"}).status_code == 404
 
 
+def test_an_adapter_of_another_base_is_refused_when_it_loads(
+    causal, causal_root: Path, tiny_model, tmp_path: Path
+) -> None:
+    client, _ = causal
+    other = causal_root / "other-base"
+    shutil.copytree(make_run(tmp_path, tiny_model("bert", "seq-cls"), "seq-cls"), other)
+    try:
+        answer = complete(client, "other-base", "pretty good")
+        assert answer.status_code == 400, answer.text
+        assert "other-base" in answer.json()["error"]["message"]
+        assert complete(client, "alpha", "pretty good").status_code == 200
+    finally:
+        shutil.rmtree(other)
+
+
 def test_lru_evicts_beyond_max_adapters_and_reloads_on_use(causal_root: Path) -> None:
     with serving(causal_root, max_adapters=2, max_wait_ms=1) as (client, _):
         first = complete(client, "alpha", "pretty good").json()["choices"][0]["text"]
