@@ -22,7 +22,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"  # --quick: bench/_work/results-quick (smoke numbers never replace real ones)
 # Cheapest first; the heavy training benchmarks last.
-BENCHMARKS = ["startup", "adapter_size", "floor", "memory", "monitor_cost", "mixed", "throughput", "fewshot"]
+BENCHMARKS = ["startup", "adapter_size", "floor", "memory", "monitor_cost", "mixed", "throughput", "fewshot", "serve"]
 
 
 def table(results: Path) -> str:

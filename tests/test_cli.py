@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from ia3cli.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["train", "validate", "inspect-modules", "eval", "merge", "predict", "report", "runs"]
+COMMANDS = ["train", "validate", "inspect-modules", "eval", "merge", "predict", "report", "runs", "compare", "serve"]
 runner = CliRunner()
 
 
