@@ -13,6 +13,7 @@ vectors and head). Three kinds of job (see :mod:`ia3cli.predict`):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -136,7 +137,6 @@ def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Prog
 def _choose(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Progress) -> None:
     from ia3cli.data import encode_causal
     from ia3cli.evaluation import pad_batch
-    from ia3cli.predict import softmax
 
     tok, model = mixed.tokenizer, mixed.model
     seq2seq = mixed.task == "seq2seq"
@@ -203,3 +203,11 @@ def _generate(mixed: MixedIA3, jobs: list[Job], batch_size: int, gen: dict[str, 
         for i, ids in zip(idx, out.tolist(), strict=True):
             jobs[i].result = {"prediction": tok.decode(ids, skip_special_tokens=True).strip()}
         progress.advance(len(idx))
+
+
+def softmax(scores: Sequence[float]) -> list[float]:
+    """Probabilities from scores (stable for large magnitudes)."""
+    top = max(scores)
+    exps = [math.exp(s - top) for s in scores]
+    total = sum(exps)
+    return [e / total for e in exps]

@@ -64,12 +64,12 @@ def lora_config(recipe: Recipe, plan: TargetPlan) -> Any:
     """The ``peft.LoraConfig`` for a recipe: rank, alpha, targets from the module table, the head in full."""
     from peft import LoraConfig
 
-    from ia3cli.modeling import PEFT_TASK_TYPES
+    from ia3cli.families import TASKS
 
     a = recipe.adapter
     rows = lora_target_rows(plan, a.lora_targets)
     return LoraConfig(
-        task_type=PEFT_TASK_TYPES[recipe.model.task],
+        task_type=TASKS[recipe.model.task].peft_task_type,
         r=a.lora_r,
         lora_alpha=a.lora_alpha,
         target_modules=_regex([r["pattern"] for r in rows]),

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -392,11 +391,3 @@ def predict(
     }
     _write(output, input_path, jobs, meta)
     return PredictResult(output, len(jobs) + len(errors), len(jobs), errors, used)
-
-
-def softmax(scores: Sequence[float]) -> list[float]:
-    """Probabilities from scores (stable for large magnitudes)."""
-    top = max(scores)
-    exps = [math.exp(s - top) for s in scores]
-    total = sum(exps)
-    return [e / total for e in exps]

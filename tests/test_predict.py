@@ -19,7 +19,8 @@ from ia3cli import modeling
 from ia3cli.cli import app
 from ia3cli.errors import DataError, Ia3Error
 from ia3cli.evaluation import score_choices
-from ia3cli.predict import predict, sidecar, softmax
+from ia3cli.inference import softmax
+from ia3cli.predict import predict, sidecar
 from ia3cli.recipe import load_recipe
 from tests.test_mixed import make_adapter
 
