@@ -38,15 +38,16 @@ def budget_warning(training: TrainingSection, train_rows: int) -> str | None:
     steps = optimizer_steps(training, train_rows)
     if steps >= MIN_STEPS:
         return None
-    how = (
-        f"max_steps {training.max_steps}"
-        if training.max_steps
-        else f"{train_rows} rows, batch {training.batch_size} x accumulation {training.gradient_accumulation_steps}, "
-        f"{training.epochs:g} epochs"
-    )
+    if training.max_steps:
+        return (
+            f"training.max_steps: {steps} optimiser steps barely move IA3 vectors (fewer than {MIN_STEPS}); "
+            "raise it (T-Few trains 1000 steps at batch 8 whatever the number of rows)"
+        )
     return (
-        f"training: {how} give only {steps} optimiser steps; IA3 vectors barely move in fewer than {MIN_STEPS}. "
-        f"Set training.max_steps (e.g. 200): small data is cycled over as many epochs as that needs"
+        f"training.epochs: {train_rows} rows at batch {training.batch_size} x accumulation "
+        f"{training.gradient_accumulation_steps} for {training.epochs:g} epochs give only {steps} optimiser steps; "
+        f"IA3 vectors barely move in fewer than {MIN_STEPS}. Set training.max_steps (e.g. 200): small data is then "
+        "cycled over as many epochs as it takes"
     )
 
 
