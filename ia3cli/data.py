@@ -148,11 +148,11 @@ def load_splits(recipe: Recipe) -> tuple[Dataset, Dataset | None]:
     return train, evals
 
 
-def _template_fields(template: str) -> list[str]:
+def _template_fields(template: str, key: str = "data.prompt_template") -> list[str]:
     try:
         return [f for _, f, _, _ in string.Formatter().parse(template) if f]
     except ValueError as exc:
-        raise RecipeError("data.prompt_template", f"is not a valid format string: {exc}") from None
+        raise RecipeError(key, f"is not a valid format string: {exc}") from None
 
 
 def label_id(value: Any, data: DataSection, num_labels: int) -> int | None:
@@ -296,9 +296,10 @@ def check(recipe: Recipe) -> DataReport:
         DataError, RecipeError: naming the file, row or key at fault.
     """
     d = recipe.data
-    for template in [d.prompt_template, *(d.prompt_templates or [])]:
-        if template:
-            _template_fields(template)
+    if d.prompt_template:
+        _template_fields(d.prompt_template)
+    for template in d.prompt_templates or []:
+        _template_fields(template, "data.prompt_templates")
     train, evals = load_splits(recipe)
     report = DataReport(source=d.path, train=train, eval=evals)
     for split, ds in ((d.train_split, train), (d.eval_split, evals)):

@@ -258,9 +258,13 @@ class Recipe(_Section):
             problems.append(
                 ("model.num_labels", f"is {m.num_labels} but data.label_names has {len(d.label_names)} names")
             )
-        if m.task != "seq-cls" and d.messages_column is None and d.target_column is None and not d.label_names:
+        targets = (d.messages_column, d.target_column, d.label_names, d.choices_column)
+        if m.task != "seq-cls" and not any(targets):
             problems.append(
-                ("data.target_column", f"task '{m.task}' needs target_column, label_names or messages_column")
+                (
+                    "data.target_column",
+                    f"task '{m.task}' needs target_column, label_names, choices_column or messages_column",
+                )
             )
         if m.task == "seq2seq" and d.messages_column is not None:
             problems.append(("data.messages_column", "chat messages are for causal-lm only"))
