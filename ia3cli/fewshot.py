@@ -140,6 +140,13 @@ class ChoiceTrainer(Trainer):
             # (and DDP averages over processes) instead of rescaling by a token count it cannot know.
             self.model_accepts_loss_kwargs = False
 
+    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+        # Choice rows have no single length to group by (transformers 5 groups evaluation batches by length when
+        # training does): evaluate them in order, as the Trainer does without grouping.
+        if isinstance(eval_dataset, RowDataset):
+            return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+        return super()._get_eval_sampler(eval_dataset)
+
     def choice_terms(self, model: Any, inputs: dict[str, torch.Tensor]) -> objectives.ChoiceTerms:
         """Forward all choices of the batch and compute every loss term."""
         seq2seq = bool(getattr(self.model.config, "is_encoder_decoder", False))

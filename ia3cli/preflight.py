@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,11 +52,16 @@ def budget_warning(training: TrainingSection, train_rows: int) -> str | None:
     )
 
 
-def check_init_from(recipe: Recipe) -> None:
-    """``adapter.init_from`` names a finished run of the same base model and task.
+def _as_set(targets: object) -> object:
+    return frozenset(targets) if isinstance(targets, (list, tuple, set, frozenset)) else targets
+
+
+def check_init_from(recipe: Recipe, plan: object) -> None:
+    """``adapter.init_from`` names a finished run of the same base model, task and IA3 targets.
 
     Raises:
-        RecipeError: when it is not a run dir with an adapter, or was trained on another base model or task.
+        RecipeError: when it is not a run dir with an adapter, or was trained on another base model or task, or
+            with other target / feed-forward modules than ``plan`` resolves.
     """
     run = recipe.adapter.init_from
     if run is None:
@@ -78,6 +84,19 @@ def check_init_from(recipe: Recipe) -> None:
                 f"{run} was trained with model.{key} {model.get(key)!r}, this recipe has {mine!r}",
                 "IA3 vectors only transfer between runs of the same base model and task",
             )
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the vectors themselves are checked against the model when they are loaded
+    for key in ("target_modules", "feedforward_modules"):
+        theirs, ours = _as_set(config.get(key)), _as_set(getattr(plan, key))
+        if theirs != ours:
+            raise RecipeError(
+                "adapter.init_from",
+                f"the IA3 vectors in {run} target other modules than this recipe ({key} {config.get(key)} there, "
+                f"{getattr(plan, key)} here)",
+                f"use the same adapter.{key} as that run",
+            )
 
 
 def run(recipe: Recipe) -> Preflight:
@@ -90,7 +109,7 @@ def run(recipe: Recipe) -> Preflight:
     from ia3cli import data, targets
 
     plan = targets.resolve(recipe.model, recipe.adapter, recipe.model.task, recipe.num_labels)
-    check_init_from(recipe)
+    check_init_from(recipe, plan)
     report = data.check(recipe)
     warnings = [w for w in [budget_warning(recipe.training, len(report.train))] if w]
     return Preflight(plan=plan, data=report, warnings=warnings)
