@@ -1,19 +1,18 @@
-"""Few-shot quality: dev accuracy of the quick-start model after training on 16, 64 and 256 rows.
+"""Few-shot quality: dev accuracy of the quick-start model after training on 16, 64 and 256 rows, by method.
 
-Methods (all on the quick-start all-MiniLM-L6-v2 with a fresh 2-class head, which every method trains):
+A thin wrapper over ``ia3cli.compare.run`` (what ``ia3 compare`` runs), on the quick-start all-MiniLM-L6-v2 with a
+fresh 2-class head, which every method trains:
 
-- ``ia3``: ``ia3cli.train.run`` on the quick-start recipe (ia3cli's IA3 targets, head in ``modules_to_save``);
-- ``lora_r4``: PEFT ``LoraConfig(r=4, lora_alpha=8)``, default BERT targets (query, value), head trained;
-- ``head``: only the classifier head is trained (the base is frozen);
-- ``full``: every parameter is trained.
+- ``ia3``: the quick-start recipe as written (ia3cli's IA3 targets, head in ``modules_to_save``), lr 1e-2;
+- ``lora``: PEFT LoRA r=4 (alpha 8) on the query/value projections, head trained, lr 5e-4 (compare's default);
+- ``head``: only the classifier head (a linear probe), lr 1e-3 (compare's default);
+- ``full``: every parameter, lr 5e-5 (compare's default).
 
-Fair settings: the training rows are the same for every method (``data.train_samples`` sampled with the run's seed
-by ia3cli), the non-IA3 methods use ia3cli's own data pipeline and ``training_arguments`` (so the same collator,
-length grouping, batch size 16, linear schedule with 10% warm-up, clipping at 1.0), and every run takes the same
-fixed number of optimiser steps whatever the data size (60; 16 rows then means 60 epochs, 256 rows ~4). Learning
-rates are per method, the usual values for each (tuned-ish, not searched here): IA3 1e-2 (the quick-start
-recipe), LoRA 1e-3, head-only 1e-2, full fine-tuning 5e-5. Accuracy is on all 100 dev rows after the last step
-(no checkpoint selection). Three seeds each; mean and standard deviation, plus a plot: results/fewshot.png.
+Fair settings (all from ``ia3 compare``): for each N and seed the training rows are drawn once and every method
+trains on that same file; the same data pipeline, batch size 16, linear schedule with 10% warm-up and clipping at
+1.0; every run takes the same fixed number of optimiser steps whatever the data size (60: 16 rows then means 60
+epochs, 256 rows ~4). Accuracy is on all 100 dev rows after the last step (no checkpoint selection). Three seeds;
+mean and standard deviation, the plot in results/fewshot.png and compare's own table and recommendation.
 
 Target: none fixed; this says how well IA3 does with few examples next to the alternatives.
 """
@@ -21,131 +20,40 @@ Target: none fixed; this says how well IA3 does with few examples next to the al
 from __future__ import annotations
 
 import shutil
-import time
 
-from _common import QUICK, RESULTS, WORK, median, quickstart_recipe, quiet, stdev, write_result
+from _common import QUICK, RESULTS, WORK, quickstart_recipe, write_result
 
-SIZES = [16, 64, 256]
-SEEDS = [0] if QUICK else [0, 1, 2]
+SIZES = [16] if QUICK else [16, 64, 256]
+SEEDS = 1 if QUICK else 3
 STEPS = 8 if QUICK else 60
 BATCH = 16
-LR = {"ia3": 1e-2, "lora_r4": 1e-3, "head": 1e-2, "full": 5e-5}
-
-
-def recipe_for(method: str, n: int, seed: int):
-    out = WORK / f"fewshot-{method}"
-    shutil.rmtree(out, ignore_errors=True)
-    return quickstart_recipe(
-        out,
-        data={"train_samples": n},
-        training={
-            "max_steps": STEPS,
-            "batch_size": BATCH,
-            "seed": seed,
-            "learning_rate": LR[method],
-            "eval_strategy": "no",
-            "save_strategy": "no",
-            "load_best_model_at_end": False,
-            "logging_steps": 50,
-        },
-        monitor={"every_steps": 1000},
-    )
-
-
-def train_other(method: str, recipe) -> float:
-    """LoRA / head-only / full fine-tuning through ia3cli's data pipeline and TrainingArguments."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, set_seed
-
-    from ia3cli import data, evaluation, modeling
-    from ia3cli.train import training_arguments
-
-    set_seed(recipe.training.seed)
-    tokenizer = modeling.load_tokenizer(recipe.model)
-    model = modeling.load_base(recipe.model, recipe.num_labels, pad_token_id=tokenizer.pad_token_id)
-    if method == "lora_r4":
-        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8))
-    elif method == "head":
-        for name, p in model.named_parameters():
-            p.requires_grad = name.startswith("classifier.")
-    train_ds, eval_ds, collator = data.build(recipe, tokenizer)
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(recipe, recipe_out(recipe)),
-        train_dataset=train_ds,
-        data_collator=collator,
-        processing_class=tokenizer,
-        compute_metrics=evaluation.trainer_metrics(recipe.num_labels),
-    )
-    trainer.train()
-    return trainer.evaluate(eval_ds)["eval_accuracy"]
-
-
-def recipe_out(recipe):
-    from pathlib import Path
-
-    return Path(recipe.training.output_dir)
-
-
-def train_ia3(recipe) -> float:
-    from ia3cli.train import run
-
-    return run(recipe, overwrite=True, printer=quiet).metrics["eval_accuracy"]
-
-
-def plot(summary: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, by_n in summary.items():
-        ns = sorted(int(n) for n in by_n)
-        means = [by_n[str(n)]["mean"] for n in ns]
-        stds = [by_n[str(n)]["std"] for n in ns]
-        ax.errorbar(ns, means, yerr=stds, marker="o", capsize=3, label=f"{method} (lr {LR[method]:g})")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(SIZES, [str(n) for n in SIZES])
-    ax.set_xlabel("training rows")
-    ax.set_ylabel("dev accuracy (100 rows)")
-    ax.set_title(f"all-MiniLM-L6-v2, {STEPS} steps x batch {BATCH}, {len(SEEDS)} seed(s)")
-    ax.axhline(0.5, color="grey", lw=0.5, ls=":")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "fewshot.png", dpi=120)
+METHODS = ["ia3", "lora", "head", "full"]
 
 
 def main() -> None:
-    runs = []
-    for seed in SEEDS:
-        for n in SIZES:
-            for method in LR:
-                recipe = recipe_for(method, n, seed)
-                t0 = time.perf_counter()
-                acc = train_ia3(recipe) if method == "ia3" else train_other(method, recipe)
-                runs.append(
-                    {"method": method, "rows": n, "seed": seed, "accuracy": acc, "wall_s": time.perf_counter() - t0}
-                )
-                print(runs[-1], flush=True)
-    summary: dict = {}
-    for method in LR:
-        summary[method] = {}
-        for n in SIZES:
-            accs = [r["accuracy"] for r in runs if r["method"] == method and r["rows"] == n]
-            summary[method][str(n)] = {"mean": sum(accs) / len(accs), "std": stdev(accs), "median": median(accs)}
+    from ia3cli import compare
+    from ia3cli.compare_report import mean_std, values
+
+    out = WORK / "fewshot-compare"
+    recipe = quickstart_recipe(
+        WORK / "fewshot-unused",
+        training={"max_steps": STEPS, "batch_size": BATCH, "logging_steps": 50},
+        monitor={"every_steps": 1000},
+    )
+    result = compare.run(recipe, METHODS, SIZES, SEEDS, out, overwrite=True, lora_r=4)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(summary)
+    shutil.copyfile(out / "compare.png", RESULTS / "fewshot.png")
+    summary = {
+        m: {str(n): dict(zip(("mean", "std"), mean_std(values(result.cells, m, n)), strict=True)) for n in SIZES}
+        for m in METHODS
+    }
+    runs = [{k: c.get(k) for k in ("method", "n", "seed", "lr", "metric", "params", "bytes", "seconds")}
+            for c in result.cells]  # fmt: skip
     rows = [
-        [
-            "fewshot",
-            f"{method} dev acc at 16 / 64 / 256 rows",
-            " / ".join(f"{summary[method][str(n)]['mean']:.2f}±{summary[method][str(n)]['std']:.2f}" for n in SIZES),
-            "report",
-            "",
-        ]
-        for method in LR
-    ]
+        ["fewshot", f"{m} dev acc at {' / '.join(map(str, SIZES))} rows",
+         " / ".join(f"{summary[m][str(n)]['mean']:.2f}±{summary[m][str(n)]['std']:.2f}" for n in SIZES), "report", ""]
+        for m in METHODS
+    ]  # fmt: skip
     write_result(
         "fewshot",
         {
@@ -156,12 +64,14 @@ def main() -> None:
                 "seeds": SEEDS,
                 "steps": STEPS,
                 "batch_size": BATCH,
-                "learning_rates": LR,
+                "learning_rates": {m: next(c["lr"] for c in result.cells if c["method"] == m) for m in METHODS},
                 "schedule": "linear, 10% warm-up, clip 1.0",
                 "eval": "100 dev rows, last step",
+                "runner": "ia3cli.compare.run (ia3 compare)",
             },
             "runs": runs,
             "summary": summary,
+            "recommendation": result.recommendation,
             "rows": rows,
         },
     )

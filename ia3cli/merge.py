@@ -1,5 +1,8 @@
 """``ia3 merge RUN OUT``: fold the IA3 vectors into the base weights, prove the outputs match, save.
 
+LoRA runs (``adapter.method: lora``) merge the same way through PEFT; ``full`` and ``head`` runs are full models
+already and are refused with a message saying so.
+
 1. The run dir is self-describing: ``recipe.yaml`` names the base, ``adapter_config.json`` the adapter.
 2. The base is reloaded in float32 and *unquantised*, even for a run trained in 4/8-bit: PEFT cannot merge IA3
    into quantised layers, and the scaled weights must be stored in full precision anyway.
@@ -52,6 +55,12 @@ def _check_paths(run_dir: Path, out: Path, force: bool) -> None:
     hint = "pass the output_dir of a finished `ia3 train` (it holds adapter_config.json and recipe.yaml)"
     if not run_dir.is_dir():
         raise Ia3Error(f"{run_dir}: run directory not found", hint)
+    method = _run_method(run_dir)
+    if method in ("full", "head"):
+        raise Ia3Error(
+            f"{run_dir}: trained with adapter.method '{method}', so it is already a full model: nothing to merge",
+            f"load it as it is: ia3 eval {run_dir}, or AutoModelFor*.from_pretrained('{run_dir}')",
+        )
     for name in ("adapter_config.json", "recipe.yaml"):
         if not (run_dir / name).is_file():
             raise Ia3Error(f"{run_dir}: no {name} (not a finished run dir)", hint)
@@ -67,6 +76,17 @@ def _check_paths(run_dir: Path, out: Path, force: bool) -> None:
         if not force:
             raise Ia3Error(f"{out}: not empty", "pass --force to replace an earlier merge, or choose another OUT")
         check_replaceable(out, MERGE_MARKER, key="OUT", flag="--force", keep=(run_abs,))
+
+
+def _run_method(run_dir: Path) -> str:
+    """``adapter.method`` of the run's saved recipe (``ia3`` when unreadable: the other checks report that)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+        return str(saved["adapter"].get("method", "ia3"))
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return "ia3"
 
 
 def probe_batch(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[dict[str, torch.Tensor], str]:

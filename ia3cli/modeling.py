@@ -1,12 +1,14 @@
-"""Tokenizer and base model (full precision, 4-bit or 8-bit), wrapped with IA3 through PEFT.
+"""Config, tokenizer and base model (meta device, full precision, 4-bit or 8-bit), wrapped with IA3 through PEFT.
 
 Every way a model is named (hub id, local folder, ``pkg:`` folder inside an installed package, a GGUF file) goes
-through :func:`load_tokenizer` and :func:`load_base`, so tests that load a tiny model from a temp dir exercise the
-same code a hub id takes.
+through :func:`load_config`, :func:`load_tokenizer` and :func:`load_base` with the same loading arguments, so tests
+that load a tiny model from a temp dir exercise the same code a hub id takes. :func:`build_meta_model` builds the
+task model on the ``meta`` device from the config alone (shapes, no weights) for the target resolver.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import shutil
@@ -14,18 +16,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ia3cli.errors import Ia3Error, RecipeError
+from ia3cli.families import HEAD_MODULES, TASKS, infer_task
 from ia3cli.recipe import ModelSection, Recipe, resolve_model_path
 
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
     from ia3cli.targets import TargetPlan
 
-PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
-# Classification heads are trained in full (modules_to_save), so they must not be quantised.
-HEAD_MODULES = ["classifier", "pre_classifier", "score", "classification_head", "lm_head"]
+PEFT_TASK_TYPES = {task: info.peft_task_type for task, info in TASKS.items()}
+__all__ = ["HEAD_MODULES", "PEFT_TASK_TYPES"]  # HEAD_MODULES: heads are trained in full, so never quantised
 
 
 def auto_class(task: str) -> Any:
@@ -36,13 +38,9 @@ def auto_class(task: str) -> Any:
     """
     import transformers
 
-    if task not in PEFT_TASK_TYPES:
-        raise RecipeError("model.task", f"'{task}' is not a task", f"use one of {', '.join(PEFT_TASK_TYPES)}")
-    return {
-        "seq-cls": transformers.AutoModelForSequenceClassification,
-        "causal-lm": transformers.AutoModelForCausalLM,
-        "seq2seq": transformers.AutoModelForSeq2SeqLM,
-    }[task]
+    if task not in TASKS:
+        raise RecipeError("model.task", f"'{task}' is not a task", f"use one of {', '.join(TASKS)}")
+    return getattr(transformers, TASKS[task].auto_class)
 
 
 def torch_dtype(name: str) -> torch.dtype | str:
@@ -59,6 +57,123 @@ def _source_kwargs(model: ModelSection) -> dict[str, Any]:
     if model.gguf_file:
         kwargs["gguf_file"] = model.gguf_file
     return kwargs
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+
+
+def load_config(model: ModelSection) -> PretrainedConfig:
+    """Load the ``AutoConfig`` of ``model.name`` (hub id, local directory or ``pkg:`` name).
+
+    Honours ``revision``, ``trust_remote_code`` and ``gguf_file`` (the config is read from the GGUF metadata).
+
+    Args:
+        model: The recipe's model section.
+
+    Raises:
+        RecipeError: on ``model.name`` for a missing local directory, a directory without ``config.json``, an unknown
+            or unreachable hub id (offline and not cached), an unknown model type, or a config that needs
+            ``trust_remote_code``; on ``model.gguf_file`` when that file is not in the directory.
+    """
+    from transformers import AutoConfig
+
+    name = resolve_model_path(model.name)
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise RecipeError("model.name", f"'{model.name}' is a file, not a model directory", "name the folder instead")
+    if path.is_dir():
+        if model.gguf_file:
+            if not (path / model.gguf_file).is_file():
+                found = sorted(p.name for p in path.glob("*.gguf"))
+                hint = f"GGUF files there: {', '.join(found)}" if found else "no .gguf file in that folder"
+                raise RecipeError("model.gguf_file", f"'{model.gguf_file}' is not in {path}", hint)
+        elif not (path / "config.json").is_file():
+            raise RecipeError(
+                "model.name", f"{path} has no config.json", "point at the folder written by save_pretrained()"
+            )
+        name = str(path)
+    elif _looks_local(model.name):
+        raise RecipeError("model.name", f"directory not found: {model.name}", "check the path (or use a hub id)")
+    try:
+        return AutoConfig.from_pretrained(name, **_source_kwargs(model))
+    except ValueError as exc:
+        text = str(exc)
+        if "trust_remote_code" in text or "custom code" in text:
+            raise RecipeError(
+                "model.name",
+                f"'{model.name}' ships its own modelling code, which runs only with trust_remote_code",
+                "read that code, then set model.trust_remote_code: true",
+            ) from None
+        raise RecipeError(
+            "model.name",
+            f"cannot read the config of '{model.name}': {_first_line(exc)}",
+            "a newer transformers may know this model type; or set model.trust_remote_code: true if it ships code",
+        ) from None
+    except (OSError, ImportError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = "offline and not in the local cache" if offline else _first_line(exc)
+        raise RecipeError(
+            "model.name",
+            f"cannot load the config of '{model.name}': {why}",
+            "check the hub id and revision (or login for gated models); offline, download it first or use a "
+            "local directory",
+        ) from None
+
+
+def tasks_for(model_type: str) -> tuple[str, ...]:
+    """The tasks transformers has a model class for with this ``model_type``."""
+    from transformers.models.auto import modeling_auto as ma
+
+    mappings = {
+        "seq-cls": ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        "causal-lm": ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        "seq2seq": ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    }
+    return tuple(task for task, names in mappings.items() if model_type in names)
+
+
+def default_task(config: PretrainedConfig) -> str:
+    """The task a config is for: its ``architectures``, else its family's first task (see ``families.infer_task``)."""
+    model_type = str(getattr(config, "model_type", ""))
+    return infer_task(
+        model_type,
+        getattr(config, "architectures", None),
+        bool(getattr(config, "is_encoder_decoder", False)),
+        tasks_for(model_type),
+    )
+
+
+def build_meta_model(
+    config: PretrainedConfig, task: str, num_labels: int = 2, *, trust_remote_code: bool = False
+) -> torch.nn.Module:
+    """Instantiate the task model from ``config`` on the ``meta`` device: shapes only, no memory, no weights.
+
+    Args:
+        config: A transformers config.
+        task: ``seq-cls``, ``causal-lm`` or ``seq2seq`` (picks the Auto class, hence the module names).
+        num_labels: Classes of the ``seq-cls`` head.
+        trust_remote_code: Allow modelling code shipped with the config.
+
+    Raises:
+        RecipeError: on ``model.task`` when the family has no model for that task (naming the tasks it has).
+    """
+    import torch
+
+    auto = auto_class(task)
+    if task == "seq-cls":
+        config = copy.deepcopy(config)
+        config.num_labels = num_labels
+    try:
+        with torch.device("meta"):
+            return auto.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        model_type = getattr(config, "model_type", "?")
+        if "Unrecognized configuration class" not in str(exc):
+            raise RecipeError("model.name", f"cannot build a '{model_type}' model: {_first_line(exc)}") from None
+        have = tasks_for(model_type)
+        hint = f"'{model_type}' supports: {', '.join(have)}" if have else None
+        raise RecipeError("model.task", f"'{model_type}' models have no {task} variant in transformers", hint) from None
 
 
 def load_tokenizer(model: ModelSection) -> PreTrainedTokenizerBase:
@@ -192,33 +307,53 @@ def ia3_config(recipe: Recipe, plan: TargetPlan) -> Any:
         task_type=PEFT_TASK_TYPES[recipe.model.task],
         target_modules=plan.target_modules,
         feedforward_modules=plan.feedforward_modules,
-        modules_to_save=modules_to_save(recipe, plan),
+        modules_to_save=plan.modules_to_save,
         init_ia3_weights=recipe.adapter.init_ia3_weights,
         fan_in_fan_out=plan.fan_in_fan_out,
     )
 
 
-def modules_to_save(recipe: Recipe, plan: TargetPlan) -> list[str] | None:
-    """The recipe's extra trainable modules plus, for seq-cls, every newly initialised head module.
+def modules_to_save(task: str, extra: list[str] | None, head_modules: list[str]) -> list[str] | None:
+    """The ``modules_to_save`` ia3cli gives PEFT: the recipe's extra modules plus, for seq-cls, every new head module.
 
     PEFT adds only ``classifier``/``score`` by itself; DistilBERT's ``pre_classifier`` or BART's
-    ``classification_head`` would otherwise stay frozen at their random initialisation.
+    ``classification_head`` would otherwise stay frozen at their random initialisation. The target plan stores the
+    result (``TargetPlan.modules_to_save``) and matches targets against exactly this list, which :func:`ia3_config`
+    passes on.
+
+    Args:
+        task: The recipe's task.
+        extra: ``adapter.modules_to_save``.
+        head_modules: Top-level modules of the seq-cls head (``TargetPlan.head_modules``).
     """
-    names = list(recipe.adapter.modules_to_save or [])
-    if recipe.model.task == "seq-cls":
-        names += [h for h in plan.head_modules if h not in names]
+    names = list(extra or [])
+    if task == "seq-cls":
+        names += [h for h in head_modules if h not in names]
     return names or None
 
 
+def peft_modules_to_save(task: str, names: list[str] | None) -> list[str]:
+    """What PEFT's model ends up excluding from targets: ``names`` plus, for seq-cls, the ``classifier`` and
+    ``score`` that ``PeftModelForSequenceClassification`` appends itself (peft 0.21)."""
+    return list(names or []) + (["classifier", "score"] if task == "seq-cls" else [])
+
+
 def wrap(base: PreTrainedModel, recipe: Recipe, plan: TargetPlan) -> PeftModel:
-    """Wrap ``base`` with IA3. Quantised bases are first prepared for k-bit training (norms in fp32, input grads)."""
+    """Wrap ``base`` with IA3, or with ``adapter.method`` (see :mod:`ia3cli.methods`).
+
+    Quantised bases are first prepared for k-bit training (norms in fp32, input grads).
+    """
     from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from ia3cli import methods
 
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=recipe.training.gradient_checkpointing)
     elif recipe.training.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
+    if recipe.adapter.method != "ia3":
+        return methods.wrap(base, recipe, plan)
     return get_peft_model(base, ia3_config(recipe, plan))
 
 
@@ -236,7 +371,7 @@ def load_recipe_base(
 
 
 def build(recipe: Recipe, plan: TargetPlan) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """Tokenizer plus IA3-wrapped base model for a recipe."""
+    """Tokenizer plus the base model wrapped for ``adapter.method`` (IA3 by default)."""
     tokenizer = load_tokenizer(recipe.model)
     return wrap(load_recipe_base(recipe, tokenizer), recipe, plan), tokenizer
 

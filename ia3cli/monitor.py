@@ -14,15 +14,14 @@ share of entries still exactly 1.0, prints one line, and checks for problems. Va
 ``ia3/grad_norm_<group>``, ``ia3/drift_<group>``, ``ia3/at_init_<group>`` (and ``..._layer_<i>`` with
 ``monitor.per_layer``), so they reach ``log_history`` and TensorBoard.
 
-Findings (each printed once, with its likely cause and fix):
+Findings and their causes and fixes are the pure rules of :mod:`ia3cli.health` (its ``FINDINGS`` table); on a
+non-finite loss or IA3 gradient training stops at once, the broken gradients are dropped before the optimiser step,
+and no checkpoint is saved from that state, so the last checkpoint stays good. ``monitor.on_problem: stop`` also
+stops training on the other findings. ``health.json`` records the outcome; the monitor is its only writer (at
+``on_train_end``).
 
-- ``vanishing_gradients``: a group's norm below ``vanishing_below`` for ``patience`` consecutive checks;
-- ``exploding_gradients``: a group's pre-clip norm above ``exploding_above`` for ``patience`` consecutive checks;
-- ``vectors_not_moving``: a group's drift below 1e-6 for ``patience`` consecutive checks (the first check is skipped);
-- ``nonfinite_loss``: a non-finite loss or IA3 gradient at any step. Training stops at once, the broken gradients are
-  dropped before the optimiser step, and no checkpoint is saved from that state, so the last checkpoint stays good.
-
-``monitor.on_problem: stop`` also stops training on the other findings. ``health.json`` records the outcome.
+Groups come from the target plan (``TargetPlan.groups``: module name -> group, from the family table or shape
+analysis); without a plan, from the family table by ``config.model_type`` and PEFT's ``is_feedforward`` flag.
 
 Why a gradient hook: in transformers 5.x ``Trainer._inner_training_loop`` clips (``_clip_grad_norm``) *before* it calls
 ``on_pre_optimizer_step``, so every callback sees clipped gradients, and the pre-clip norm it computes is a local
@@ -34,71 +33,36 @@ and one small matmul (parameter-to-group membership, built once); ``on_pre_optim
 ``tolist()``, the one host sync the monitor adds per step (it is what lets a non-finite step be dropped at once).
 With gradient accumulation the measurement after the last micro-batch is the one read; under reentrant gradient
 checkpointing the nested backward passes each measure, and the last (layer 0, which finishes last) wins.
+
+How the values reach reporters: ``Trainer.log`` copies the logs into ``state.log_history`` and then calls every
+callback's ``on_log`` with the same ``logs`` dict, in registration order (transformers 5.23: ``DefaultFlowCallback``,
+then the ``report_to`` integrations, then ``callbacks=``). The monitor adds its values to that dict, so every
+callback registered after it sees them: the training code passes ``report_to="none"`` and lists the reporters
+(TensorBoard, W&B, ...) after the monitor in ``callbacks=``. ``log_history`` keeps the Trainer's own values only.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ia3cli.io import write_atomic
+from ia3cli import health
+from ia3cli.families import GROUPS, group_of, role_of
 
 if TYPE_CHECKING:
     from ia3cli.recipe import MonitorSection
 
-GROUPS = ("q", "k", "v", "qkv", "ff", "other")
-"""IA3 groups, in display order."""
-
-NOT_MOVING_BELOW = 1e-6
-"""A group whose mean |l - 1| stays below this has not moved."""
-
 SCALER_NONFINITE_TOLERANCE = 8
 """Under an fp16 loss scaler overflowing steps are normal (the scaler skips them): fail after this many in a row."""
 
-_QKV = {"c_attn", "query_key_value", "qkv_proj", "qkv", "wqkv", "w_pack", "in_proj", "c_attn_proj", "att_proj"}
-_K = {"k_proj", "key", "k", "k_lin", "wk", "to_k", "key_proj", "k_attn"}
-_V = {"v_proj", "value", "v", "v_lin", "wv", "to_v", "value_proj", "v_attn"}
-_Q = {"q_proj", "query", "q", "q_lin", "wq", "to_q", "query_proj", "q_attn"}
-_FF = {"down_proj", "fc2", "w2", "wo", "dense_4h_to_h", "fc_out", "c_proj", "ffn.lin2", "lin2"}
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
-
-
-def classify_module(name: str, is_feedforward: bool | None = None) -> str:
-    """The IA3 group of a targeted module.
-
-    Args:
-        name: Full module name, e.g. ``base_model.model.model.layers.0.self_attn.k_proj``.
-        is_feedforward: PEFT's ``IA3Layer.is_feedforward``; decides ``ff`` when known. When ``None`` the name decides
-            (``down_proj``, ``fc2``, ``mlp.c_proj``, BERT's ``layer.N.output.dense``, ...).
-
-    Returns:
-        One of :data:`GROUPS`.
-    """
-    parts = name.lower().split(".")
-    leaf = parts[-1]
-    if is_feedforward:
-        return "ff"
-    if is_feedforward is None:
-        bert_ffn_out = parts[-2:] == ["output", "dense"] and (len(parts) < 3 or parts[-3] != "attention")
-        gpt2_ffn_out = leaf == "c_proj" and len(parts) > 1 and parts[-2] == "mlp"
-        if bert_ffn_out or gpt2_ffn_out or (leaf in _FF and leaf != "c_proj"):
-            return "ff"
-    if leaf in _QKV:
-        return "qkv"
-    if leaf in _K:
-        return "k"
-    if leaf in _V:
-        return "v"
-    if leaf in _Q:
-        return "q"
-    return "other"
+_PEFT_PREFIX = "base_model.model."
 
 
 def layer_label(name: str) -> str | None:
@@ -110,33 +74,33 @@ def layer_label(name: str) -> str | None:
     return f"dec_{match.group(1)}" if "decoder" in before else match.group(1)
 
 
-def ia3_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter, str, str | None]]:
+def ia3_parameters(
+    model: torch.nn.Module, groups: Mapping[str, str] | None = None
+) -> list[tuple[str, torch.nn.Parameter, str, str | None]]:
     """The trainable IA3 vectors of a PEFT model with their group and layer.
 
     Args:
         model: A ``PeftModel`` (or any module holding PEFT ``IA3Layer`` modules).
+        groups: Module name (as in the base model, without PEFT's ``base_model.model.``) -> group, from the target
+            plan (``TargetPlan.groups``). Names it lacks get their group from the family table by
+            ``model.config.model_type`` and PEFT's ``is_feedforward`` flag.
 
     Returns:
         ``(module_name, parameter, group, layer)`` for each trainable ``ia3_l`` parameter, in model order.
     """
     modules = dict(model.named_modules())
+    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
     found = []
     for pname, param in model.named_parameters():
         if ".ia3_l." not in pname or not param.requires_grad:
             continue
         mname = pname.split(".ia3_l.")[0]
-        is_ff = getattr(modules.get(mname), "is_feedforward", None)
-        found.append((mname, param, classify_module(mname, is_ff), layer_label(mname)))
+        group = (groups or {}).get(mname.removeprefix(_PEFT_PREFIX))
+        if group is None:
+            is_ff = bool(getattr(modules.get(mname), "is_feedforward", False))
+            group = group_of(role_of(model_type, mname), is_ff)
+        found.append((mname, param, group, layer_label(mname)))
     return found
-
-
-def _num(value: float | None) -> float | None:
-    """A JSON-safe number: non-finite values become ``None``."""
-    return float(value) if value is not None and math.isfinite(value) else None
-
-
-def _fmt(values: dict[str, float]) -> str:
-    return " ".join(f"{g} {v:.1e}" for g, v in values.items())
 
 
 def _all_processes_agree(finite: bool, params: list[torch.nn.Parameter]) -> bool:
@@ -165,26 +129,25 @@ class GradNormMonitor(TrainerCallback):
     Trainer then only measures the global norm. The monitor checks this at train begin (a mismatch is a
     ``ValueError``) and warns when clipping is disabled.
 
-    Add it with ``Trainer(callbacks=[monitor])`` or, so that TensorBoard also receives the ``ia3/*`` values,
-    ``monitor.attach(trainer)``: reporting callbacks run before user callbacks and ``Trainer.log`` copies the logs into
-    ``log_history`` before any callback sees them, so the monitor patches ``log_history[-1]`` itself and must run
-    before the reporters to reach them.
+    Register it with ``Trainer(callbacks=[monitor, *reporters])`` (and ``report_to="none"``): callbacks listed after
+    it receive the ``ia3/*`` values; running after the Trainer's ``DefaultFlowCallback`` (always first) lets it veto
+    that callback's checkpoint on a non-finite step.
 
-    ``health.json`` is written at ``on_train_end``; call :meth:`write` yourself when ``trainer.train()`` raises. After
-    a failure (:attr:`failed`) the model in memory holds the broken state (unless ``load_best_model_at_end`` restored
-    a checkpoint): the training code should not save it as the adapter, but raise ``RunError`` naming
+    After a failure (:attr:`failed`) the model in memory holds the broken state (unless ``load_best_model_at_end``
+    restored a checkpoint): the training code should not save it as the adapter, but raise ``RunError`` naming
     :attr:`last_checkpoint` (``summary_line()`` says the same).
 
     Args:
         cfg: The recipe's ``monitor`` section.
         max_grad_norm: The recipe's ``training.max_grad_norm`` (``None``: clipping disabled).
         output_dir: Where ``health.json`` is written (the run directory).
+        groups: Module name -> group from the target plan (``TargetPlan.groups``); None: from the family table.
         printer: Receives each printed line (default ``print``).
 
     Attributes:
         findings: Findings so far, as in ``health.json``.
         stopped_by: The finding code that stopped training, if any.
-        last_checkpoint: The last checkpoint saved during training (the last good one after a failure).
+        saved_checkpoints: Checkpoints saved during training, oldest first (some may be deleted since).
     """
 
     def __init__(
@@ -192,34 +155,38 @@ class GradNormMonitor(TrainerCallback):
         cfg: MonitorSection,
         max_grad_norm: float | None,
         output_dir: str | Path,
+        groups: Mapping[str, str] | None = None,
         printer: Callable[[str], Any] = print,
     ) -> None:
         self.cfg = cfg
         self.max_grad_norm = max_grad_norm
         self.output_dir = Path(output_dir)
+        self.groups = dict(groups) if groups is not None else None
         self.printer = printer
         self.findings: list[dict[str, Any]] = []
         self.stopped_by: str | None = None
-        self.last_checkpoint: str | None = None
+        self.saved_checkpoints: list[str] = []
+        self._checks = health.Checks(cfg, max_grad_norm, [])
         self._hooks: list[Any] = []
         self._params: list[torch.nn.Parameter] = []
         self._groups: list[str] = []
-        self._layers: list[str] = []
-        self._reset()
+        self._layers: list[str | None] = []
+        self._group_names: list[str] = []
+        self._layer_names: list[str] = []
+        self._index: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._queued = False
+        self._pending: torch.Tensor | None = None
+        self._last_grad: dict[str, float] | None = None
+        self._last_layer_grad: dict[str, float] = {}
+        self._drift_cache: tuple[int, dict[str, float] | None] = (-1, None)
+        self._final_drift: dict[str, float] | None = None
+        self._steps = 0
+        self._nonfinite_run = 0
+        self._scaler_active = False
+        self._multi_device = False
+        self._note_unavailable = True
 
     # ---- public API -------------------------------------------------------------------------------------------
-
-    def attach(self, trainer: Any) -> GradNormMonitor:
-        """Register with ``trainer`` right after its ``DefaultFlowCallback``, ahead of the reporting callbacks.
-
-        Running before the reporters puts the ``ia3/*`` values into TensorBoard/W&B; running after
-        ``DefaultFlowCallback`` lets the monitor veto its checkpoint on a non-finite step. Returns ``self``.
-        """
-        callbacks = trainer.callback_handler.callbacks
-        if self in callbacks:
-            callbacks.remove(self)
-        callbacks.insert(1 if callbacks else 0, self)
-        return self
 
     @property
     def failed(self) -> bool:
@@ -227,51 +194,26 @@ class GradNormMonitor(TrainerCallback):
         return any(f["code"] == "nonfinite_loss" for f in self.findings)
 
     @property
+    def last_checkpoint(self) -> str | None:
+        """The newest checkpoint saved during training that still exists (the last good one after a failure)."""
+        return health.last_good_checkpoint(self.saved_checkpoints)
+
+    @property
     def health(self) -> dict[str, Any]:
         """The ``health.json`` content: status, findings, final per-group values, steps."""
-        status = "failed" if self.failed else ("warning" if self.findings else "ok")
-        grad = self._last_grad or {}
-        final: dict[str, dict[str, float | None]] = {"grad_norm": {}, "drift": {}, "at_init": {}}
         drift = self._final_drift or self._drift_cache[1] or {}
-        for g in self._group_names:
-            final["grad_norm"][g] = _num(grad.get(g))
-            final["drift"][g] = _num(drift.get(f"drift_{g}"))
-            final["at_init"][g] = _num(drift.get(f"at_init_{g}"))
-        return {
-            "status": status,
-            "findings": list(self.findings),
-            "final": final,
-            "steps": self._steps,
-            "last_good_checkpoint": self.last_checkpoint,
-            "max_grad_norm": self.max_grad_norm,
+        final = {
+            "grad_norm": dict(self._last_grad or {}),
+            "drift": {g: drift[f"drift_{g}"] for g in self._group_names if f"drift_{g}" in drift},
+            "at_init": {g: drift[f"at_init_{g}"] for g in self._group_names if f"at_init_{g}" in drift},
         }
-
-    def write(self, path: str | Path | None = None) -> Path:
-        """Write ``health.json`` atomically (temporary file, then ``os.replace``).
-
-        Args:
-            path: Target file; default ``<output_dir>/health.json``.
-
-        Returns:
-            The written path.
-        """
-        target = Path(path) if path is not None else self.output_dir / "health.json"
-        write_atomic(target, json.dumps(self.health, indent=2, allow_nan=False) + "\n")
-        return target
+        return health.report(
+            self.findings, self._group_names, final, self._steps, self.last_checkpoint, self.max_grad_norm
+        )
 
     def summary_line(self) -> str:
         """One line for the end of ``ia3 train``: status, steps, findings or the final values."""
-        health = self.health
-        if self.failed:
-            first = next(f for f in self.findings if f["code"] == "nonfinite_loss")
-            good = self.last_checkpoint or "none saved"
-            return f"health: FAILED at step {first['step']} (non-finite loss/gradient); last good checkpoint: {good}"
-        if self.findings:
-            codes = ", ".join(f"{f['code']} ({f['group'] or 'all groups'})" for f in self.findings)
-            return f"health: warning after {health['steps']} steps: {codes}; see health.json"
-        grads = {g: v for g, v in health["final"]["grad_norm"].items() if v is not None}
-        drift = {g: v for g, v in health["final"]["drift"].items() if v is not None}
-        return f"health: ok ({health['steps']} steps) | grad {_fmt(grads)} | drift {_fmt(drift)}"
+        return health.summary_line(self.health)
 
     # ---- Trainer events ---------------------------------------------------------------------------------------
 
@@ -295,10 +237,9 @@ class GradNormMonitor(TrainerCallback):
                 "warning: gradient clipping is disabled (training.max_grad_norm: null); IA3 gradients explode "
                 "easily, set training.max_grad_norm: 1.0"
             )
-        self._reset()
         self._remove_hooks()
         model = kwargs["model"]
-        found = ia3_parameters(model)
+        found = ia3_parameters(model, self.groups)
         if not found:
             self.printer("warning: the health monitor found no trainable IA3 vectors (ia3_l); nothing to watch")
         self._params = [p for _, p, _, _ in found]
@@ -306,6 +247,7 @@ class GradNormMonitor(TrainerCallback):
         self._layers = [layer for _, _, _, layer in found]
         self._group_names = [g for g in GROUPS if g in self._groups]
         self._layer_names = list(dict.fromkeys(layer for layer in self._layers if layer is not None))
+        self._checks = health.Checks(self.cfg, self.max_grad_norm, self._group_names)
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params]
 
     def on_step_begin(
@@ -365,56 +307,35 @@ class GradNormMonitor(TrainerCallback):
         logs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> TrainerControl:
-        """Add the ``ia3/*`` values to training logs (and to the ``log_history`` entry the Trainer just wrote)."""
+        """Add the ``ia3/*`` values to the training logs every later callback (the reporters) receives."""
         if logs is None or "loss" not in logs or not self._params:
             return control
         loss = logs["loss"]
         if isinstance(loss, float) and not math.isfinite(loss) and not self.failed:
             self._fail(state.global_step, [], control)
-        extra = self._log_values(state.global_step)
-        logs.update(extra)
-        last = state.log_history[-1] if state.log_history else None
-        if last is not None and last.get("step") == state.global_step and "loss" in last:
-            last.update(extra)
+        logs.update(self._log_values(state.global_step))
         return control
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        """Remember the last checkpoint (the Trainer names it ``checkpoint-<step>``)."""
-        self.last_checkpoint = str(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        """Remember the checkpoint just saved (the Trainer names it ``checkpoint-<step>``)."""
+        self.saved_checkpoints.append(str(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Remove the hooks, take the final measurements and write ``health.json`` (on the main process only)."""
+        """Remove the hooks, take the final measurements and write ``health.json`` (on the main process only).
+
+        This is the one place ``health.json`` is written. It names the last good checkpoint only if it still exists
+        (``save_total_limit`` may have deleted it at the end of training).
+        """
         self._steps = state.global_step
         self._remove_hooks()
         if self._params:
             self._final_drift = self._drift_stats()
         if state.is_world_process_zero:
-            self.write()
+            health.write(self.output_dir / "health.json", self.health)
 
     # ---- measurement ------------------------------------------------------------------------------------------
-
-    def _reset(self) -> None:
-        self.findings = []
-        self.stopped_by = None
-        self._group_names: list[str] = []
-        self._layer_names: list[str] = []
-        self._index: dict[torch.device, tuple[torch.Tensor, ...]] = {}
-        self._queued = False
-        self._pending: torch.Tensor | None = None
-        self._last_grad: dict[str, float] | None = None
-        self._last_layer_grad: dict[str, float] = {}
-        self._drift_cache: tuple[int, dict[str, float] | None] = (-1, None)
-        self._final_drift: dict[str, float] | None = None
-        self._streaks: dict[tuple[str, str], int] = {}
-        self._reported: set[tuple[str, str]] = set()
-        self._checks = 0
-        self._steps = 0
-        self._nonfinite_run = 0
-        self._scaler_active = False
-        self._multi_device = False
-        self._note_unavailable = True
 
     def _remove_hooks(self) -> None:
         for handle in self._hooks:
@@ -486,6 +407,7 @@ class GradNormMonitor(TrainerCallback):
         return values
 
     def _record(self, values: list[float]) -> None:
+        """Keep the measured per-group and per-layer norms."""
         n_groups = len(self._group_names)
         self._last_grad = dict(zip(self._group_names, values[:n_groups], strict=True))
         self._last_layer_grad = dict(zip(self._layer_names, values[n_groups:-1], strict=True))
@@ -533,14 +455,13 @@ class GradNormMonitor(TrainerCallback):
     # ---- checks and findings ----------------------------------------------------------------------------------
 
     def _check(self, step: int, control: TrainerControl) -> None:
-        """One health check: print a line, update the streaks, raise findings."""
-        self._checks += 1
+        """One health check: print a line, then let the rules of :mod:`ia3cli.health` decide."""
         drift = self._drift(step)
         grad = self._last_grad
         line = f"step {step}"
         if grad is not None:
-            line += f" | grad {_fmt(grad)}"
-        line += " | drift " + _fmt({g: drift[f"drift_{g}"] for g in self._group_names})
+            line += f" | grad {health.fmt(grad)}"
+        line += " | drift " + health.fmt({g: drift[f"drift_{g}"] for g in self._group_names})
         still = {g: drift[f"at_init_{g}"] for g in self._group_names}
         if any(v > 0 for v in still.values()):
             line += " | at 1.0 " + " ".join(f"{g} {v:.0%}" for g, v in still.items())
@@ -548,89 +469,21 @@ class GradNormMonitor(TrainerCallback):
         if any(not math.isfinite(v) for v in drift.values()):
             self._fail(step, [g for g in self._group_names if not math.isfinite(drift[f"drift_{g}"])], control)
             return
-        fired: dict[str, list[str]] = {}
-        for g in self._group_names:
-            tests = {"vectors_not_moving": self._checks > 1 and drift[f"drift_{g}"] < NOT_MOVING_BELOW}
-            if grad is not None:
-                tests["vanishing_gradients"] = grad[g] < self.cfg.vanishing_below
-                tests["exploding_gradients"] = grad[g] > self.cfg.exploding_above
-            for code, bad in tests.items():
-                streak = self._streaks[(code, g)] = self._streaks.get((code, g), 0) + 1 if bad else 0
-                if streak >= self.cfg.patience and (code, g) not in self._reported:
-                    self._reported.add((code, g))
-                    fired.setdefault(code, []).append(g)
-        for code, groups in fired.items():
-            everywhere = len(groups) == len(self._group_names) and len(groups) > 1
-            for group in [None] if everywhere else groups:
-                if code == "vectors_not_moving":
-                    values = {g: drift[f"drift_{g}"] for g in groups}
-                else:
-                    values = {g: grad[g] for g in groups}
-                self._add_finding(code, step, group, groups, values)
-            if self.cfg.on_problem == "stop":
+        drift_by_group = {g: drift[f"drift_{g}"] for g in self._group_names}
+        for finding in self._checks.update(step, grad, drift_by_group):
+            self.findings.append(finding)
+            self.printer(f"warning: {finding['code']}: {finding['message']}")
+            if self.cfg.on_problem == "stop" and self.stopped_by is None:
                 control.should_training_stop = True
-                self.stopped_by = self.stopped_by or code
+                self.stopped_by = finding["code"]
                 self.printer(f"stopping training at step {step} (monitor.on_problem: stop)")
-
-    def _add_finding(
-        self, code: str, step: int, group: str | None, groups: list[str], values: dict[str, float]
-    ) -> None:
-        where = "all groups" if group is None else f"the '{group}' vectors"
-        shown = _fmt(values if group is None else {group: values[group]})
-        p = self.cfg.patience
-        clip = f"clipping at {self.max_grad_norm:g}" if self.max_grad_norm is not None else "clipping is disabled"
-        if code == "vanishing_gradients":
-            what = f"gradient norm of {where} below {self.cfg.vanishing_below:g} for {p} checks ({shown})"
-            cause = (
-                "the loss barely depends on the adapter: labels masked out, or an over-quantised (4-bit) base"
-                if group is None
-                else f"the '{group}' targets are wrong or sit downstream of where the signal enters"
-            )
-            fix = (
-                "run `ia3 inspect-modules` and check adapter.target_modules (and that feedforward_modules is a subset "
-                "naming the FFN down-projection); try model.quantization: 8bit or none"
-            )
-        elif code == "exploding_gradients":
-            what = f"pre-clip gradient norm of {where} above {self.cfg.exploding_above:g} for {p} checks ({shown})"
-            cause = (
-                "the learning rate is too high for IA3, or feedforward_modules names a module that is not the FFN "
-                f"down-projection; {clip}"
-            )
-            fix = (
-                "lower training.learning_rate (IA3 usually 1e-3..5e-3), keep training.max_grad_norm: 1.0, and check "
-                "that feedforward_modules is a subset of target_modules"
-            )
-        else:
-            what = f"IA3 vectors of {where} have not left 1.0 after {step} steps (mean |l-1| {shown})"
-            cause = (
-                "the learning rate is far too low (IA3 needs 1e-3..5e-3, about 10x LoRA's)"
-                if group is None
-                else f"the '{group}' vectors get no useful gradient (wrong or downstream targets)"
-            )
-            fix = (
-                "set training.learning_rate: 3e-3"
-                if group is None
-                else "run `ia3 inspect-modules` and check adapter.target_modules / feedforward_modules"
-            )
-        message = f"{what}. likely cause: {cause}. fix: {fix}"
-        self.findings.append({"code": code, "step": step, "group": group, "message": message})
-        self.printer(f"warning: {code}: {message}")
 
     def _fail(self, step: int, groups: list[str], control: TrainerControl) -> None:
         """Record a non-finite loss/gradient, stop training and veto saving."""
-        where = f" (groups: {', '.join(groups)})" if groups else ""
-        good = self.last_checkpoint or "none saved yet"
-        message = (
-            f"loss or gradient is not finite at step {step}{where}; training stopped and no checkpoint was saved "
-            f"from this state (last good checkpoint: {good}). likely cause: a learning rate too high for IA3, fp16 "
-            "overflow, clipping disabled, or a bad input row. fix: lower training.learning_rate (IA3 usually "
-            "1e-3..5e-3), use model.dtype bfloat16 or float32, keep training.max_grad_norm: 1.0, then resume from "
-            "the last checkpoint with --resume"
-        )
-        self.findings.append({"code": "nonfinite_loss", "step": step, "group": None, "message": message})
+        finding = health.nonfinite(step, groups, self.last_checkpoint)
+        self.findings.append(finding)
         self.stopped_by = "nonfinite_loss"
-        self.printer(f"error: nonfinite_loss: {message}")
-        control.should_training_stop = True
+        self.printer(f"error: nonfinite_loss: {finding['message']}")
         self._block(control)
 
     @staticmethod

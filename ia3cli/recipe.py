@@ -20,9 +20,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ia3cli.errors import RecipeError
+from ia3cli.families import TASK_NAMES
 
-Task = Literal["seq-cls", "causal-lm", "seq2seq"]
-Targets = Literal["auto"] | list[str] | str
+Task = Literal[TASK_NAMES]  # type: ignore[valid-type]  # seq-cls, causal-lm, seq2seq: the families.TASKS table
+Targets = Literal["auto", "all-linear"] | list[str] | str
+FeedForward = Literal["auto"] | list[str] | str
 
 PKG_PREFIX = "pkg:"
 
@@ -65,14 +67,22 @@ class ModelSection(_Section):
 
 
 class AdapterSection(_Section):
-    """Which modules IA3 scales (passed to PEFT's `IA3Config`)."""
+    """What is trained: IA3 vectors (the default; passed to PEFT's `IA3Config`), or a baseline method."""
 
+    method: Literal["ia3", "lora", "full", "head"] = Field(
+        "ia3",
+        description="`ia3`; `lora` (PEFT LoRA, see the `lora_*` keys); `full` (every weight trained, a full model "
+        "saved); `head` (seq-cls only: just the classification head, a linear probe). `ia3 compare` runs them side "
+        "by side.",
+    )
     target_modules: Targets = Field(
         "auto",
-        description="`auto` (keys, values and the FFN down-projection, per `ia3 inspect-modules`), a list of "
-        "module-name suffixes, or one regex matched against full module names.",
+        description="`auto` (keys, values and the FFN down-projection, per `ia3 inspect-modules`); `all-linear` "
+        "(every linear layer inside the blocks: q, k, v, o, up, gate, down or the family's equivalents; heads "
+        "excluded; feed-forward modules are the FFN down-projections unless `feedforward_modules` says otherwise); a "
+        "list of module-name suffixes; or one regex matched against full module names.",
     )
-    feedforward_modules: Targets = Field(
+    feedforward_modules: FeedForward = Field(
         "auto",
         description="Targets whose *input* is scaled (the FFN down-projection); must be a subset of "
         "`target_modules`. `auto`, a list of suffixes, or one regex.",
@@ -87,6 +97,13 @@ class AdapterSection(_Section):
         None,
         description="Run dir of an earlier `ia3 train` whose IA3 vectors are the starting point (same base model "
         "and targets), e.g. vectors pre-trained on a multi-task mixture, then fine-tuned few-shot.",
+    )
+    lora_r: int = Field(8, ge=1, description="LoRA rank (`method: lora`; PEFT's default 8).")
+    lora_alpha: int = Field(8, ge=1, description="LoRA scaling numerator: updates are scaled by alpha/r (PEFT's 8).")
+    lora_targets: Literal["attention", "all-linear"] | list[str] = Field(
+        "attention",
+        description="`method: lora` targets: `attention` (query and value projections, as in the LoRA paper, found "
+        "by role in the module table), `all-linear` (every linear layer of the blocks), or a list of suffixes.",
     )
 
 
@@ -276,6 +293,10 @@ class Recipe(_Section):
                 ("training.objective", "'tfew' needs a choice task: causal-lm or seq2seq with label_names or "
                  "choices_column (and no messages_column)")
             )  # fmt: skip
+        if self.adapter.method == "head" and m.task != "seq-cls":
+            problems.append(("adapter.method", f"'head' trains a classification head: seq-cls only, not '{m.task}'"))
+        if self.adapter.method == "full" and m.quantization != "none":
+            problems.append(("adapter.method", f"'full' cannot train a {m.quantization} base; set quantization: none"))
         if t.metric is not None:
             allowed = ("accuracy", "f1", "loss") if m.task == "seq-cls" or self.has_choices else ("loss",)
             if t.metric.removeprefix("eval_") not in allowed:

@@ -69,6 +69,8 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     )
     for ckpt in candidates:
         adapter = ckpt / "adapter_model.safetensors"
+        if not adapter.is_file():  # adapter.method full/head checkpoint a whole model
+            adapter = ckpt / "model.safetensors"
         if not (ckpt / "trainer_state.json").is_file() or not adapter.is_file():
             continue
         try:
@@ -181,7 +183,7 @@ def training_arguments(recipe: Recipe, out: Path) -> Any:
         greater_is_better=metric != "loss",
         seed=t.seed,
         data_seed=t.seed,
-        report_to=[r for r in t.report_to if r != "tensorboard"] or "none",
+        report_to="none",  # reporters are callbacks listed after the monitor (_callbacks), so they get its values
         # tfew rows hold all their choices: no single length to group by
         train_sampling_strategy="group_by_length" if t.group_by_length and t.objective != "tfew" else "random",
         dataloader_num_workers=t.dataloader_num_workers,
@@ -202,10 +204,13 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
-def _callbacks(recipe: Recipe, out: Path, printer: Callable[[str], None]) -> list[Any]:
+def _callbacks(recipe: Recipe, out: Path, printer: Callable[[str], None], monitor: Any | None) -> list[Any]:
+    """The monitor first, then the reporters: ``Trainer.log`` hands one ``logs`` dict to the callbacks in order."""
     from transformers import EarlyStoppingCallback
+    from transformers.integrations import get_reporting_integration_callbacks
 
-    callbacks: list[Any] = []
+    callbacks: list[Any] = [monitor] if monitor is not None else []
+    callbacks += get_reporting_integration_callbacks([r for r in recipe.training.report_to if r != "tensorboard"])
     if recipe.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.training.early_stopping_patience))
     if "tensorboard" in recipe.training.report_to and is_main_process():
@@ -244,7 +249,7 @@ def run(
     say = printer if is_main_process() else (lambda _msg: None)
     checks = preflight.run(recipe)
     plan = checks.plan
-    say(f"pre-flight ok: {_split_summary(checks.data)}; IA3 on {plan.target_modules} (ff: {plan.feedforward_modules})")
+    say(f"pre-flight ok: {_split_summary(checks.data)}; {_method_summary(recipe, plan)}")
     for warning in checks.warnings:
         say(f"warning: {warning}")
 
@@ -281,19 +286,20 @@ def _train(recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, s
         f"trainable%: {100 * counts['trainable'] / counts['total']:.4f} "
         f"(IA3 vectors: {counts['ia3']:,}, other: {counts['other_trainable']:,})"
     )
-    if counts["ia3"] != plan.ia3_params:
+    ia3 = recipe.adapter.method == "ia3"
+    if ia3 and counts["ia3"] != plan.ia3_params:
         say(f"warning: {counts['ia3']:,} IA3 parameters were created, {plan.ia3_params:,} were planned")
     if recipe.model.task != "causal-lm":
         # These heads average their loss per batch and ignore ``num_items_in_batch``. Unless told so, the Trainer
         # (transformers 5) multiplies their loss by the number of processes and skips the division by
         # gradient_accumulation_steps: the gradient would grow with the world size and the accumulation.
-        model.get_base_model().accepts_loss_kwargs = False
+        (model.get_base_model() if hasattr(model, "get_base_model") else model).accepts_loss_kwargs = False
 
     # the splits pre-flight checked; choice tasks and prompt templates take fewshot's datasets and Trainer
     few = fewshot.applies(recipe)
     train_ds, eval_ds, collator = (fewshot.build_data if few else data.build)(recipe, tokenizer, report)
-    monitor = GradNormMonitor(recipe.monitor, recipe.training.max_grad_norm, out, printer=say)
-    callbacks = _callbacks(recipe, out, say)
+    monitor = GradNormMonitor(recipe.monitor, recipe.training.max_grad_norm, out, groups=plan.groups, printer=say)
+    callbacks = _callbacks(recipe, out, say, monitor if ia3 else None)  # the monitor watches IA3 vectors
     if isinstance(train_ds, fewshot.RowDataset):
         callbacks.append(fewshot.TemplateEpochs(train_ds))
     metrics_fn = evaluation.trainer_metrics(recipe.num_labels) if recipe.model.task == "seq-cls" else None
@@ -310,15 +316,12 @@ def _train(recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, s
         callbacks=callbacks,
         **extra,
     )
-    monitor.attach(trainer)  # ahead of the reporters, so TensorBoard receives the ia3/* values too
     checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
     if resume:
         say(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint found: starting from step 0")
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    if monitor.failed:
-        if is_main_process():
-            monitor.write()
+    if monitor.failed:  # health.json is already written (the monitor's on_train_end)
         raise RunError(
             f"training stopped: {monitor.summary_line()}",
             f"the last good checkpoint is kept in {out / 'checkpoints'}; see {out / 'health.json'}",
@@ -338,11 +341,13 @@ def _train(recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, s
             "global_batch_size": recipe.training.batch_size
             * recipe.training.gradient_accumulation_steps
             * args.world_size,
+            "method": recipe.adapter.method,
             "trainable_params": counts["trainable"],
             "ia3_params": counts["ia3"],
         }
     )
-    health = monitor.health
+    health = monitor.health if ia3 else {"status": f"not monitored (adapter.method: {recipe.adapter.method})"}
+    health_line = monitor.summary_line() if ia3 else f"health: {health['status']}"
     if is_main_process():
         staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
         trainer.model.save_pretrained(str(staging))
@@ -350,8 +355,16 @@ def _train(recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, s
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
         (staging / "README.md").write_text(model_card(recipe, plan, metrics, counts, health))
         publish_dir(staging, out)
-        monitor.write()
-    return RunResult(output_dir=out, metrics=metrics, health=health, health_line=monitor.summary_line())
+    return RunResult(output_dir=out, metrics=metrics, health=health, health_line=health_line)
+
+
+def _method_summary(recipe: Recipe, plan: Any) -> str:
+    a = recipe.adapter
+    if a.method == "ia3":
+        return f"IA3 on {plan.target_modules} (ff: {plan.feedforward_modules})"
+    if a.method == "lora":
+        return f"LoRA r={a.lora_r} alpha={a.lora_alpha} on {a.lora_targets}"
+    return "full fine-tuning" if a.method == "full" else "classification head only (base frozen)"
 
 
 def _split_summary(report: Any) -> str:
@@ -374,15 +387,27 @@ def model_card(
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown.items())
     extra = f', gguf_file="{m.gguf_file}"' if m.gguf_file else ""
     source = resolve_model_path(m.name)
+    what = {"ia3": "IA3 adapter", "lora": "LoRA adapter", "full": "Fully fine-tuned", "head": "Linear probe of"}
+    if recipe.adapter.method in ("full", "head"):
+        return f"""# {what[recipe.adapter.method]} `{m.name}`
+
+Task `{m.task}`, trained with ia3cli {__version__} (`adapter.method: {recipe.adapter.method}`) on `{d.path}`.
+Trainable parameters: {counts["trainable"]:,} of {counts["total"]:,}. This folder is a full model:
+`{auto}.from_pretrained("{recipe.training.output_dir}")`.
+
+| metric | value |
+|---|---|
+{rows}
+"""
     return f"""---
 library_name: peft
 base_model: {m.name}
-tags: [ia3, peft, ia3cli]
+tags: [{recipe.adapter.method}, peft, ia3cli]
 ---
-# IA3 adapter for `{m.name}`
+# {what[recipe.adapter.method]} for `{m.name}`
 
 Task `{m.task}`, trained with ia3cli {__version__} on `{d.path}` (split `{d.train_split}`).
-IA3 targets: `{plan.target_modules}` (feed-forward: `{plan.feedforward_modules}`).
+{_method_summary(recipe, plan)}.
 Trainable parameters: {counts["trainable"]:,} ({counts["ia3"]:,} IA3 vector entries) of {counts["total"]:,}.
 Health: {health.get("status", "unknown")}.
 

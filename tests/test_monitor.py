@@ -2,7 +2,7 @@
 
 A tiny Llama (2 layers, hidden 32) with IA3 on k_proj, v_proj and down_proj (feed-forward) trains a few steps on
 random token ids. Findings are provoked by the learning rate, by scaling the loss inside `compute_loss`, or by writing
-NaN into an IA3 vector mid-training.
+NaN into an IA3 vector mid-training. The rules themselves are tested without a Trainer in test_health.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from ia3cli.monitor import GradNormMonitor, classify_module, ia3_parameters, layer_label
+from ia3cli import targets
+from ia3cli.monitor import GradNormMonitor, ia3_parameters, layer_label
 from ia3cli.recipe import MonitorSection
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -112,10 +113,12 @@ def run(
     max_grad_norm: float | None = 1.0,
     trainer_cls: type[Trainer] = Trainer,
     callbacks: list[TrainerCallback] | None = None,
-    attach: bool = False,
+    after: list[TrainerCallback] | None = None,
+    eval_rows: int = 0,
     **args: Any,
 ) -> tuple[Trainer, GradNormMonitor, list[str]]:
-    """Train the tiny Llama with a monitor; returns the trainer, the monitor and the printed lines."""
+    """Train the tiny Llama with a monitor between ``callbacks`` and ``after`` (reporters); returns the trainer, the
+    monitor and the printed lines."""
     lines: list[str] = []
     cfg = MonitorSection(**{"every_steps": 1, "patience": 2, "vanishing_below": 1e-7, **(monitor or {})})
     mon = GradNormMonitor(cfg, max_grad_norm, tmp_path, printer=lines.append)
@@ -135,15 +138,13 @@ def run(
         seed=0,
         **{**defaults, **args},
     )
-    extra = list(callbacks or [])
     trainer = trainer_cls(
         model=tiny_llama(),
         args=training_args,
         train_dataset=RandomTokens(),
-        callbacks=extra if attach else [*extra, mon],
+        eval_dataset=RandomTokens(eval_rows) if eval_rows else None,
+        callbacks=[*(callbacks or []), mon, *(after or [])],
     )
-    if attach:
-        mon.attach(trainer)
     trainer.train()
     return trainer, mon, lines
 
@@ -169,10 +170,13 @@ def test_normal_run_is_ok_and_writes_health_json(tmp_path: Path) -> None:
     assert mon.summary_line().startswith("health: ok (8 steps) | grad k ")
 
 
-def test_group_values_reach_log_history(tmp_path: Path) -> None:
-    trainer, mon, _ = run(tmp_path, max_steps=3)
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+def test_group_values_reach_the_callbacks_after_the_monitor(tmp_path: Path) -> None:
+    recorder = Recorder()
+    trainer, mon, _ = run(tmp_path, max_steps=3, after=[recorder])
+    logs = recorder.logs
     assert len(logs) == 3
+    # the Trainer's own log_history is left as the Trainer wrote it
+    assert not any(key.startswith("ia3/") for entry in trainer.state.log_history for key in entry)
     for entry in logs:
         for group in ("k", "v", "ff"):
             assert entry[f"ia3/grad_norm_{group}"] > 0
@@ -190,8 +194,10 @@ def test_norms_are_measured_before_clipping(tmp_path: Path, extra: dict[str, Any
     # Clip at 1e-6: the gradients the optimiser sees are tiny, but the monitor reports the pre-clip norms, whose
     # total is the pre-clip global norm the Trainer logs (IA3 vectors are the only trainable parameters here).
     # With accumulation the measurement after the last micro-batch wins; with checkpointing the backward nests.
-    trainer, mon, _ = run(tmp_path, max_steps=3, max_grad_norm=1e-6, **extra)
-    for entry in (e for e in trainer.state.log_history if "loss" in e):
+    recorder = Recorder()
+    trainer, mon, _ = run(tmp_path, max_steps=3, max_grad_norm=1e-6, after=[recorder], **extra)
+    assert len(recorder.logs) == 3
+    for entry in recorder.logs:
         total = math.sqrt(sum(entry[f"ia3/grad_norm_{g}"] ** 2 for g in ("k", "v", "ff")))
         assert total == pytest.approx(entry["grad_norm"], rel=1e-4)
         assert total > 1e-4
@@ -200,17 +206,19 @@ def test_norms_are_measured_before_clipping(tmp_path: Path, extra: dict[str, Any
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_in_bfloat16(tmp_path: Path) -> None:
-    trainer, mon, _ = run(tmp_path, max_steps=4, max_grad_norm=1e-6, use_cpu=False, bf16=True)
+    recorder = Recorder()
+    trainer, mon, _ = run(tmp_path, max_steps=4, max_grad_norm=1e-6, use_cpu=False, bf16=True, after=[recorder])
     assert next(trainer.model.parameters()).is_cuda
     assert json.loads((tmp_path / "health.json").read_text())["status"] == "ok"
-    for entry in (e for e in trainer.state.log_history if "loss" in e):
+    for entry in recorder.logs:
         total = math.sqrt(sum(entry[f"ia3/grad_norm_{g}"] ** 2 for g in ("k", "v", "ff")))
         assert total == pytest.approx(entry["grad_norm"], rel=1e-3)
 
 
 def test_per_layer_adds_layer_keys(tmp_path: Path) -> None:
-    trainer, _, _ = run(tmp_path, monitor={"per_layer": True}, max_steps=2)
-    last = [e for e in trainer.state.log_history if "loss" in e][-1]
+    recorder = Recorder()
+    run(tmp_path, monitor={"per_layer": True}, max_steps=2, after=[recorder])
+    last = recorder.logs[-1]
     for layer in ("0", "1"):
         assert last[f"ia3/grad_norm_layer_{layer}"] > 0
         assert last[f"ia3/drift_layer_{layer}"] > 0
@@ -321,49 +329,38 @@ def test_clipping_mismatch_is_refused(tmp_path: Path) -> None:
         trainer.train()
 
 
-def test_attach_puts_values_before_reporters(tmp_path: Path) -> None:
-    recorder = Recorder()
-    _, mon, _ = run(tmp_path, callbacks=[recorder], attach=True, max_steps=2)
-    assert len(recorder.logs) == 2
-    assert all("ia3/grad_norm_v" in logs and "ia3/drift_ff" in logs for logs in recorder.logs)
-
-
-def test_attach_reaches_tensorboard(tmp_path: Path) -> None:
+def test_reaches_tensorboard_listed_after_it(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
 
-    run(tmp_path, attach=True, max_steps=2, report_to=["tensorboard"])
+    run(tmp_path, max_steps=2, after=[TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tmp_path / "logs")))])
     events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/ia3/grad_norm_k", "train/ia3/drift_v", "train/ia3/at_init_ff"} <= tags
 
 
-@pytest.mark.parametrize(
-    ("name", "is_feedforward", "group"),
-    [
-        ("base_model.model.model.layers.0.self_attn.k_proj", False, "k"),
-        ("base_model.model.model.layers.0.self_attn.v_proj", False, "v"),
-        ("base_model.model.model.layers.0.self_attn.q_proj", False, "q"),
-        ("base_model.model.model.layers.0.mlp.down_proj", True, "ff"),
-        ("base_model.model.model.layers.0.self_attn.o_proj", False, "other"),
-        ("base_model.model.bert.encoder.layer.1.attention.self.key", False, "k"),
-        ("base_model.model.bert.encoder.layer.1.attention.self.value", False, "v"),
-        ("base_model.model.bert.encoder.layer.1.output.dense", True, "ff"),
-        ("base_model.model.transformer.h.0.attn.c_attn", False, "qkv"),
-        ("base_model.model.gpt_neox.layers.0.attention.query_key_value", False, "qkv"),
-        ("base_model.model.transformer.h.0.mlp.c_proj", True, "ff"),
-        # without PEFT's flag the name decides
-        ("bert.encoder.layer.1.output.dense", None, "ff"),
-        ("bert.encoder.layer.1.attention.output.dense", None, "other"),
-        ("transformer.h.0.mlp.c_proj", None, "ff"),
-        ("transformer.h.0.attn.c_proj", None, "other"),
-        ("model.layers.3.mlp.down_proj", None, "ff"),
-        ("distilbert.transformer.layer.0.attention.k_lin", None, "k"),
-    ],
-)
-def test_classify_module(name: str, is_feedforward: bool | None, group: str) -> None:
-    assert classify_module(name, is_feedforward) == group
+def test_last_good_checkpoint_is_one_that_exists(tmp_path: Path) -> None:
+    """With save_total_limit 1 the Trainer deletes the last checkpoint at the end unless it is the best one."""
+    _, mon, _ = run(
+        tmp_path,
+        max_steps=4,
+        eval_rows=16,
+        save_strategy="steps",
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,  # the first evaluation (highest loss) is the "best": checkpoint-4 gets deleted
+    )
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]
+    health = json.loads((tmp_path / "health.json").read_text())
+    assert health["last_good_checkpoint"] == str(tmp_path / "checkpoint-2")
+    assert mon.saved_checkpoints == [str(tmp_path / "checkpoint-2"), str(tmp_path / "checkpoint-4")]
 
 
 @pytest.mark.parametrize(
@@ -405,3 +402,14 @@ def test_groups_of_real_bert_and_gpt2() -> None:
     )
     found = {(name.split(".h.")[-1], group) for name, _, group, _ in ia3_parameters(gpt2)}
     assert found == {("0.attn.c_attn", "qkv"), ("0.mlp.c_proj", "ff"), ("1.attn.c_attn", "qkv"), ("1.mlp.c_proj", "ff")}
+
+
+def test_groups_come_from_the_target_plan() -> None:
+    model = tiny_llama()
+    config = model.get_base_model().config
+    plan = targets.plan_for_model(LlamaForCausalLM(config), config, "causal-lm")
+    by_plan = {name: group for name, _, group, _ in ia3_parameters(model, plan.groups)}
+    assert by_plan == {name: group for name, _, group, _ in ia3_parameters(model)}  # the family table agrees
+    assert set(by_plan.values()) == {"k", "v", "ff"}
+    renamed = {n: "other" for n in plan.groups}  # the plan decides, not the module names
+    assert {group for _, _, group, _ in ia3_parameters(model, renamed)} == {"other"}

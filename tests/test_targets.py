@@ -20,7 +20,7 @@ import transformers as tf
 from peft import IA3Config, get_peft_model
 from peft.tuners.ia3 import IA3Layer
 
-from ia3cli import targets
+from ia3cli import modeling, render, targets
 from ia3cli.errors import RecipeError
 from ia3cli.recipe import AdapterSection, ModelSection
 
@@ -107,6 +107,7 @@ def _wrap(model: torch.nn.Module, plan: targets.TargetPlan, task: str) -> Any:
         target_modules=plan.target_modules,
         feedforward_modules=plan.feedforward_modules,
         fan_in_fan_out=plan.fan_in_fan_out,
+        modules_to_save=plan.modules_to_save,  # what modeling.ia3_config passes
     )
     return get_peft_model(model, config)
 
@@ -323,12 +324,56 @@ def test_explicit_regex_and_all_linear(tmp_path: Path) -> None:
     assert len(everything.feedforward_names) == 2
 
 
+@pytest.mark.parametrize("family", ["llama", "bert", "distilbert", "t5", "gpt2", "bart"])
+def test_all_linear_is_every_linear_inside_the_blocks(tmp_path: Path, family: str) -> None:
+    plan = _resolve(tmp_path, family, target_modules="all-linear")
+    rows = plan.modules
+    inside = sum(r["count"] for r in rows if ".*." in r["pattern"] and r["role"] != "head" and r["kind"] != "Embedding")
+    assert len(plan.targeted_names) == inside
+    assert all(r["targeted_count"] == r["count"] for r in rows if ".*." in r["pattern"] and r["role"] != "head")
+    assert not any(r["targeted"] for r in rows if r["role"] == "head" or ".*." not in r["pattern"])
+    assert {r["role"] for r in rows if r["feedforward"]} == {"ffn_down"}
+    assert all(r["feedforward"] for r in rows if r["role"] == "ffn_down")
+    model = _real_model(family)
+    wrapped, ff, entries = _wrapped(_wrap(model, plan, BY_ID[family][2]))
+    assert (wrapped, ff, entries) == (set(plan.targeted_names), set(plan.feedforward_names), plan.ia3_params)
+
+
+def test_all_linear_is_not_a_feedforward_value(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError) as err:
+        _resolve(tmp_path, "llama", target_modules="all-linear", feedforward_modules="all-linear")
+    assert err.value.key == "adapter.feedforward_modules"
+
+
+def test_targets_exclude_exactly_the_modules_peft_saves(tmp_path: Path) -> None:
+    """BART's seq-cls head has its own out_proj: PEFT receives classification_head in modules_to_save and never
+    wraps it, so the plan must not count it either."""
+    folder = tmp_path / "bart-cls"
+    BY_ID["bart"][1]().save_pretrained(folder)
+    plan = targets.resolve(
+        ModelSection(name=str(folder), task="seq-cls"),
+        AdapterSection(target_modules=["k_proj", "v_proj", "out_proj", "fc2"]),
+        "seq-cls",
+    )
+    assert plan.modules_to_save == ["classification_head"]
+    assert not any(n.startswith("classification_head") for n in plan.targeted_names)
+    torch.manual_seed(0)
+    model = tf.AutoModelForSequenceClassification.from_config(BY_ID["bart"][1]())
+    wrapped, ff, entries = _wrapped(_wrap(model, plan, "seq-cls"))
+    assert (wrapped, ff, entries) == (set(plan.targeted_names), set(plan.feedforward_names), plan.ia3_params)
+
+
+def test_entry_naming_only_a_saved_head_module_matches_nothing(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="'pre_classifier' matches no module"):
+        _resolve(tmp_path, "distilbert", target_modules=["k_lin", "v_lin", "lin2", "pre_classifier"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # config loading and the meta model
 
 
 def test_load_config_from_folder(tmp_path: Path) -> None:
-    config = targets.load_config(_saved(tmp_path, "llama"))
+    config = modeling.load_config(_saved(tmp_path, "llama"))
     assert config.model_type == "llama" and config.hidden_size == 32
 
 
@@ -342,32 +387,32 @@ def test_load_config_from_folder(tmp_path: Path) -> None:
 )
 def test_load_config_errors_name_model_name(name: str, expected: str) -> None:
     with pytest.raises(RecipeError) as err:
-        targets.load_config(ModelSection(name=name))
+        modeling.load_config(ModelSection(name=name))
     assert err.value.key == "model.name"
     assert expected in err.value.message
 
 
 def test_load_config_folder_problems(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="has no config.json"):
-        targets.load_config(ModelSection(name=str(tmp_path)))
+        modeling.load_config(ModelSection(name=str(tmp_path)))
     with pytest.raises(RecipeError) as err:
-        targets.load_config(ModelSection(name=str(tmp_path), gguf_file="model.gguf"))
+        modeling.load_config(ModelSection(name=str(tmp_path), gguf_file="model.gguf"))
     assert err.value.key == "model.gguf_file"
     custom = tmp_path / "custom"
     custom.mkdir()
     (custom / "config.json").write_text(json.dumps({"model_type": "mine", "auto_map": {"AutoConfig": "c.MyConfig"}}))
     with pytest.raises(RecipeError) as err:
-        targets.load_config(ModelSection(name=str(custom)))
+        modeling.load_config(ModelSection(name=str(custom)))
     assert err.value.key == "model.name" and "trust_remote_code" in str(err.value)
 
 
 def test_meta_model_has_no_weights_and_task_must_exist(tmp_path: Path) -> None:
-    config = targets.load_config(_saved(tmp_path, "distilbert"))
-    model = targets.build_meta_model(config, "seq-cls", num_labels=5)
+    config = modeling.load_config(_saved(tmp_path, "distilbert"))
+    model = modeling.build_meta_model(config, "seq-cls", num_labels=5)
     assert all(p.device.type == "meta" for p in model.parameters())
     assert model.classifier.out_features == 5
     with pytest.raises(RecipeError) as err:
-        targets.build_meta_model(config, "causal-lm")
+        modeling.build_meta_model(config, "causal-lm")
     assert err.value.key == "model.task" and "seq-cls" in err.value.hint
 
 
@@ -410,7 +455,7 @@ def test_adapter_bytes_match_the_saved_file(tmp_path: Path, family: str) -> None
 
 def test_render_and_json(tmp_path: Path) -> None:
     plan = targets.recommend(_saved(tmp_path, "bert"), "seq-cls")
-    text = targets.render(plan)
+    text = render.render_plan(plan)
     assert "bert.encoder.layer.*.output.dense" in text and "ffn_down" in text
     assert "PEFT default" in text and "IA3 parameters:      256" in text and "LoRA r=8" in text
     assert max(len(line) for line in text.splitlines()) <= 100
@@ -424,6 +469,9 @@ def test_render_and_json(tmp_path: Path) -> None:
 
 
 def test_importing_targets_does_not_import_torch() -> None:
-    code = "import sys, ia3cli.targets; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = (
+        "import sys, ia3cli.targets, ia3cli.render, ia3cli.families, ia3cli.matching; "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
