@@ -115,7 +115,7 @@ def validate(
         typer.echo(f"  targets {plan.target_modules}  feed-forward {plan.feedforward_modules}")
         typer.echo(f"  IA3 parameters {plan.ia3_params:,}")
         typer.echo("  data    " + ", ".join(f"{s}: {n} rows" for s, n in report.splits.items()))
-        for w in plan.warnings:
+        for w in [*plan.warnings, *checks.warnings]:
             typer.echo(f"  warning: {w}")
 
 

@@ -189,15 +189,15 @@ def load_splits(recipe: Recipe) -> tuple[Dataset, Dataset | None]:
     return train, evals
 
 
-def _template_fields(template: str) -> list[str]:
+def _template_fields(template: str, key: str = "data.prompt_template") -> list[str]:
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise RecipeError("data.prompt_template", f"is not a valid format string: {exc}") from None
+        raise RecipeError(key, f"is not a valid format string: {exc}") from None
     for _, name, _, conversion in parts:
         if conversion not in (None, "r", "s", "a"):
             raise RecipeError(
-                "data.prompt_template",
+                key,
                 f"is not a valid format string: unknown conversion '!{conversion}' after {{{name}}}",
                 "use {column}, {column!r} or {column!s}",
             )
@@ -227,7 +227,10 @@ def required_columns(recipe: Recipe) -> list[str]:
     d = recipe.data
     if d.messages_column:
         return [d.messages_column]
-    cols = _template_fields(d.prompt_template) if d.prompt_template else [d.text_column]
+    templates = [t for t in [d.prompt_template, *(d.prompt_templates or [])] if t]
+    cols = [f for t in templates for f in _template_fields(t)] if templates else [d.text_column]
+    if d.choices_column:
+        cols.append(d.choices_column)
     if recipe.model.task == "seq-cls" and d.text_pair_column:
         cols.append(d.text_pair_column)
     if _needs_label(recipe):
@@ -247,8 +250,16 @@ def check_rows(ds: Dataset, recipe: Recipe, source: str) -> dict[str, int]:
     cols = required_columns(recipe)
     missing = [c for c in cols if c not in ds.column_names]
     if missing:
-        key = (
-            "data.prompt_template" if d.prompt_template and missing[0] in _template_fields(d.prompt_template) else None
+        key = next(
+            (
+                k
+                for k, templates in (
+                    ("data.prompt_template", [d.prompt_template]),
+                    ("data.prompt_templates", d.prompt_templates),
+                )
+                if any(t and missing[0] in _template_fields(t) for t in templates or [])
+            ),
+            None,
         )
         hint = f"columns present: {', '.join(ds.column_names)}" + (f" (used by {key})" if key else "")
         raise DataError(source, None, f"missing column '{missing[0]}'", hint)
@@ -258,9 +269,15 @@ def check_rows(ds: Dataset, recipe: Recipe, source: str) -> dict[str, int]:
         if d.messages_column:
             _check_messages(row[d.messages_column], source, i)
             continue
+        if d.choices_column:
+            _check_choices(row, d, source, i)
         for c in cols:
             v = row[c]
-            if c == d.label_column and _needs_label(recipe):
+            if c == d.choices_column:
+                continue
+            if c == d.label_column and _needs_label(recipe) and d.choices_column:
+                counts[str(choice_label(row, d))] = counts.get(str(choice_label(row, d)), 0) + 1
+            elif c == d.label_column and _needs_label(recipe):
                 lid = label_id(v, d, n_labels)
                 if lid is None:
                     names = f" or one of {d.label_names}" if d.label_names else ""
@@ -274,6 +291,41 @@ def check_rows(ds: Dataset, recipe: Recipe, source: str) -> dict[str, int]:
             elif v is None or (isinstance(v, str) and not v.strip()):
                 raise DataError(source, i, f"column '{c}' is empty", "fill it in or drop the row")
     return counts
+
+
+def row_choices(row: dict[str, Any], data: DataSection) -> list[str]:
+    """The answer choices of a row: its ``choices_column`` list, else the fixed ``label_names``."""
+    if data.choices_column:
+        return [str(c) for c in row[data.choices_column]]
+    return list(data.label_names or [])
+
+
+def choice_label(row: dict[str, Any], data: DataSection) -> int | None:
+    """Index of the correct choice of a row (the label is an index or the correct string), ``None`` if invalid."""
+    choices = row_choices(row, data)
+    value = row[data.label_column]
+    if isinstance(value, str):
+        return choices.index(value) if value in choices else None
+    return label_id(value, data, len(choices))
+
+
+def _check_choices(row: dict[str, Any], data: DataSection, source: str, i: int) -> None:
+    value = row[data.choices_column]
+    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(c, str) and c.strip() for c in value):
+        raise DataError(
+            source,
+            i,
+            f"column '{data.choices_column}' must be a list of at least 2 non-empty strings",
+            f"got {value!r}",
+        )
+    if choice_label(row, data) is None:
+        raise DataError(
+            source,
+            i,
+            f"label {row[data.label_column]!r} is neither an index 0..{len(value) - 1} into "
+            f"'{data.choices_column}' nor one of its strings",
+            "fix the row",
+        )
 
 
 def _check_messages(messages: Any, source: str, row: int) -> None:
@@ -295,6 +347,8 @@ def check(recipe: Recipe) -> DataReport:
     d = recipe.data
     if d.prompt_template:
         _template_fields(d.prompt_template)
+    for template in d.prompt_templates or []:
+        _template_fields(template, "data.prompt_templates")
     train, evals = load_splits(recipe)
     report = DataReport(source=d.path, train=train, eval=evals)
     for split, ds in ((d.train_split, train), (d.eval_split, evals)):
@@ -313,15 +367,23 @@ def check(recipe: Recipe) -> DataReport:
 # --- turning rows into model inputs -------------------------------------------------------------------------------
 
 
-def prompt_text(row: dict[str, Any], data: DataSection) -> str:
-    """The input text of a row: the prompt template filled from the row, or the text column."""
-    return data.prompt_template.format(**row) if data.prompt_template else str(row[data.text_column])
+def eval_template(data: DataSection) -> str | None:
+    """The template evaluation uses: ``prompt_template``, else the first of ``prompt_templates``."""
+    return data.prompt_template or (data.prompt_templates[0] if data.prompt_templates else None)
+
+
+def prompt_text(row: dict[str, Any], data: DataSection, template: str | None = None) -> str:
+    """The input text of a row: ``template`` (default: the evaluation template) filled from the row, or the text."""
+    template = template or eval_template(data)
+    return template.format(**row) if template else str(row[data.text_column])
 
 
 def target_text(row: dict[str, Any], data: DataSection, num_labels: int) -> str:
-    """The target of a row: ``target_column``, else the label's name."""
+    """The target of a row: ``target_column``, else the correct choice (the label's name)."""
     if data.target_column:
         return str(row[data.target_column])
+    if data.choices_column:
+        return row_choices(row, data)[choice_label(row, data)]  # type: ignore[index]
     lid = label_id(row[data.label_column], data, num_labels)
     return data.label_names[lid]  # type: ignore[index]
 
@@ -419,19 +481,21 @@ def encode_row(
     row: dict[str, Any],
     recipe: Recipe,
     tokenizer: PreTrainedTokenizerBase,
+    template: str | None = None,
     *,
     source: str | None = None,
     index: int | None = None,
 ) -> dict[str, list]:
-    """One row -> model inputs for the recipe's task; ``source`` and 1-based ``index`` name the row in errors."""
+    """One row -> model inputs for the recipe's task (``template`` replaces the evaluation template); ``source`` and
+    1-based ``index`` name the row in errors."""
     d, task = recipe.data, recipe.model.task
     if task == "seq-cls":
         pair = row[d.text_pair_column] if d.text_pair_column else None
-        enc = tokenizer(prompt_text(row, d), pair, truncation=True, max_length=d.max_length)
+        enc = tokenizer(prompt_text(row, d, template), pair, truncation=True, max_length=d.max_length)
         return {**enc, "labels": label_id(row[d.label_column], d, recipe.num_labels)}
     if d.messages_column:
         return encode_chat(tokenizer, row[d.messages_column], d.max_length, source=source or d.path, row=index)
-    prompt, target = prompt_text(row, d), target_text(row, d, recipe.num_labels)
+    prompt, target = prompt_text(row, d, template), target_text(row, d, recipe.num_labels)
     if task == "causal-lm":
         return encode_causal(tokenizer, prompt, target, d.max_length)
     enc = tokenizer(prompt, truncation=True, max_length=d.max_length)

@@ -137,14 +137,17 @@ def sequence_logprobs(
     return out
 
 
-def choice_features(row: dict[str, Any], recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
-    """One encoded sequence per verbaliser in ``data.label_names``, built exactly as training builds targets."""
-    from ia3cli.data import encode_causal, prompt_text
+def choice_features(
+    row: dict[str, Any], recipe: Recipe, tokenizer: PreTrainedTokenizerBase, template: str | None = None
+) -> list[dict[str, Any]]:
+    """One encoded sequence per choice of the row (``label_names`` or the row's ``choices_column``), built exactly
+    as training builds targets; ``template`` replaces the evaluation prompt template."""
+    from ia3cli.data import encode_causal, prompt_text, row_choices
 
     d = recipe.data
-    prompt = prompt_text(row, d)
+    prompt = prompt_text(row, d, template)
     feats = []
-    for choice in d.label_names or []:
+    for choice in row_choices(row, d):
         if recipe.model.task == "causal-lm":
             feats.append(encode_causal(tokenizer, prompt, choice, d.max_length))
         else:
@@ -162,16 +165,20 @@ def score_choices(
     batch_size: int = 16,
     advance: Callable[[int], None] | None = None,
 ) -> list[list[float]]:
-    """Length-normalised log-likelihood of every verbaliser for every row: ``scores[row][choice]``.
+    """Length-normalised log-likelihood of every choice for every row: ``scores[row][choice]``.
 
     The score is the mean log-probability of the choice's target tokens (for causal LMs the joined choice plus EOS,
-    as trained) given the prompt.
+    as trained) given the prompt. Rows with per-row choices may have different numbers of them.
     """
-    n_choices = len(recipe.data.label_names or [])
-    feats = [f for row in rows for f in choice_features(row, recipe, tokenizer)]
-    scored = sequence_logprobs(model, feats, _pad_id(tokenizer), batch_size, advance)
+    per_row = [choice_features(row, recipe, tokenizer) for row in rows]
+    flat = [f for feats in per_row for f in feats]
+    scored = sequence_logprobs(model, flat, _pad_id(tokenizer), batch_size, advance)
     means = [s / max(c, 1) for s, c in scored]
-    return [means[i * n_choices : (i + 1) * n_choices] for i in range(len(rows))]
+    out, start = [], 0
+    for feats in per_row:
+        out.append(means[start : start + len(feats)])
+        start += len(feats)
+    return out
 
 
 def rank_classify(
@@ -188,25 +195,35 @@ def rank_classify(
     """
     import torch
 
-    from ia3cli.data import label_id
+    from ia3cli.data import choice_label, row_choices
 
-    d, n = recipe.data, len(recipe.data.label_names or [])
+    d = recipe.data
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            advance = _stage(progress, "rank", len(rows) * n)
+            advance = _stage(progress, "rank", sum(len(row_choices(row, d)) for row in rows))
             scores = score_choices(model, tokenizer, recipe, rows, batch_size, advance)
     finally:
         model.train(was_training)
-    preds = [max(range(n), key=lambda c, s=s: s[c]) for s in scores]
-    labels = [label_id(row[d.label_column], d, n) for row in rows]
-    return classification_metrics(preds, labels, n)
+    preds = [max(range(len(s)), key=lambda c, s=s: s[c]) for s in scores]
+    labels = [choice_label(row, d) for row in rows]
+    return classification_metrics(preds, labels, max((len(s) for s in scores), default=0))
+
+
+def choice_trainer_metrics(eval_pred: Any) -> dict[str, float]:
+    """``compute_metrics`` for choice batches: predictions are ``(rows, choices)`` scores, label ids are
+    ``(rows, 2)`` pairs of (correct choice, number of choices); padded choices never win."""
+    import numpy as np
+
+    scores, pairs = np.asarray(eval_pred.predictions), np.asarray(eval_pred.label_ids)
+    counts = pairs[:, 1]
+    masked = np.where(np.arange(scores.shape[1])[None, :] < counts[:, None], scores, -np.inf)
+    return classification_metrics(masked.argmax(-1).tolist(), pairs[:, 0].tolist(), int(counts.max()))
 
 
 def _has_choices(recipe: Recipe) -> bool:
-    d = recipe.data
-    return recipe.model.task != "seq-cls" and bool(d.label_names) and d.messages_column is None
+    return recipe.has_choices
 
 
 def _batch_size(recipe: Recipe) -> int:

@@ -108,6 +108,11 @@ class AdapterSection(_Section):
         "automatically).",
     )
     init_ia3_weights: bool = Field(True, description="Initialise the IA3 vectors to 1 (identity).")
+    init_from: str | None = Field(
+        None,
+        description="Run dir of an earlier `ia3 train` whose IA3 vectors are the starting point (same base model "
+        "and targets), e.g. vectors pre-trained on a multi-task mixture, then fine-tuned few-shot.",
+    )
     lora_r: int = Field(8, ge=1, description="LoRA rank (`method: lora`; PEFT's default 8).")
     lora_alpha: int = Field(8, ge=1, description="LoRA scaling numerator: updates are scaled by alpha/r (PEFT's 8).")
     lora_targets: Literal["attention", "all-linear"] | list[str] = Field(
@@ -139,6 +144,17 @@ class DataSection(_Section):
         None,
         description="Python format string over the row's columns building the input, e.g. "
         '`"Review: {text}\\nSentiment:"` (causal-lm, seq2seq).',
+    )
+    prompt_templates: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Several prompt templates for training: one is drawn per row and epoch (seeded). Evaluation "
+        "uses `prompt_template` (default: the first of these).",
+    )
+    choices_column: str | None = Field(
+        None,
+        description="Column with each row's own answer choices (a list of strings, e.g. multiple choice); the "
+        "label is an index into it or the correct string. Instead of fixed `label_names` (causal-lm, seq2seq).",
     )
     target_column: str | None = Field(
         None, description="Column with the target text (causal-lm, seq2seq); default: the label's name."
@@ -184,13 +200,29 @@ class TrainingSection(_Section):
     metric: str | None = Field(
         None,
         description="Metric that picks the best checkpoint: `accuracy`, `f1` or `loss` for seq-cls (default "
-        "accuracy), `loss` otherwise (rank-classification accuracy is reported after training).",
+        "accuracy), also for causal-lm/seq2seq choice tasks (rank classification at every evaluation); `loss` "
+        "otherwise.",
     )
     load_best_model_at_end: bool = Field(True, description="Restore the best checkpoint at the end (needs evaluation).")
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N evaluations without improvement.")
     seed: int = Field(42, description="Seed for sampling, initialisation and data order.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
         default_factory=list, description="Loggers, e.g. `[tensorboard]` (logs under output_dir/logs)."
+    )
+    objective: Literal["lm", "tfew"] = Field(
+        "lm",
+        description="`lm`: cross-entropy on the target. `tfew` (choice tasks): the T-Few loss, lm + ln "
+        "(unlikelihood-free ranking of all choices) + ul (unlikelihood of the wrong choices' tokens).",
+    )
+    lm_weight: float = Field(1.0, ge=0, description="tfew: weight of the cross-entropy on the correct choice.")
+    ln_weight: float = Field(
+        1.0, ge=0, description="tfew: weight of the cross-entropy over the choices' length-normalised scores."
+    )
+    ul_weight: float = Field(1.0, ge=0, description="tfew: weight of the unlikelihood loss on the wrong choices.")
+    optimizer: Literal["adamw", "adafactor"] = Field(
+        "adamw",
+        description="`adamw`, or `adafactor` as in T-Few (no relative step, no parameter scaling; set "
+        "learning_rate, e.g. 3e-3).",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     group_by_length: bool = Field(True, description="Batch rows of similar length together (less padding).")
@@ -258,23 +290,41 @@ class Recipe(_Section):
             problems.append(
                 ("model.num_labels", f"is {m.num_labels} but data.label_names has {len(d.label_names)} names")
             )
-        if m.task != "seq-cls" and d.messages_column is None and d.target_column is None and not d.label_names:
+        targets = (d.messages_column, d.target_column, d.label_names, d.choices_column)
+        if m.task != "seq-cls" and not any(targets):
             problems.append(
-                ("data.target_column", f"task '{m.task}' needs target_column, label_names or messages_column")
+                (
+                    "data.target_column",
+                    f"task '{m.task}' needs target_column, label_names, choices_column or messages_column",
+                )
             )
         if m.task == "seq2seq" and d.messages_column is not None:
             problems.append(("data.messages_column", "chat messages are for causal-lm only"))
+        if d.choices_column is not None and (m.task == "seq-cls" or d.label_names):
+            why = "seq-cls uses a classification head" if m.task == "seq-cls" else "set label_names or choices_column"
+            problems.append(("data.choices_column", f"cannot be combined here: {why}"))
+        if t.objective == "tfew" and not self.has_choices:
+            problems.append(
+                ("training.objective", "'tfew' needs a choice task: causal-lm or seq2seq with label_names or "
+                 "choices_column (and no messages_column)")
+            )  # fmt: skip
         if self.adapter.method == "head" and m.task != "seq-cls":
             problems.append(("adapter.method", f"'head' trains a classification head: seq-cls only, not '{m.task}'"))
         if self.adapter.method == "full" and m.quantization != "none":
             problems.append(("adapter.method", f"'full' cannot train a {m.quantization} base; set quantization: none"))
         if t.metric is not None:
-            allowed = ("accuracy", "f1", "loss") if m.task == "seq-cls" else ("loss",)
+            allowed = ("accuracy", "f1", "loss") if m.task == "seq-cls" or self.has_choices else ("loss",)
             if t.metric.removeprefix("eval_") not in allowed:
                 problems.append(("training.metric", f"must be one of {', '.join(allowed)} for task '{m.task}'"))
         if problems:
             raise ValueError("\n".join(f"{k}: {msg}" for k, msg in problems))
         return self
+
+    @property
+    def has_choices(self) -> bool:
+        """A generative task whose answers are choices (fixed label_names or per-row choices): rank-classified."""
+        d = self.data
+        return self.model.task != "seq-cls" and d.messages_column is None and bool(d.label_names or d.choices_column)
 
     @property
     def num_labels(self) -> int:

