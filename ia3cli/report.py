@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ia3cli.errors import Ia3Error, RunError
-from ia3cli.io import file_mode
+from ia3cli.io import file_mode, read_json_object
 
 GROUP_ORDER = ("q", "k", "v", "qkv", "ff", "other")
 TOP_K = 5
@@ -124,14 +124,6 @@ def read_vectors(run: Path) -> tuple[dict[str, Any], list[str] | str | None]:
             module = key.split(".ia3_l")[0].removeprefix("base_model.model.")
             vectors[module] = fh.get_tensor(key).float().reshape(-1).numpy()
     return vectors, config.get("feedforward_modules")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _recipe_facts(run: Path) -> dict[str, Any]:
@@ -247,9 +239,9 @@ def build(run: str | Path) -> dict[str, Any]:
             f"{run}: not a run dir (no run.json)", "pass the output_dir of `ia3 train`; `ia3 runs` lists them"
         )
     info, metrics, health = (
-        _read_json(run / "run.json"),
-        _read_json(run / "metrics.json"),
-        _read_json(run / "health.json"),
+        read_json_object(run / "run.json"),
+        read_json_object(run / "metrics.json"),
+        read_json_object(run / "health.json"),
     )
     facts = _recipe_facts(run)
     missing: list[str] = []

@@ -6,21 +6,13 @@ A run dir is a folder with ``run.json`` (written when ``ia3 train`` starts); it 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ia3cli.errors import Ia3Error
+from ia3cli.io import read_json_object
 
 COLUMNS = ("name", "task", "base", "metric", "health", "steps", "date", "finished")
-
-
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _metric_name(run: Path, task: str | None) -> str:
@@ -46,7 +38,7 @@ def _steps(run: Path, metrics: dict[str, Any], health: dict[str, Any]) -> int | 
 
 def describe(run: Path) -> dict[str, Any]:
     """One row for a run dir: name, task, base, metric (name and value), health, steps, date, finished."""
-    info, metrics, health = _json(run / "run.json"), _json(run / "metrics.json"), _json(run / "health.json")
+    info, metrics, health = (read_json_object(run / name) for name in ("run.json", "metrics.json", "health.json"))
     task = info.get("task")
     metric = _metric_name(run, task)
     value = metrics.get(f"eval_{metric}")
