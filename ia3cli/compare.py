@@ -146,7 +146,8 @@ def draw_rows(recipe: Recipe, rows: Sequence[int], seeds: Sequence[int]) -> tupl
         RecipeError: on ``--rows`` when N exceeds the training split; on ``data.eval_split`` when there is none.
         DataError: from loading or checking the rows.
     """
-    from ia3cli.data import check_rows, load_split, sample
+    from ia3cli.data import check_rows, sample
+    from ia3cli.loading import load_split
 
     d = recipe.data
     if d.eval_split is None:

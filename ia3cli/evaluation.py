@@ -246,7 +246,8 @@ def after_training(
     if not _has_choices(recipe) or d.eval_split is None:
         return {}
     if rows is None:
-        from ia3cli.data import load_split, sample
+        from ia3cli.data import sample
+        from ia3cli.loading import load_split
 
         rows = list(sample(load_split(d, d.eval_split), d.eval_samples, recipe.training.seed))
     metrics = rank_classify(model, tokenizer, recipe, rows, _batch_size(recipe))
@@ -442,8 +443,9 @@ def run_eval(
     Raises:
         Ia3Error: TARGET not found or not a model; RecipeError: no recipe, no split; DataError: bad data.
     """
-    from ia3cli.data import check_rows, load_split, sample
+    from ia3cli.data import check_rows, sample
     from ia3cli.io import write_atomic
+    from ia3cli.loading import load_split
 
     kind = _target_kind(target)
     recipe = _load_recipe(kind, target, recipe_path, overrides)

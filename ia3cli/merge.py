@@ -102,8 +102,9 @@ def probe_batch(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[dict[s
     """
     import torch
 
-    from ia3cli.data import check_rows, encode_row, load_split
+    from ia3cli.data import check_rows, encode_row
     from ia3cli.evaluation import pad_batch
+    from ia3cli.loading import load_split
 
     d = recipe.data
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

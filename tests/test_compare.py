@@ -65,7 +65,8 @@ def test_seq_cls_compare_reports_every_method(seq_cls_compare: Path) -> None:
 
 
 def test_every_method_sees_the_same_rows(seq_cls_compare: Path) -> None:
-    from ia3cli.data import load_split, sample
+    from ia3cli.data import sample
+    from ia3cli.loading import load_split
     from ia3cli.recipe import load_recipe
 
     saved = json.loads((seq_cls_compare / "compare.json").read_text())

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ia3cli import data
+from ia3cli import data, loading
 from ia3cli.errors import DataError, RecipeError
 from ia3cli.recipe import DataSection, Recipe, validate_mapping
 from tests.conftest import make_tokenizer
@@ -271,14 +271,14 @@ def test_load_split_errors_name_file_and_line(
 ) -> None:
     root = _files(tmp_path, files)
     with pytest.raises(DataError, match=words.replace("(", r"\(").replace("[", r"\[")) as err:
-        data.load_split(DataSection(path=str(root / path)), split)
+        loading.load_split(DataSection(path=str(root / path)), split)
     assert (err.value.file, err.value.row) == (str(root / named), row)
 
 
 def test_unknown_split_of_a_folder_lists_the_available_ones(tmp_path: Path) -> None:
     root = _files(tmp_path, {"train.jsonl": '{"text": "a"}\n', "dev.jsonl": '{"text": "b"}\n'})
     with pytest.raises(DataError, match="has no split 'test'") as err:
-        data.load_split(DataSection(path=str(root)), "test")
+        loading.load_split(DataSection(path=str(root)), "test")
     assert err.value.hint == "available splits: train, validation"
 
 
@@ -292,7 +292,7 @@ def test_a_bug_while_loading_is_not_reported_as_bad_data(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(datasets, "load_dataset", broken)
     with pytest.raises(RuntimeError, match="a bug in the loader"):
-        data.load_split(DataSection(path=str(file)), "train")
+        loading.load_split(DataSection(path=str(file)), "train")
 
 
 def test_out_of_memory_inside_the_loader_propagates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -308,7 +308,7 @@ def test_out_of_memory_inside_the_loader_propagates(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(datasets, "load_dataset", out_of_memory)
     with pytest.raises(datasets.exceptions.DatasetGenerationError) as err:
-        data.load_split(DataSection(path=str(file)), "train")
+        loading.load_split(DataSection(path=str(file)), "train")
     assert isinstance(err.value.__cause__, MemoryError)
 
 

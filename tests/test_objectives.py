@@ -102,8 +102,9 @@ def test_unlikelihood_is_zero_without_wrong_choices() -> None:
 
 def _tiny_choice_batch(tiny_model, task: str, tmp_path: Path):
     from ia3cli import fewshot, modeling, targets
-    from ia3cli.data import choice_label, load_split, sample
+    from ia3cli.data import choice_label, sample
     from ia3cli.evaluation import choice_features
+    from ia3cli.loading import load_split
     from ia3cli.recipe import validate_mapping
 
     kind = "llama" if task == "causal-lm" else "t5"
