@@ -286,9 +286,8 @@ def base_cell(
             )
         key = (method, scored.data.prompt_template)
         if key not in base:  # same demonstrations (N=16 and N=64 share their first rows): same scores
-            base[key] = evaluation.rank_classify(
-                model, tokenizer, scored, evals, recipe.training.eval_batch_size or 2 * recipe.training.batch_size
-            )
+            batch = recipe.training.eval_batch_size or 2 * recipe.training.batch_size
+            base[key] = evaluation.rank_classify(model, tokenizer, scored, evals, batch, share_prefix=method == "icl")
         metrics = base[key]
     return {
         "lr": None,

@@ -102,26 +102,65 @@ def _in_length_order(n: int, lengths: Sequence[int], batch_size: int) -> list[li
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+def shared_prefix_length(features: Sequence[dict[str, Any]]) -> int:
+    """How many leading tokens every causal sequence shares and none of them scores.
+
+    Capped one token before each sequence's first target, so the logits that predict every target token are
+    still computed after the prefix.
+    """
+    if not features:
+        return 0
+    first = features[0]["input_ids"]
+    n = len(first)
+    for f in features:
+        ids = f["input_ids"]
+        same = next((i for i, (a, b) in enumerate(zip(ids[:n], first[:n], strict=False)) if a != b), min(n, len(ids)))
+        target = next((i for i, label in enumerate(f["labels"]) if label != IGNORE_INDEX), len(ids))
+        n = min(same, target - 1)
+    return max(n, 0)
+
+
 def sequence_logprobs(
     model: PreTrainedModel,
     features: list[dict[str, Any]],
     pad_token_id: int,
     batch_size: int,
     advance: Callable[[int], None] | None = None,
+    share_prefix: bool = False,
 ) -> list[tuple[float, int]]:
     """Sum of target-token log-probabilities and the number of target tokens, for each encoded sequence.
 
     Target tokens are those whose ``labels`` entry is not -100. Decoder-only models predict token ``t`` from the
     logits at ``t - 1``; encoder-decoder models' logits are already aligned with ``labels``. ``advance(n)`` is
     called after each batch of ``n`` sequences.
+
+    ``share_prefix`` (decoder-only models): the tokens every sequence starts with (in-context demonstrations) run
+    once, and each batch continues from a copy of their key/value cache; the scores are those of the full
+    sequences, up to float rounding. Only for a model that treats every row alike (not per-row adapters).
     """
+    import copy
+
+    import torch
+
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     device = _device(model)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(features)
+    shared = shared_prefix_length(features) if share_prefix and not seq2seq else 0
+    cache = None
+    if shared:
+        prefix = torch.tensor([features[0]["input_ids"][:shared]], device=device)
+        cache = model(input_ids=prefix, use_cache=True).past_key_values
+        features = [{k: v[shared:] if isinstance(v, list) else v for k, v in f.items()} for f in features]
     lengths = [len(f["input_ids"]) + len(f["labels"]) for f in features]
     for idx in _in_length_order(len(features), lengths, batch_size):
         batch = {k: v.to(device) for k, v in pad_batch([features[i] for i in idx], pad_token_id).items()}
         labels = batch["labels"] if seq2seq else batch.pop("labels")
+        if cache is not None:
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(len(idx))
+            mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+            batch["attention_mask"] = torch.cat([mask.new_ones(len(idx), shared), mask], dim=1)
+            batch["past_key_values"] = past
         logits = model(**batch).logits.float()
         if not seq2seq:
             logits, labels = logits[:, :-1], labels[:, 1:]
@@ -164,15 +203,17 @@ def score_choices(
     rows: Sequence[dict[str, Any]],
     batch_size: int = 16,
     advance: Callable[[int], None] | None = None,
+    share_prefix: bool = False,
 ) -> list[list[float]]:
     """Length-normalised log-likelihood of every choice for every row: ``scores[row][choice]``.
 
     The score is the mean log-probability of the choice's target tokens (for causal LMs the joined choice plus EOS,
-    as trained) given the prompt. Rows with per-row choices may have different numbers of them.
+    as trained) given the prompt. Rows with per-row choices may have different numbers of them. ``share_prefix``:
+    see :func:`sequence_logprobs`.
     """
     per_row = [choice_features(row, recipe, tokenizer) for row in rows]
     flat = [f for feats in per_row for f in feats]
-    scored = sequence_logprobs(model, flat, _pad_id(tokenizer), batch_size, advance)
+    scored = sequence_logprobs(model, flat, _pad_id(tokenizer), batch_size, advance, share_prefix)
     means = [s / max(c, 1) for s, c in scored]
     out, start = [], 0
     for feats in per_row:
@@ -188,10 +229,12 @@ def rank_classify(
     rows: Sequence[dict[str, Any]],
     batch_size: int = 16,
     progress: Progress | None = None,
+    share_prefix: bool = False,
 ) -> dict[str, float]:
     """Rank classification (the IA3 paper's evaluation): pick the best-scored verbaliser; accuracy and macro-F1.
 
-    The model is put in eval mode and restored afterwards.
+    The model is put in eval mode and restored afterwards. ``share_prefix``: run the prompts' common start (the
+    demonstrations of in-context learning) once; see :func:`sequence_logprobs`.
     """
     import torch
 
@@ -203,7 +246,7 @@ def rank_classify(
     try:
         with torch.inference_mode():
             advance = _stage(progress, "rank", sum(len(row_choices(row, d)) for row in rows))
-            scores = score_choices(model, tokenizer, recipe, rows, batch_size, advance)
+            scores = score_choices(model, tokenizer, recipe, rows, batch_size, advance, share_prefix)
     finally:
         model.train(was_training)
     preds = [max(range(len(s)), key=lambda c, s=s: s[c]) for s in scores]

@@ -18,11 +18,13 @@ from ia3cli.errors import Ia3Error, RecipeError
 from ia3cli.evaluation import (
     _load_model,
     after_training,
+    choice_features,
     classification_metrics,
     rank_classify,
     render,
     run_eval,
     score_choices,
+    shared_prefix_length,
 )
 from ia3cli.merge import merge
 from ia3cli.recipe import load_recipe, validate_mapping
@@ -152,6 +154,40 @@ def test_choice_scores_are_the_unbatched_mean_logprob(tmp_path: Path, tiny_model
                 keep = target != -100
                 expected = logp[keep].gather(-1, target[keep].unsqueeze(-1)).mean().item()
                 assert score == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_shared_prefix_scores_equal_the_full_sequences(tmp_path: Path, tiny_model, kind: str) -> None:
+    from ia3cli import icl
+
+    labels = {"label_names": ["positive", "not good at all"]}
+    run_dir = make_run(tmp_path, tiny_model(kind, "causal-lm"), "causal-lm", data=labels)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    model, tokenizer = modeling.load_run_model(run_dir, recipe)
+    model.eval()
+    demos, k = icl.recipe_with_demonstrations(recipe, tokenizer, model, ROWS * 3, ROWS, k=6)
+    features = [f for row in ROWS for f in choice_features(row, demos, tokenizer)]
+    shared = shared_prefix_length(features)
+    demo_tokens = len(tokenizer(icl.demonstration(ROWS[0], recipe, tokenizer.eos_token))["input_ids"])
+    assert k == 6 and shared > 5 * demo_tokens  # the six demonstrations, not the rows' own prompts
+
+    with torch.inference_mode():
+        plain = score_choices(model, tokenizer, demos, ROWS, batch_size=3)
+        cached = score_choices(model, tokenizer, demos, ROWS, batch_size=3, share_prefix=True)
+    assert torch.tensor(cached) == pytest.approx(torch.tensor(plain), abs=1e-4)
+    assert rank_classify(model, tokenizer, demos, ROWS, 3, share_prefix=True) == pytest.approx(
+        rank_classify(model, tokenizer, demos, ROWS, 3)
+    )
+
+
+def test_shared_prefix_stops_before_the_first_scored_token() -> None:
+    rows = [
+        {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
+        {"input_ids": [5, 6, 7, 9, 9], "labels": [-100, -100, -100, 9, 9]},
+    ]
+    assert shared_prefix_length(rows) == 1  # token 1 predicts the first row's target at 2: it must be recomputed
+    assert shared_prefix_length([rows[1], {"input_ids": [4, 6, 7], "labels": [-100, -100, 7]}]) == 0
+    assert shared_prefix_length([]) == 0
 
 
 def test_causal_loss_is_the_mean_nll_per_target_token(tmp_path: Path, tiny_model) -> None:
