@@ -55,21 +55,24 @@ def recipe_with_demonstrations(
     Returns:
         The new recipe (its ``data.max_length`` raised so nothing is cut) and the k actually used.
     """
-    from ia3cli.data import encode_causal, prompt_text
+    from ia3cli.data import encode_causal, prompt_text, row_choices
 
     d = recipe.data
     template = d.prompt_template or "{" + d.text_column + "}"
     limit = getattr(model.config, "max_position_embeddings", None) or 10**9
-    longest = max(
-        len(encode_causal(tokenizer, prompt_text(row, d), choice, 10**9)["input_ids"])
-        for row in eval_rows
-        for choice in d.label_names or []
-    )
+    def longest(data: Any) -> int:
+        """Tokens of the longest evaluation prompt + choice + EOS, uncut."""
+        return max(
+            len(encode_causal(tokenizer, prompt_text(row, data), choice, 10**9)["input_ids"])
+            for row in eval_rows
+            for choice in row_choices(row, data)
+        )
+
     # Training appends EOS to every target and rank classification scores "choice + EOS": so do the demonstrations.
     demos = [demonstration(row, recipe, tokenizer.eos_token or "") for row in train_rows]
     sep = len(tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"])
     lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) + sep for text in demos]
-    room = min(CONTEXT_FACTOR * d.max_length if k is None else limit, limit) - longest
+    room = min(CONTEXT_FACTOR * d.max_length if k is None else limit, limit) - longest(d)
     wanted = len(demos) if k is None else min(k, len(demos))
     used, total = 0, 0
     while used < wanted and total + lengths[used] <= room:
@@ -78,5 +81,7 @@ def recipe_with_demonstrations(
     prefix = SEPARATOR.join(demos[:used]) + SEPARATOR if used else ""
     new = recipe.model_copy(deep=True)
     new.data.prompt_template = _escape(prefix) + template
-    new.data.max_length = min(max(d.max_length, longest + total + 8), limit)
+    # Measured on the joined text (tokens can merge across a join), so no prompt is cut: every row then starts with
+    # the same demonstrations, which rank classification runs once (evaluation.sequence_logprobs, share_prefix).
+    new.data.max_length = min(max(d.max_length, longest(new.data)), limit)
     return new, used

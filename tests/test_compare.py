@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from ia3cli import compare, compare_cells, icl
 from ia3cli.cli import app
 from ia3cli.compare_report import recommendation, table
+from ia3cli.data import encode_causal, prompt_text
 from ia3cli.errors import Ia3Error, RecipeError
 from ia3cli.recipe import validate_mapping
 from tests.conftest import SENTIMENT, tiny_recipe, write_recipe
@@ -170,8 +171,13 @@ def test_icl_prompt_holds_demonstrations_in_order(tiny_model, tmp_path: Path) ->
     assert k == 2
     demos = "Review: great {film}\nSentiment: positive</s>\n\nReview: dull\nSentiment: negative</s>\n\n"
     assert prompt == demos + "Review: nice\nSentiment:"
-    _, fitted = icl.recipe_with_demonstrations(recipe, tok, model, rows * 50, rows[:1])
+    fitted_recipe, fitted = icl.recipe_with_demonstrations(recipe, tok, model, rows * 50, rows)
     assert 3 < fitted < 150  # as many as fit in 4 x max_length (32) tokens, not all 150
+    for row in rows:  # no prompt is cut: every row starts with all k demonstrations
+        for choice in recipe.data.label_names:
+            prompt = prompt_text(row, fitted_recipe.data)
+            whole = encode_causal(tok, prompt, choice, 10**9)
+            assert encode_causal(tok, prompt, choice, fitted_recipe.data.max_length) == whole
 
 
 @pytest.mark.parametrize(

@@ -61,3 +61,36 @@ def test_gguf_causal_lm_trains_and_is_rank_classified(tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 3
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and "eval_f1" in metrics
+
+
+def test_icl_on_a_bpe_tokenizer_keeps_every_demonstration_and_runs_them_once() -> None:
+    """Byte-level BPE merges tokens across the joins between demonstrations, so the context is measured on the
+    joined text: no prompt is cut, every row starts with the same tokens, and scoring them once gives the scores."""
+    import torch
+
+    from ia3cli import icl, modeling
+    from ia3cli.compare_cells import read_jsonl
+    from ia3cli.data import encode_causal, prompt_text
+    from ia3cli.evaluation import choice_features, score_choices, shared_prefix_length
+    from ia3cli.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "fewshot-causal.yaml")
+    tokenizer = modeling.load_tokenizer(recipe.model)
+    model = modeling.load_recipe_base(recipe, tokenizer).eval()
+    train = read_jsonl(ROOT / "recipes" / "data" / "sentiment" / "train.jsonl")[:32]
+    rows = read_jsonl(ROOT / "recipes" / "data" / "sentiment" / "dev.jsonl")[:4]
+    demos, k = icl.recipe_with_demonstrations(recipe, tokenizer, model, train, rows)
+    assert k >= 8
+    for row in rows:
+        for choice in recipe.data.label_names:
+            prompt = prompt_text(row, demos.data)
+            assert encode_causal(tokenizer, prompt, choice, demos.data.max_length) == encode_causal(
+                tokenizer, prompt, choice, 10**9
+            )
+    features = [f for row in rows for f in choice_features(row, demos, tokenizer)]
+    prefix = icl.SEPARATOR.join(icl.demonstration(r, recipe, tokenizer.eos_token) for r in train[:k])
+    assert shared_prefix_length(features) >= len(tokenizer(prefix)["input_ids"]) - 1
+    with torch.inference_mode():
+        plain = score_choices(model, tokenizer, demos, rows, batch_size=4)
+        cached = score_choices(model, tokenizer, demos, rows, batch_size=4, share_prefix=True)
+    assert torch.tensor(cached) == pytest.approx(torch.tensor(plain), abs=1e-4)
