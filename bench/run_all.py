@@ -4,6 +4,8 @@
     python bench/run_all.py --quick           # smoke run (~3 min): fewer repeats and steps; numbers are not meaningful,
                                               # written to bench/_work/results-quick
     python bench/run_all.py floor startup     # a subset, by script name
+    python bench/run_all.py fewshot_causal    # the few-shot recipe on three tasks (hours; only when named)
+    python bench/run_all.py --table           # only rewrite results/README.md from the result files
 
 Each benchmark is its own script (one subprocess each, so memory and imports do not carry over) and writes
 bench/results/<name>.json. This script then prints one markdown table of every result and writes it, with the
@@ -23,11 +25,13 @@ BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"  # --quick: bench/_work/results-quick (smoke numbers never replace real ones)
 # Cheapest first; the heavy training benchmarks last.
 BENCHMARKS = ["startup", "adapter_size", "floor", "memory", "monitor_cost", "mixed", "throughput", "fewshot", "serve"]
+# Run only when named (hours on 2 cores); their results still go into the table.
+LONG = ["fewshot_causal"]
 
 
 def table(results: Path) -> str:
     lines = ["| benchmark | measure | value | target | verdict |", "|---|---|---|---|---|"]
-    for name in BENCHMARKS:
+    for name in BENCHMARKS + LONG:
         path = results / f"{name}.json"
         if not path.is_file():
             continue
@@ -55,13 +59,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer repeats and steps")
+    parser.add_argument("--table", action="store_true", help="run nothing; rewrite README.md from the results")
     args = parser.parse_args()
-    unknown = [n for n in args.names if n not in BENCHMARKS]
+    unknown = [n for n in args.names if n not in BENCHMARKS + LONG]
     if unknown:
-        parser.error(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS + LONG}")
     results = BENCH / "_work" / "results-quick" if args.quick else RESULTS
     failed = []
-    for name in args.names or BENCHMARKS:
+    for name in [] if args.table else args.names or BENCHMARKS:
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py")] + (["--quick"] if args.quick else []))
@@ -71,7 +76,8 @@ def main() -> None:
     text = (
         "# ia3cli benchmarks\n\n"
         f"Machine: {machine_line(results)}.\n\n"
-        "Reproduce: `make bench` (all, ~17 min on 2 cores) or `python bench/run_all.py NAME...`; raw numbers and "
+        "Reproduce: `make bench` (all but fewshot_causal, ~17 min on 2 cores) or `python bench/run_all.py NAME...`; "
+        "raw numbers and "
         "settings in `bench/results/<name>.json`.\n\n" + table(results) + "\n"
     )
     results.mkdir(parents=True, exist_ok=True)
