@@ -60,6 +60,7 @@ def recipe_with_demonstrations(
     d = recipe.data
     template = d.prompt_template or "{" + d.text_column + "}"
     limit = getattr(model.config, "max_position_embeddings", None) or 10**9
+
     def longest(data: Any) -> int:
         """Tokens of the longest evaluation prompt + choice + EOS, uncut."""
         return max(
