@@ -169,7 +169,8 @@ def classify(mixed: MixedIA3, items: list[ClassifyItem], recipes: dict[str | Non
     import torch
 
     from ia3cli.data import prompt_text
-    from ia3cli.evaluation import IGNORE_INDEX, choice_features, pad_batch
+    from ia3cli.evaluation import choice_features
+    from ia3cli.scoring import IGNORE_INDEX, pad_batch
 
     tok = mixed.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

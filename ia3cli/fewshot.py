@@ -85,7 +85,7 @@ class ChoiceCollator:
         self.fallback, self.pad_token_id = fallback, pad_token_id
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from ia3cli.evaluation import pad_batch
+        from ia3cli.scoring import pad_batch
 
         if "choices" not in features[0]:
             return self.fallback(features)

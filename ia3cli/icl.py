@@ -83,6 +83,6 @@ def recipe_with_demonstrations(
     new = recipe.model_copy(deep=True)
     new.data.prompt_template = _escape(prefix) + template
     # Measured on the joined text (tokens can merge across a join), so no prompt is cut: every row then starts with
-    # the same demonstrations, which rank classification runs once (evaluation.sequence_logprobs, share_prefix).
+    # the same demonstrations, which rank classification runs once (scoring.sequence_logprobs, share_prefix).
     new.data.max_length = min(max(d.max_length, longest(new.data)), limit)
     return new, used

@@ -136,7 +136,7 @@ def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Prog
 
 def _choose(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Progress) -> None:
     from ia3cli.data import encode_causal
-    from ia3cli.evaluation import pad_batch
+    from ia3cli.scoring import pad_batch
 
     tok, model = mixed.tokenizer, mixed.model
     seq2seq = mixed.task == "seq2seq"

@@ -103,8 +103,8 @@ def probe_batch(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[dict[s
     import torch
 
     from ia3cli.data import check_rows, encode_row
-    from ia3cli.evaluation import pad_batch
     from ia3cli.loading import load_split
+    from ia3cli.scoring import pad_batch
 
     d = recipe.data
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

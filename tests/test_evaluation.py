@@ -24,10 +24,10 @@ from ia3cli.evaluation import (
     render,
     run_eval,
     score_choices,
-    shared_prefix_length,
 )
 from ia3cli.merge import merge
 from ia3cli.recipe import load_recipe, validate_mapping
+from ia3cli.scoring import shared_prefix_length
 from tests.conftest import make_run, tiny_recipe, write_recipe
 
 ROWS = [

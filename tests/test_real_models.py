@@ -71,8 +71,9 @@ def test_icl_on_a_bpe_tokenizer_keeps_every_demonstration_and_runs_them_once() -
     from ia3cli import icl, modeling
     from ia3cli.compare_cells import read_jsonl
     from ia3cli.data import encode_causal, prompt_text
-    from ia3cli.evaluation import choice_features, score_choices, shared_prefix_length
+    from ia3cli.evaluation import choice_features, score_choices
     from ia3cli.recipe import load_recipe
+    from ia3cli.scoring import shared_prefix_length
 
     recipe = load_recipe(ROOT / "recipes" / "fewshot-causal.yaml")
     tokenizer = modeling.load_tokenizer(recipe.model)
