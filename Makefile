@@ -38,7 +38,7 @@ format: install
 	$(BIN)/ruff format ia3cli tests bench
 
 quality: lint
-	$(BIN)/python -m ia3cli.docs --check README.md
+	$(BIN)/python -m ia3cli.cli.docs --check README.md
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run_all.py $(BENCH_ARGS)

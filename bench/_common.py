@@ -95,14 +95,14 @@ def quickstart_mapping(output_dir: Path, **sections: dict[str, Any]) -> dict[str
 
 
 def quickstart_recipe(output_dir: Path, **sections: dict[str, Any]) -> Any:
-    """The quick-start recipe validated through ``ia3cli.recipe.validate_mapping``."""
-    from ia3cli.recipe import validate_mapping
+    """The quick-start recipe validated through ``ia3cli.config.recipe.validate_mapping``."""
+    from ia3cli.config.recipe import validate_mapping
 
     return validate_mapping(quickstart_mapping(output_dir, **sections))
 
 
 def quiet(_msg: str) -> None:
-    """A printer for ``ia3cli.train.run`` that drops progress lines."""
+    """A printer for ``ia3cli.training.run.run`` that drops progress lines."""
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:
@@ -170,7 +170,7 @@ def llama_100m_dir() -> Path:
 
 def causal_recipe(model_dir: Path, output_dir: Path, **model: Any) -> Any:
     """A minimal causal-lm recipe over the shipped sentiment data for a local model folder."""
-    from ia3cli.recipe import validate_mapping
+    from ia3cli.config.recipe import validate_mapping
 
     return validate_mapping(
         {

@@ -6,7 +6,7 @@ adapter parameters) for
 - the quick-start all-MiniLM-L6-v2 (seq-cls; both adapters also save the 2-class head, 770 parameters);
 - the ~102M-parameter Llama shape of ``memory.py`` (causal-lm, random weights);
 
-IA3 as ia3cli builds it (``modeling.wrap`` with ia3cli's targets: keys, values, FFN down-projection), LoRA r8 with
+IA3 as ia3cli builds it (``ia3.wrap`` with ia3cli's targets: keys, values, FFN down-projection), LoRA r8 with
 PEFT's default targets (query/value projections). float16: the adapter parameters are cast before saving.
 
 Target: reported (IA3 should be far smaller than LoRA r8).
@@ -23,7 +23,9 @@ def build(model_name: str, method: str):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from ia3cli import modeling, targets
+    from ia3cli.models import loading as modeling
+    from ia3cli.models import targets
+    from ia3cli.tuners import ia3
 
     if model_name == "minilm":
         recipe = quickstart_recipe(WORK / "adapter-size")
@@ -35,7 +37,7 @@ def build(model_name: str, method: str):
     torch.manual_seed(0)
     if method == "ia3":
         plan = targets.resolve(recipe.model, recipe.adapter, recipe.model.task, recipe.num_labels)
-        return modeling.wrap(base, recipe, plan)
+        return ia3.wrap(base, recipe, plan)
     return get_peft_model(base, LoraConfig(task_type=task, r=8, lora_alpha=16))
 
 

@@ -1,6 +1,6 @@
 """Few-shot quality: dev accuracy of the quick-start model after training on 16, 64 and 256 rows, by method.
 
-A thin wrapper over ``ia3cli.compare.run`` (what ``ia3 compare`` runs), on the quick-start all-MiniLM-L6-v2 with a
+A thin wrapper over ``ia3cli.compare.run.run`` (what ``ia3 compare`` runs), on the quick-start all-MiniLM-L6-v2 with a
 fresh 2-class head, which every method trains:
 
 - ``ia3``: the quick-start recipe as written (ia3cli's IA3 targets, head in ``modules_to_save``), lr 1e-2;
@@ -31,8 +31,8 @@ METHODS = ["ia3", "lora", "head", "full"]
 
 
 def main() -> None:
-    from ia3cli import compare
-    from ia3cli.compare_report import mean_std, values
+    from ia3cli.compare import run as compare
+    from ia3cli.compare.summary import mean_std, values
 
     out = WORK / "fewshot-compare"
     recipe = quickstart_recipe(
@@ -67,7 +67,7 @@ def main() -> None:
                 "learning_rates": {m: next(c["lr"] for c in result.cells if c["method"] == m) for m in METHODS},
                 "schedule": "linear, 10% warm-up, clip 1.0",
                 "eval": "100 dev rows, last step",
-                "runner": "ia3cli.compare.run (ia3 compare)",
+                "runner": "ia3cli.compare.run.run (ia3 compare)",
             },
             "runs": runs,
             "summary": summary,

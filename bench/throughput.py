@@ -5,7 +5,8 @@ call, per-epoch evaluation included) and final dev accuracy, for
 
 - baseline: the usual script (written out plainly in ``baseline()``): every row padded to max_length 128,
   ``IA3Config`` with PEFT's default targets for BERT, ``Trainer`` with the default collator, evaluation each epoch;
-- ia3cli: ``ia3cli.train.run`` on the quick-start recipe (dynamic padding, length-grouped batches, its IA3 targets,
+- ia3cli: ``ia3cli.training.run.run`` on the quick-start recipe (dynamic padding, length-grouped batches, its IA3
+  targets,
   evaluation and best-checkpoint saving each epoch, the health monitor).
 
 Same model (quick-start all-MiniLM-L6-v2), data (320 train / 100 dev rows), epochs, batch size 32 and learning
@@ -33,7 +34,7 @@ def baseline(out: str) -> dict:
     from peft import IA3Config, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
-    from ia3cli.recipe import resolve_model_path
+    from ia3cli.config.recipe import resolve_model_path
 
     model_path = resolve_model_path(MODEL_NAME)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -82,8 +83,8 @@ def baseline(out: str) -> dict:
 
 
 def ia3cli_run(out: str) -> dict:
-    """``ia3 train recipes/quickstart.yaml`` with batch 32, through ``ia3cli.train.run``."""
-    from ia3cli.train import run
+    """``ia3 train recipes/quickstart.yaml`` with batch 32, through ``ia3cli.training.run.run``."""
+    from ia3cli.training.run import run
 
     recipe = quickstart_recipe(
         WORK / out, training={"batch_size": BATCH, "epochs": EPOCHS, "learning_rate": LR, "output_dir": out}

@@ -1,6 +1,6 @@
 """User-facing errors.
 
-Library code raises these; only ``ia3cli.cli`` prints them. Each carries a short message naming the key, file or
+Library code raises these; only ``ia3cli.cli.app`` prints them. Each carries a short message naming the key, file or
 row at fault and a hint saying how to fix it. ``exit_code`` is 2 for bad input and 1 for a run that failed.
 """
 

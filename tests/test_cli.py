@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ia3cli.cli import app
+from ia3cli.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["train", "validate", "inspect-modules", "eval", "merge", "predict", "report", "runs", "compare", "serve"]
@@ -24,7 +24,7 @@ def test_help_and_schema_errors_import_no_heavy_library(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "from ia3cli.cli import app\n"
+        "from ia3cli.cli.app import app\n"
         "r = CliRunner()\n"
         "assert r.invoke(app, ['--help']).exit_code == 0\n"
         f"assert r.invoke(app, ['validate', {str(bad)!r}]).exit_code == 2\n"
@@ -129,13 +129,13 @@ def test_inspect_modules_unknown_model_is_a_short_error() -> None:
 
 def test_readme_reference_is_generated_from_the_code() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "ia3cli.docs", "--check", str(ROOT / "README.md")], capture_output=True, text=True
+        [sys.executable, "-m", "ia3cli.cli.docs", "--check", str(ROOT / "README.md")], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
 
 
 def test_readme_documents_every_recipe_key() -> None:
-    from ia3cli.recipe import SECTIONS
+    from ia3cli.config.recipe import SECTIONS
 
     readme = (ROOT / "README.md").read_text()
     for name, section in SECTIONS.items():

@@ -9,12 +9,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from ia3cli import compare, compare_cells, icl
-from ia3cli.cli import app
-from ia3cli.compare_report import recommendation, table
-from ia3cli.data import encode_causal, prompt_text
+from ia3cli.cli.app import app
+from ia3cli.compare import cells as compare_cells
+from ia3cli.compare import run as compare
+from ia3cli.compare.summary import recommendation, table
+from ia3cli.config.recipe import validate_mapping
+from ia3cli.data import icl
+from ia3cli.data.encoding import encode_causal, prompt_text
 from ia3cli.errors import Ia3Error, RecipeError
-from ia3cli.recipe import validate_mapping
 from tests.conftest import SENTIMENT, tiny_recipe, write_recipe
 
 runner = CliRunner()
@@ -66,9 +68,9 @@ def test_seq_cls_compare_reports_every_method(seq_cls_compare: Path) -> None:
 
 
 def test_every_method_sees_the_same_rows(seq_cls_compare: Path) -> None:
-    from ia3cli.data import sample
-    from ia3cli.loading import load_split
-    from ia3cli.recipe import load_recipe
+    from ia3cli.config.recipe import load_recipe
+    from ia3cli.data.encoding import sample
+    from ia3cli.data.sources import load_split
 
     saved = json.loads((seq_cls_compare / "compare.json").read_text())
     train = load_split(validate_mapping({"model": {"name": "x"}, "data": {"path": str(SENTIMENT)}}).data, "train")
@@ -88,8 +90,8 @@ def test_every_method_sees_the_same_rows(seq_cls_compare: Path) -> None:
 
 
 def test_every_trained_cell_evaluates_and_merge_says_what_it_can(seq_cls_compare: Path, tmp_path: Path) -> None:
-    from ia3cli.evaluation import run_eval
-    from ia3cli.merge import merge
+    from ia3cli.inference.merge import merge
+    from ia3cli.scoring.evaluation import run_eval
 
     saved = json.loads((seq_cls_compare / "compare.json").read_text())
     for cell in (c for c in saved["cells"] if c["seed"] == 0):
@@ -160,7 +162,7 @@ def test_sweep_selects_on_rows_of_the_training_sample(tiny_model, tmp_path: Path
 
 
 def test_icl_prompt_holds_demonstrations_in_order(tiny_model, tmp_path: Path) -> None:
-    from ia3cli import modeling
+    from ia3cli.models import loading as modeling
 
     recipe = validate_mapping(_recipe(tiny_model, tmp_path, "llama", "causal-lm"))
     tok = modeling.load_tokenizer(recipe.model)

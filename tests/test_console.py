@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ia3cli.cli import app
-from ia3cli.console import Console, fmt
+from ia3cli.cli.app import app
+from ia3cli.report.console import Console, fmt
 from tests.conftest import tiny_recipe, write_recipe
 
 runner = CliRunner()

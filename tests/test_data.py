@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ia3cli import data, loading
+from ia3cli.config.recipe import DataSection, Recipe, validate_mapping
+from ia3cli.data import encoding as data
+from ia3cli.data import sources as loading
 from ia3cli.errors import DataError, RecipeError
-from ia3cli.recipe import DataSection, Recipe, validate_mapping
 from tests.conftest import make_tokenizer
 
 M = -100  # a masked label
@@ -315,7 +316,7 @@ def test_out_of_memory_inside_the_loader_propagates(tmp_path: Path, monkeypatch:
 def test_cli_exit_status_bad_data_2_loader_bug_1(tmp_path: Path, tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
-    from ia3cli.cli import app
+    from ia3cli.cli.app import app
     from tests.conftest import tiny_recipe, write_recipe
 
     bad = tmp_path / "bad.jsonl"

@@ -19,8 +19,8 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ia3cli.cli import app
-from ia3cli.launch import torchrun_command, without_nproc
+from ia3cli.cli.app import app
+from ia3cli.cli.launch import torchrun_command, without_nproc
 from tests.conftest import ROOT, tiny_recipe, write_recipe
 
 ATOL = 1e-5  # measured: about 2e-7 (float rounding); the IA3 vectors move by about 1.5e-2

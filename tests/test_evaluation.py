@@ -11,11 +11,13 @@ import torch
 import transformers as tf
 from typer.testing import CliRunner
 
-from ia3cli import modeling
-from ia3cli.cli import app
-from ia3cli.data import encode_causal, encode_row
+from ia3cli.cli.app import app
+from ia3cli.config.recipe import load_recipe, validate_mapping
+from ia3cli.data.encoding import encode_causal, encode_row
 from ia3cli.errors import Ia3Error, RecipeError
-from ia3cli.evaluation import (
+from ia3cli.inference.merge import merge
+from ia3cli.models import loading as modeling
+from ia3cli.scoring.evaluation import (
     _load_model,
     after_training,
     choice_features,
@@ -25,9 +27,8 @@ from ia3cli.evaluation import (
     run_eval,
     score_choices,
 )
-from ia3cli.merge import merge
-from ia3cli.recipe import load_recipe, validate_mapping
-from ia3cli.scoring import shared_prefix_length
+from ia3cli.scoring.loglik import shared_prefix_length
+from ia3cli.tuners import ia3
 from tests.conftest import make_run, tiny_recipe, write_recipe
 
 ROWS = [
@@ -134,7 +135,7 @@ def test_choice_scores_are_the_unbatched_mean_logprob(tmp_path: Path, tiny_model
     labels = {"label_names": ["positive", "not good at all"]}  # verbalisers of different token lengths
     run_dir = make_run(tmp_path, tiny_model(kind, task), task, data=labels)
     recipe = load_recipe(run_dir / "recipe.yaml")
-    model, tokenizer = modeling.load_run_model(run_dir, recipe)
+    model, tokenizer = ia3.load_run_model(run_dir, recipe)
     model.eval()
 
     with torch.no_grad():
@@ -158,12 +159,12 @@ def test_choice_scores_are_the_unbatched_mean_logprob(tmp_path: Path, tiny_model
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_shared_prefix_scores_equal_the_full_sequences(tmp_path: Path, tiny_model, kind: str) -> None:
-    from ia3cli import icl
+    from ia3cli.data import icl
 
     labels = {"label_names": ["positive", "not good at all"]}
     run_dir = make_run(tmp_path, tiny_model(kind, "causal-lm"), "causal-lm", data=labels)
     recipe = load_recipe(run_dir / "recipe.yaml")
-    model, tokenizer = modeling.load_run_model(run_dir, recipe)
+    model, tokenizer = ia3.load_run_model(run_dir, recipe)
     model.eval()
     demos, k = icl.recipe_with_demonstrations(recipe, tokenizer, model, ROWS * 3, ROWS, k=6)
     features = [f for row in ROWS for f in choice_features(row, demos, tokenizer)]
@@ -196,7 +197,7 @@ def test_causal_loss_is_the_mean_nll_per_target_token(tmp_path: Path, tiny_model
     metrics = evaluate(run_dir, split="train", overrides=["training.batch_size=2"])  # padded batches of 4
 
     recipe = load_recipe(run_dir / "recipe.yaml")
-    model, tokenizer = modeling.load_run_model(run_dir, recipe)
+    model, tokenizer = ia3.load_run_model(run_dir, recipe)
     model.eval()
     total, tokens = 0.0, 0
     with torch.no_grad():
@@ -213,7 +214,7 @@ def test_causal_loss_is_the_mean_nll_per_target_token(tmp_path: Path, tiny_model
 def test_after_training_adds_rank_classification(tmp_path: Path, tiny_model) -> None:
     run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm")
     recipe = load_recipe(run_dir / "recipe.yaml")
-    model, tokenizer = modeling.load_run_model(run_dir, recipe)
+    model, tokenizer = ia3.load_run_model(run_dir, recipe)
     model.train()
     added = after_training(model, tokenizer, recipe)
     assert set(added) == {"eval_accuracy", "eval_f1"} and model.training  # mode restored

@@ -14,10 +14,12 @@ import pytest
 import transformers as tf
 from typer.testing import CliRunner
 
-from ia3cli import families, modeling, targets
-from ia3cli.cli import app
-from ia3cli.families import FAMILIES, TASK_NAMES, group_of, role_of
-from ia3cli.recipe import ModelSection, Task
+from ia3cli.cli.app import app
+from ia3cli.config import families
+from ia3cli.config.families import FAMILIES, TASK_NAMES, group_of, role_of
+from ia3cli.config.recipe import ModelSection, Task
+from ia3cli.models import loading as modeling
+from ia3cli.models import targets
 
 runner = CliRunner()
 
@@ -139,6 +141,8 @@ def test_recommend_without_task_uses_the_same_rule(tmp_path: Path) -> None:
 
 
 def test_families_import_nothing_heavy() -> None:
-    code = "import sys, ia3cli.families; print([m for m in ('torch', 'transformers', 'peft') if m in sys.modules])"
+    code = (
+        "import sys, ia3cli.config.families; print([m for m in ('torch', 'transformers', 'peft') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

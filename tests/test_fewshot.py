@@ -11,9 +11,9 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ia3cli.cli import app
-from ia3cli.preflight import budget_warning, optimizer_steps
-from ia3cli.recipe import TrainingSection
+from ia3cli.cli.app import app
+from ia3cli.config.recipe import TrainingSection
+from ia3cli.training.preflight import budget_warning, optimizer_steps
 from tests.conftest import SENTIMENT, tiny_recipe, write_recipe
 
 runner = CliRunner()
@@ -117,7 +117,7 @@ def test_bad_choice_rows_are_named_by_number(tiny_model, tmp_path: Path, row: di
 
 
 def test_templates_are_drawn_per_row_and_epoch_and_reproducibly() -> None:
-    from ia3cli.fewshot import RowDataset
+    from ia3cli.training.fewshot import RowDataset
 
     templates = ["A {text}", "B {text}", "C {text}"]
     ds = RowDataset([{"text": str(i)} for i in range(60)], lambda row, t: {"t": t}, templates=templates, seed=1)
@@ -134,7 +134,7 @@ def test_templates_are_drawn_per_row_and_epoch_and_reproducibly() -> None:
 
 
 def test_training_with_several_templates_sees_each_of_them(tiny_model, tmp_path: Path) -> None:
-    from ia3cli import fewshot
+    from ia3cli.training import fewshot
 
     seen: list[str | None] = []
     draw = fewshot.RowDataset.template
@@ -165,9 +165,10 @@ def test_adafactor_is_the_papers_setting(tiny_model, tmp_path: Path) -> None:
     from transformers import Trainer
     from transformers.optimization import Adafactor
 
-    from ia3cli import modeling, targets
-    from ia3cli.recipe import validate_mapping
-    from ia3cli.train import training_arguments
+    from ia3cli.config.recipe import validate_mapping
+    from ia3cli.models import targets
+    from ia3cli.training.run import training_arguments
+    from ia3cli.tuners import ia3
 
     made = {}
     for optimizer in ("adafactor", "adamw"):
@@ -178,7 +179,7 @@ def test_adafactor_is_the_papers_setting(tiny_model, tmp_path: Path) -> None:
             )
         )  # fmt: skip
         plan = targets.resolve(recipe.model, recipe.adapter, "causal-lm", 2)
-        model, _ = modeling.build(recipe, plan)
+        model, _ = ia3.build(recipe, plan)
         made[optimizer] = Trainer(model=model, args=training_arguments(recipe, tmp_path / optimizer)).create_optimizer()
     ada = made["adafactor"]
     assert isinstance(ada, Adafactor)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ia3cli.cli import app
+from ia3cli.cli.app import app
 from tests.conftest import tiny_recipe, write_recipe
 
 pytestmark = [

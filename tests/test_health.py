@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ia3cli import health
-from ia3cli.health import FINDINGS, Checks
-from ia3cli.recipe import MonitorSection
+from ia3cli.config.recipe import MonitorSection
+from ia3cli.training import health
+from ia3cli.training.health import FINDINGS, Checks
 
 CFG = MonitorSection(patience=2, vanishing_below=1e-6, exploding_above=100.0)
 GROUPS = ["k", "v", "ff"]
@@ -116,6 +116,6 @@ def test_health_imports_no_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, ia3cli.health; print('torch' in sys.modules)"
+    code = "import sys, ia3cli.training.health; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

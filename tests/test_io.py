@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ia3cli.cli import app
+from ia3cli.cli.app import app
 from ia3cli.errors import Ia3Error
-from ia3cli.io import RUN_MARKER, check_replaceable, write_atomic
+from ia3cli.outputs import RUN_MARKER, check_replaceable, write_atomic
 from tests.conftest import tiny_recipe, write_recipe
 
 runner = CliRunner()

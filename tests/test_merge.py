@@ -1,7 +1,7 @@
 """`ia3 merge` on real tiny models: the merged checkpoint reproduces the adapter, for every family and for 4-bit runs.
 
 Run dirs are built directly by `tests.conftest.make_run` (random non-identity IA3 vectors, perturbed heads); one test
-goes through `ia3cli.train.run`.
+goes through `ia3cli.training.run.run`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import torch
 import transformers as tf
 from typer.testing import CliRunner
 
-from ia3cli import modeling
-from ia3cli.cli import app
+from ia3cli.cli.app import app
+from ia3cli.config.recipe import load_recipe, validate_mapping
 from ia3cli.errors import Ia3Error, RunError
-from ia3cli.merge import merge
-from ia3cli.recipe import load_recipe, validate_mapping
+from ia3cli.inference.merge import merge
+from ia3cli.tuners import ia3
 from tests.conftest import auto_model, make_run, tiny_recipe
 
 
@@ -67,7 +67,7 @@ def test_merged_model_matches_adapter(tmp_path: Path, tiny_model, kind: str, tas
     # Independently of merge's probe: plain transformers load vs the full-precision adapter model.
     recipe = load_recipe(run_dir / "recipe.yaml")
     full = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": "none"})})
-    adapter, _ = modeling.load_run_model(run_dir, full)
+    adapter, _ = ia3.load_run_model(run_dir, full)
     adapter.eval()
     merged = auto_model(task).from_pretrained(str(out)).eval()
     batch = probe_inputs(run_dir)
@@ -82,7 +82,7 @@ def test_seq_cls_head_is_the_trained_copy(tmp_path: Path, tiny_model) -> None:
     run_dir = make_run(tmp_path, tiny_model("bert", "seq-cls"), "seq-cls")
     merge(run_dir, tmp_path / "merged")
     recipe = load_recipe(run_dir / "recipe.yaml")
-    adapter, _ = modeling.load_run_model(run_dir, recipe)
+    adapter, _ = ia3.load_run_model(run_dir, recipe)
     trained = adapter.base_model.model.classifier.modules_to_save["default"].weight
     original = adapter.base_model.model.classifier.original_module.weight
     merged = tf.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged"))
@@ -135,7 +135,7 @@ def test_probe_skips_a_split_with_a_bad_row(tmp_path: Path, tiny_model) -> None:
 
 
 def test_a_bug_while_building_the_probe_is_not_hidden(tmp_path: Path, tiny_model, monkeypatch) -> None:
-    from ia3cli import data
+    from ia3cli.data import encoding as data
 
     run_dir = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm")
 
@@ -263,18 +263,15 @@ def test_cli_merge(tmp_path: Path, tiny_model) -> None:
 
 
 def test_run_trained_by_ia3_train_merges(tmp_path: Path, tiny_model) -> None:
-    try:
-        from ia3cli import monitor, targets  # noqa: F401
-        from ia3cli.train import run
-    except ImportError as exc:
-        pytest.skip(f"the training path is not importable yet: {exc}")
+    from ia3cli.training.run import run
+
     model_dir = tiny_model("bert", "seq-cls")
     recipe = validate_mapping(tiny_recipe(model_dir, "seq-cls", tmp_path / "run"))
     run(recipe, printer=lambda _line: None)
     report = merge(tmp_path / "run", tmp_path / "merged")
     assert report["max_abs_diff"] <= 1e-4 and report["probe_rows"] == 8
 
-    from ia3cli.evaluation import run_eval
+    from ia3cli.scoring.evaluation import run_eval
 
     args = {"recipe_path": None, "data": None, "split": None, "overrides": [], "full_precision": False}
     on_run, on_merged = run_eval(str(tmp_path / "run"), **args), run_eval(str(tmp_path / "merged"), **args)

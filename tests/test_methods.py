@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ia3cli import methods, targets
+from ia3cli.config.recipe import AdapterSection, ModelSection
 from ia3cli.errors import RecipeError
-from ia3cli.recipe import AdapterSection, ModelSection
+from ia3cli.models import targets
+from ia3cli.tuners import baselines as methods
 
 
 def _plan(tiny_model, kind: str, task: str):
@@ -57,26 +58,27 @@ def test_lora_targets_that_match_nothing_name_the_key(tiny_model) -> None:
 
 
 def test_lora_parameter_count_matches_peft(tiny_model, tmp_path: Path) -> None:
-    from ia3cli import modeling
-    from ia3cli.recipe import validate_mapping
+    from ia3cli.config.recipe import validate_mapping
+    from ia3cli.models import loading as modeling
+    from ia3cli.tuners import ia3
     from tests.conftest import tiny_recipe
 
     raw = tiny_recipe(tiny_model("llama", "causal-lm"), "causal-lm", tmp_path, adapter={"method": "lora", "lora_r": 2})
     recipe = validate_mapping(raw)
     plan = targets.resolve(recipe.model, recipe.adapter, "causal-lm")
-    model, _ = modeling.build(recipe, plan)
+    model, _ = ia3.build(recipe, plan)
     assert modeling.count_parameters(model)["trainable"] == methods.lora_params(plan, "attention", 2) > 0
 
 
 def test_head_method_trains_only_the_head(tiny_model, tmp_path: Path) -> None:
-    from ia3cli import modeling
-    from ia3cli.recipe import validate_mapping
+    from ia3cli.config.recipe import validate_mapping
+    from ia3cli.tuners import ia3
     from tests.conftest import tiny_recipe
 
     recipe = validate_mapping(
         tiny_recipe(tiny_model("bert", "seq-cls"), "seq-cls", tmp_path, adapter={"method": "head"})
     )
     plan = targets.resolve(recipe.model, recipe.adapter, "seq-cls")
-    model, _ = modeling.build(recipe, plan)
+    model, _ = ia3.build(recipe, plan)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["classifier.weight", "classifier.bias"]

@@ -3,7 +3,7 @@
 Run dirs come from ``tests.test_merge.make_run`` (a PEFT adapter saved with ``save_pretrained`` and a resolved
 recipe.yaml); each adapter then gets its own vectors, drawn from U(0.5, 1.5), and its own perturbed head, so the
 adapters differ from the base and from each other. The reference is ``PeftModel.from_pretrained`` on a base loaded
-the same way (``modeling.load_run_model``), one adapter at a time, on the very same padded batch.
+the same way (``ia3.load_run_model``), one adapter at a time, on the very same padded batch.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ia3cli import modeling
+from ia3cli.config.recipe import dump_recipe, load_recipe
 from ia3cli.errors import Ia3Error
-from ia3cli.mixed import MixedIA3
-from ia3cli.recipe import dump_recipe, load_recipe
+from ia3cli.models import loading as modeling
+from ia3cli.tuners import ia3
+from ia3cli.tuners.mixed import MixedIA3
 from tests.conftest import make_run
 
 TEXTS = [
@@ -65,7 +66,7 @@ def reference(run_dir: Path | None, base_run: Path, quantization: str | None = N
         recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": quantization})})
     if run_dir is None:
         return modeling.load_recipe_base(recipe, modeling.load_tokenizer(recipe.model)).eval()
-    model, _ = modeling.load_run_model(run_dir, recipe)
+    model, _ = ia3.load_run_model(run_dir, recipe)
     return model.eval()
 
 
@@ -288,7 +289,7 @@ REAL = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "gguf_file", "task"), REAL)
 def test_real_weights_mixed_batch_matches_peft(tmp_path: Path, name: str, gguf_file: str | None, task: str) -> None:
-    from ia3cli.recipe import resolve_model_path
+    from ia3cli.config.recipe import resolve_model_path
 
     model_dir = Path(resolve_model_path(name))
     model = {"name": name, "gguf_file": gguf_file}

@@ -11,11 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ia3cli import modeling, preflight
+from ia3cli.config.recipe import ModelSection, load_recipe, validate_mapping
 from ia3cli.errors import RecipeError
-from ia3cli.evaluation import run_eval
-from ia3cli.recipe import ModelSection, load_recipe, validate_mapping
-from ia3cli.train import model_card
+from ia3cli.models import loading as modeling
+from ia3cli.scoring.evaluation import run_eval
+from ia3cli.training import preflight
+from ia3cli.training.run import model_card
+from ia3cli.tuners import ia3
 from tests.conftest import make_run, make_tokenizer, tiny_recipe, write_recipe
 
 
@@ -119,7 +121,7 @@ def test_seq_cls_heads_are_trained_in_full(
     recipe = validate_mapping(raw)
     plan = preflight.run(recipe).plan
     assert modeling.modules_to_save("seq-cls", extra, plan.head_modules) == expected == plan.modules_to_save
-    model, _ = modeling.build(recipe, plan)
+    model, _ = ia3.build(recipe, plan)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and ".ia3_l." not in n}
     for module in expected:  # PEFT keeps a trainable copy of each and freezes the original
         assert any(f"{module}.modules_to_save.default." in n for n in trainable), module
@@ -142,21 +144,21 @@ def test_load_run_model_restores_the_saved_vectors_and_prefers_the_run_tokenizer
     recipe = load_recipe(run_dir / "recipe.yaml")
     saved = load_file(str(run_dir / "adapter_model.safetensors"))
 
-    model, tokenizer = modeling.load_run_model(run_dir, recipe)
+    model, tokenizer = ia3.load_run_model(run_dir, recipe)
     vectors = {n: p for n, p in model.named_parameters() if ".ia3_l." in n}
     assert len(vectors) == len(saved) == 2 * 3  # k, v and down_proj in 2 layers
     for name, value in saved.items():
         loaded = next(p for n, p in vectors.items() if n.replace(".default", "").endswith(name.split("model.", 1)[1]))
         assert torch.equal(loaded, value), name
     assert not any(p.requires_grad for p in vectors.values())
-    trainable, _ = modeling.load_run_model(run_dir, recipe, is_trainable=True)
+    trainable, _ = ia3.load_run_model(run_dir, recipe, is_trainable=True)
     assert all(p.requires_grad for n, p in trainable.named_parameters() if ".ia3_l." in n)
 
     # The run dir's tokenizer wins over the base's; without one, the base's (with its pad fallback) is used.
     assert tokenizer.name_or_path == str(run_dir)
     for f in run_dir.glob("tokenizer*"):
         f.unlink()
-    _, fallback = modeling.load_run_model(run_dir, recipe)
+    _, fallback = ia3.load_run_model(run_dir, recipe)
     assert fallback.name_or_path == recipe.model.name and fallback.pad_token == "<pad>"
 
 
@@ -167,10 +169,10 @@ def test_a_copy_with_another_quantization_loads_full_precision_and_leaves_the_re
     recipe = load_recipe(run_dir / "recipe.yaml")
     before = recipe.model_dump()
     full = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": "none"})})
-    model, _ = modeling.load_run_model(run_dir, full)
+    model, _ = ia3.load_run_model(run_dir, full)
     assert not getattr(model.get_base_model(), "is_loaded_in_4bit", False)
     assert model.get_base_model().model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
-    quantised, _ = modeling.load_run_model(run_dir, recipe)
+    quantised, _ = ia3.load_run_model(run_dir, recipe)
     assert quantised.get_base_model().is_loaded_in_4bit
     assert recipe.model_dump() == before
 

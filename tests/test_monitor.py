@@ -29,9 +29,9 @@ from transformers import (
     TrainingArguments,
 )
 
-from ia3cli import targets
-from ia3cli.monitor import GradNormMonitor, ia3_parameters, layer_label
-from ia3cli.recipe import MonitorSection
+from ia3cli.config.recipe import MonitorSection
+from ia3cli.models import targets
+from ia3cli.training.monitor import GradNormMonitor, ia3_parameters, layer_label
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ia3cli import objectives
-from ia3cli.objectives import by_row, choice_terms
+from ia3cli.training import objectives
+from ia3cli.training.objectives import by_row, choice_terms
 from tests.conftest import SENTIMENT, tiny_recipe
 
 
@@ -101,18 +101,20 @@ def test_unlikelihood_is_zero_without_wrong_choices() -> None:
 
 
 def _tiny_choice_batch(tiny_model, task: str, tmp_path: Path):
-    from ia3cli import fewshot, modeling, targets
-    from ia3cli.data import choice_label, sample
-    from ia3cli.evaluation import choice_features
-    from ia3cli.loading import load_split
-    from ia3cli.recipe import validate_mapping
+    from ia3cli.config.recipe import validate_mapping
+    from ia3cli.data.encoding import choice_label, sample
+    from ia3cli.data.sources import load_split
+    from ia3cli.models import targets
+    from ia3cli.scoring.evaluation import choice_features
+    from ia3cli.training import fewshot
+    from ia3cli.tuners import ia3
 
     kind = "llama" if task == "causal-lm" else "t5"
     recipe = validate_mapping(
         tiny_recipe(tiny_model(kind, task), task, tmp_path / "run", training={"objective": "tfew"})
     )
     plan = targets.resolve(recipe.model, recipe.adapter, task, recipe.num_labels)
-    model, tokenizer = modeling.build(recipe, plan)
+    model, tokenizer = ia3.build(recipe, plan)
     rows = list(sample(load_split(recipe.data, "train"), 4, 0))
     feats = [{"choices": choice_features(r, recipe, tokenizer), "label": choice_label(r, recipe.data)} for r in rows]
     batch = fewshot.ChoiceCollator(lambda f: f, tokenizer.pad_token_id)(feats)
@@ -145,7 +147,7 @@ def test_gradients_reach_only_the_trainable_ia3_vectors(tiny_model, tmp_path: Pa
 @pytest.mark.parametrize("task", ["causal-lm", "seq2seq"])
 def test_training_scores_equal_rank_classification_scores(tiny_model, tmp_path: Path, task: str) -> None:
     """The scores the loss ranks are the ones ``ia3 eval`` ranks: -(mean token cross-entropy) of each choice."""
-    from ia3cli.evaluation import score_choices
+    from ia3cli.scoring.evaluation import score_choices
 
     recipe, model, tokenizer, rows, batch = _tiny_choice_batch(tiny_model, task, tmp_path)
     model.eval()

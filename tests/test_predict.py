@@ -2,7 +2,7 @@
 
 Run dirs are built by ``tests.test_mixed.make_adapter`` (random IA3 vectors and heads per adapter). References are
 computed independently: ``PeftModel.from_pretrained`` with one adapter on one row at a time, and for choices
-``ia3cli.evaluation.score_choices`` (the rank classification ``ia3 eval`` reports).
+``ia3cli.scoring.evaluation.score_choices`` (the rank classification ``ia3 eval`` reports).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ia3cli import modeling
-from ia3cli.cli import app
+from ia3cli.cli.app import app
+from ia3cli.config.recipe import load_recipe
 from ia3cli.errors import DataError, Ia3Error
-from ia3cli.evaluation import score_choices
-from ia3cli.inference import softmax
-from ia3cli.predict import predict, sidecar
-from ia3cli.recipe import load_recipe
+from ia3cli.inference.jobs import softmax
+from ia3cli.inference.predict import predict, sidecar
+from ia3cli.scoring.evaluation import score_choices
+from ia3cli.tuners import ia3
 from tests.test_mixed import make_adapter
 
 TEXTS = ["a warm clever comedy", "ads and upsells sadly", "pretty good", "not worth the money at all", "great"]
@@ -44,7 +44,7 @@ def quiet(_line: str) -> None:
 
 def peft_model(run_dir: Path):
     recipe = load_recipe(run_dir / "recipe.yaml")
-    model, tokenizer = modeling.load_run_model(run_dir, recipe)
+    model, tokenizer = ia3.load_run_model(run_dir, recipe)
     return model.eval(), tokenizer, recipe
 
 

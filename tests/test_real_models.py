@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ia3cli.cli import app
+from ia3cli.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -68,12 +68,13 @@ def test_icl_on_a_bpe_tokenizer_keeps_every_demonstration_and_runs_them_once() -
     joined text: no prompt is cut, every row starts with the same tokens, and scoring them once gives the scores."""
     import torch
 
-    from ia3cli import icl, modeling
-    from ia3cli.compare_cells import read_jsonl
-    from ia3cli.data import encode_causal, prompt_text
-    from ia3cli.evaluation import choice_features, score_choices
-    from ia3cli.recipe import load_recipe
-    from ia3cli.scoring import shared_prefix_length
+    from ia3cli.compare.cells import read_jsonl
+    from ia3cli.config.recipe import load_recipe
+    from ia3cli.data import icl
+    from ia3cli.data.encoding import encode_causal, prompt_text
+    from ia3cli.models import loading as modeling
+    from ia3cli.scoring.evaluation import choice_features, score_choices
+    from ia3cli.scoring.loglik import shared_prefix_length
 
     recipe = load_recipe(ROOT / "recipes" / "fewshot-causal.yaml")
     tokenizer = modeling.load_tokenizer(recipe.model)

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ia3cli.errors import RecipeError
-from ia3cli.recipe import (
+from ia3cli.config.recipe import (
     SECTIONS,
     Recipe,
     apply_overrides,
@@ -19,6 +18,7 @@ from ia3cli.recipe import (
     resolve_model_path,
     validate_mapping,
 )
+from ia3cli.errors import RecipeError
 
 MINIMAL = {"model": {"name": "some/model"}, "data": {"path": "some/data"}}
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ia3cli.cli import app
-from ia3cli.recipe import load_recipe
+from ia3cli.cli.app import app
+from ia3cli.config.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

@@ -13,8 +13,8 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ia3cli import report
-from ia3cli.cli import app
+from ia3cli.cli.app import app
+from ia3cli.report import build as report
 from tests.conftest import tiny_recipe, write_recipe
 
 runner = CliRunner()

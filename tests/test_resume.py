@@ -21,10 +21,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from ia3cli.cli import app
-from ia3cli.io import write_atomic
-from ia3cli.recipe import dump_recipe, validate_mapping
-from ia3cli.train import latest_checkpoint
+from ia3cli.cli.app import app
+from ia3cli.config.recipe import dump_recipe, validate_mapping
+from ia3cli.outputs import write_atomic
+from ia3cli.training.run import latest_checkpoint
 from tests.conftest import ROOT, tiny_recipe, write_recipe
 
 runner = CliRunner()
@@ -228,12 +228,12 @@ def test_an_unwritable_output_dir_is_one_line(tiny_model, tmp_path: Path, where:
 
 
 def test_disk_full_is_one_line(tiny_model, tmp_path: Path, monkeypatch) -> None:
-    import ia3cli.train
+    import ia3cli.training.run
 
     def disk_full(path: Path, text: str) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ia3cli.train, "write_atomic", disk_full)
+    monkeypatch.setattr(ia3cli.training.run, "write_atomic", disk_full)
     recipe = tiny_recipe(tiny_model("llama", "causal-lm"), "causal-lm", tmp_path / "run")
     _assert_one_line_error(_train(tmp_path, recipe), 1, "No space left on device", "free disk space")
 

@@ -25,9 +25,10 @@ import torch
 import uvicorn
 from safetensors.torch import load_file, save_file
 
-from ia3cli import modeling, serve
-from ia3cli.evaluation import score_choices
-from ia3cli.recipe import load_recipe
+from ia3cli.config.recipe import load_recipe
+from ia3cli.scoring.evaluation import score_choices
+from ia3cli.serving import app as serve
+from ia3cli.tuners import ia3
 from tests.test_merge import make_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def metrics(client: httpx.Client) -> dict[str, float]:
 def reference_generate(run_dir: Path | None, base_run: Path, prompt: str, n: int) -> str:
     """Greedy `n` tokens from plain PEFT with only this adapter (``None``: the base with the adapter disabled)."""
     recipe = load_recipe(base_run / "recipe.yaml")
-    model, tok = modeling.load_run_model(run_dir or base_run, recipe)
+    model, tok = ia3.load_run_model(run_dir or base_run, recipe)
     model.eval()
     ids = tok(prompt, return_tensors="pt")
     ctx = model.disable_adapter() if run_dir is None else contextlib.nullcontext()
@@ -190,7 +191,7 @@ def test_classify_choice_adapters_match_rank_classification(causal, causal_root:
     assert answer.status_code == 200, answer.text
     data = answer.json()["data"]
     recipe = load_recipe(causal_root / "beta" / "recipe.yaml")
-    model, tok = modeling.load_run_model(causal_root / "beta", recipe)
+    model, tok = ia3.load_run_model(causal_root / "beta", recipe)
     with torch.no_grad():
         scores = score_choices(model.eval(), tok, recipe, [{"text": t} for t in texts])
     for row, score in zip(data, scores, strict=True):
@@ -214,7 +215,7 @@ def test_seq_cls_adapters_classify_with_their_own_heads(tiny_model, tmp_path: Pa
     for name, answer in zip(["alpha", "beta"], answers, strict=True):
         assert answer.status_code == 200, answer.text
         recipe = load_recipe(root / name / "recipe.yaml")
-        model, tok = modeling.load_run_model(root / name, recipe)
+        model, tok = ia3.load_run_model(root / name, recipe)
         with torch.no_grad():
             logits = model.eval()(**tok(texts, return_tensors="pt", padding=True)).logits
         expected = torch.softmax(logits, -1).tolist()
@@ -400,7 +401,7 @@ def test_cli_serves_on_loopback_with_the_key_from_the_environment(causal_root: P
 def test_cli_refuses_a_folder_without_run_dirs(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from ia3cli.cli import app
+    from ia3cli.cli.app import app
 
     result = CliRunner().invoke(app, ["serve", str(tmp_path)])
     assert result.exit_code == 2 and "no run dirs" in result.output

@@ -20,9 +20,10 @@ import transformers as tf
 from peft import IA3Config, get_peft_model
 from peft.tuners.ia3 import IA3Layer
 
-from ia3cli import modeling, render, targets
+from ia3cli.config.recipe import AdapterSection, ModelSection
 from ia3cli.errors import RecipeError
-from ia3cli.recipe import AdapterSection, ModelSection
+from ia3cli.models import loading as modeling
+from ia3cli.models import render, targets
 from tests.conftest import auto_model
 
 TINY = {"num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128}
@@ -103,7 +104,7 @@ def _wrap(model: torch.nn.Module, plan: targets.TargetPlan, task: str) -> Any:
         target_modules=plan.target_modules,
         feedforward_modules=plan.feedforward_modules,
         fan_in_fan_out=plan.fan_in_fan_out,
-        modules_to_save=plan.modules_to_save,  # what modeling.ia3_config passes
+        modules_to_save=plan.modules_to_save,  # what ia3.ia3_config passes
     )
     return get_peft_model(model, config)
 
@@ -466,7 +467,7 @@ def test_render_and_json(tmp_path: Path) -> None:
 
 def test_importing_targets_does_not_import_torch() -> None:
     code = (
-        "import sys, ia3cli.targets, ia3cli.render, ia3cli.families, ia3cli.matching; "
+        "import sys, ia3cli.models.targets, ia3cli.models.render, ia3cli.config.families, ia3cli.models.matching; "
         "print('torch' in sys.modules, 'transformers' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ia3cli.cli import app
+from ia3cli.cli.app import app
 from tests.conftest import tiny_recipe, write_recipe
 
 runner = CliRunner()
@@ -39,8 +39,8 @@ def _train(tmp_path: Path, recipe: dict, *args: str):
 def test_train_writes_a_loadable_peft_adapter(tiny_model, tmp_path: Path, kind: str, task: str, quant: str) -> None:
     from peft import PeftModel
 
-    from ia3cli.modeling import load_base
-    from ia3cli.recipe import ModelSection
+    from ia3cli.config.recipe import ModelSection
+    from ia3cli.models.loading import load_base
 
     model_dir = tiny_model(kind, task)
     out = tmp_path / "run"
@@ -87,8 +87,8 @@ def test_train_writes_a_loadable_peft_adapter(tiny_model, tmp_path: Path, kind: 
 
 
 def test_printed_parameter_count_equals_the_plan(tiny_model, tmp_path: Path) -> None:
-    from ia3cli import targets
-    from ia3cli.recipe import validate_mapping
+    from ia3cli.config.recipe import validate_mapping
+    from ia3cli.models import targets
 
     recipe = tiny_recipe(tiny_model("llama", "causal-lm"), "causal-lm", tmp_path / "run")
     loaded = validate_mapping(recipe)

@@ -1,0 +1,1 @@
+"""Using trained adapters offline: ``ia3 predict`` and ``ia3 merge``."""

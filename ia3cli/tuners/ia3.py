@@ -1,0 +1,81 @@
+"""IA3 through PEFT: the ``IA3Config`` of a recipe, wrapping a base, and loading a run's adapter back.
+
+The base itself (config, tokenizer, full/4-bit/8-bit/GGUF weights) comes from :mod:`ia3cli.models.loading`; the
+modules IA3 scales come from the target plan (:mod:`ia3cli.models.targets`). Other methods (``adapter.method``:
+LoRA, full, head) are in :mod:`ia3cli.tuners.baselines`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ia3cli.config.recipe import Recipe
+from ia3cli.models.loading import PEFT_TASK_TYPES, load_recipe_base, load_tokenizer, with_pad_token
+from ia3cli.tuners import baselines
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ia3cli.models.targets import TargetPlan
+
+
+def ia3_config(recipe: Recipe, plan: TargetPlan) -> Any:
+    """The ``peft.IA3Config`` for a recipe and its resolved targets."""
+    from peft import IA3Config
+
+    return IA3Config(
+        task_type=PEFT_TASK_TYPES[recipe.model.task],
+        target_modules=plan.target_modules,
+        feedforward_modules=plan.feedforward_modules,
+        modules_to_save=plan.modules_to_save,
+        init_ia3_weights=recipe.adapter.init_ia3_weights,
+        fan_in_fan_out=plan.fan_in_fan_out,
+    )
+
+
+def wrap(base: PreTrainedModel, recipe: Recipe, plan: TargetPlan) -> PeftModel:
+    """Wrap ``base`` with IA3, or with ``adapter.method`` (see :mod:`ia3cli.tuners.baselines`).
+
+    Quantised bases are first prepared for k-bit training (norms in fp32, input grads).
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=recipe.training.gradient_checkpointing)
+    elif recipe.training.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    if recipe.adapter.method != "ia3":
+        return baselines.wrap(base, recipe, plan)
+    return get_peft_model(base, ia3_config(recipe, plan))
+
+
+def build(recipe: Recipe, plan: TargetPlan) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """Tokenizer plus the base model wrapped for ``adapter.method`` (IA3 by default)."""
+    tokenizer = load_tokenizer(recipe.model)
+    return wrap(load_recipe_base(recipe, tokenizer), recipe, plan), tokenizer
+
+
+def load_run_tokenizer(run_dir: str | Path, recipe: Recipe) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a run dir (with a pad token), else the base's."""
+    from transformers import AutoTokenizer
+
+    run_dir = Path(run_dir)
+    if (run_dir / "tokenizer_config.json").exists():
+        return with_pad_token(AutoTokenizer.from_pretrained(run_dir))
+    return load_tokenizer(recipe.model)
+
+
+def load_run_model(
+    run_dir: str | Path, recipe: Recipe, *, is_trainable: bool = False
+) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """Rebuild the base as ``recipe`` says (the run's, or a copy with another ``model`` section) and load the run's
+    adapter; the tokenizer saved in the run dir is preferred over the base's."""
+    from peft import PeftModel
+
+    tokenizer = load_run_tokenizer(run_dir, recipe)
+    base = load_recipe_base(recipe, tokenizer)
+    model = PeftModel.from_pretrained(base, str(run_dir), is_trainable=is_trainable)
+    return model, tokenizer
