@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ia3cli.config.recipe import DataSection, Recipe, validate_mapping
+from ia3cli.config.load import validate_mapping
+from ia3cli.config.recipe import DataSection, Recipe
 from ia3cli.data import encoding as data
 from ia3cli.data import sources as loading
 from ia3cli.errors import DataError, RecipeError

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from ia3cli.cli.app import app
 from ia3cli.config.recipe import TrainingSection
-from ia3cli.training.preflight import budget_warning, optimizer_steps
+from ia3cli.training.budget import budget_warning, optimizer_steps
 from tests.conftest import SENTIMENT, tiny_recipe, write_recipe
 
 runner = CliRunner()
@@ -165,7 +165,7 @@ def test_adafactor_is_the_papers_setting(tiny_model, tmp_path: Path) -> None:
     from transformers import Trainer
     from transformers.optimization import Adafactor
 
-    from ia3cli.config.recipe import validate_mapping
+    from ia3cli.config.load import validate_mapping
     from ia3cli.models import targets
     from ia3cli.training.run import training_arguments
     from ia3cli.tuners import ia3

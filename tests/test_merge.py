@@ -15,7 +15,7 @@ import transformers as tf
 from typer.testing import CliRunner
 
 from ia3cli.cli.app import app
-from ia3cli.config.recipe import load_recipe, validate_mapping
+from ia3cli.config.load import load_recipe, validate_mapping
 from ia3cli.errors import Ia3Error, RunError
 from ia3cli.inference.merge import merge
 from ia3cli.tuners import ia3

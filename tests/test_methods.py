@@ -58,7 +58,7 @@ def test_lora_targets_that_match_nothing_name_the_key(tiny_model) -> None:
 
 
 def test_lora_parameter_count_matches_peft(tiny_model, tmp_path: Path) -> None:
-    from ia3cli.config.recipe import validate_mapping
+    from ia3cli.config.load import validate_mapping
     from ia3cli.models import loading as modeling
     from ia3cli.tuners import ia3
     from tests.conftest import tiny_recipe
@@ -71,7 +71,7 @@ def test_lora_parameter_count_matches_peft(tiny_model, tmp_path: Path) -> None:
 
 
 def test_head_method_trains_only_the_head(tiny_model, tmp_path: Path) -> None:
-    from ia3cli.config.recipe import validate_mapping
+    from ia3cli.config.load import validate_mapping
     from ia3cli.tuners import ia3
     from tests.conftest import tiny_recipe
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ia3cli.config.recipe import ModelSection, load_recipe, validate_mapping
+from ia3cli.config.load import load_recipe, validate_mapping
+from ia3cli.config.recipe import ModelSection
 from ia3cli.errors import RecipeError
 from ia3cli.models import loading as modeling
 from ia3cli.scoring.evaluation import run_eval

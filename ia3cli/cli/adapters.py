@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from ia3cli.cli.common import DebugOpt, RecipeArg, SetOpt, errors, quiet_libraries
+from ia3cli.serving.settings import DEFAULTS as SERVE
 
 PREDICT_EXAMPLES = (
     "ia3 predict runs/quickstart --input rows.jsonl --output preds.jsonl",
@@ -45,8 +46,13 @@ def predict(
         str, typer.Option("--adapter-column", help="Column naming each row's adapter (optional with one adapter).")
     ] = "adapter",
     choices_column: Annotated[
-        str, typer.Option("--choices-column", help="Column with a row's own choices (a list) to rank.")
-    ] = "choices",
+        str | None,
+        typer.Option(
+            "--choices-column",
+            help="Column with a row's own choices (a list) to rank [default: the recipe's data.choices_column, "
+            "else choices].",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per forward.")] = 16,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate per row.")] = 32,
     temperature: Annotated[float, typer.Option("--temperature", help="0: greedy; > 0: sample.")] = 0.0,
@@ -114,10 +120,16 @@ def compare(
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default runs/compare-RECIPE).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Reuse OUT's finished cells.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier comparison in OUT.")] = False,
-    lora_r: Annotated[int, typer.Option("--lora-r", min=1, help="LoRA rank.")] = 4,
+    lora_r: Annotated[
+        int | None, typer.Option("--lora-r", min=1, help="LoRA rank [default: the recipe's adapter.lora_r].")
+    ] = None,
     lora_targets: Annotated[
-        str, typer.Option("--lora-targets", help="attention (query/value projections) or all-linear.")
-    ] = "attention",
+        str | None,
+        typer.Option(
+            "--lora-targets",
+            help="attention (query/value projections) or all-linear [default: the recipe's adapter.lora_targets].",
+        ),
+    ] = None,
     lr: Annotated[
         list[str] | None,
         typer.Option("--lr", metavar="METHOD=VALUE", help="Learning rate of one method (repeatable)."),
@@ -134,11 +146,11 @@ def compare(
     """Train and evaluate IA3 next to LoRA, full fine-tuning, a linear probe, zero-shot and in-context learning on
     the same rows; print a table, write compare.json and compare.png."""
     with errors(debug):
-        from ia3cli.config.recipe import load_recipe
+        from ia3cli.config.load import load_recipe
         from ia3cli.errors import RecipeError
 
         loaded = load_recipe(recipe, set_ or [])
-        if lora_targets not in ("attention", "all-linear"):
+        if lora_targets not in (None, "attention", "all-linear"):
             raise RecipeError("--lora-targets", f"'{lora_targets}' is not attention or all-linear")
         quiet_libraries(debug)
         from ia3cli.compare import run as comparing
@@ -174,13 +186,17 @@ def serve(
         Path,
         typer.Argument(help="A run dir, or a folder of run dirs (one adapter each).", show_default=False),
     ],
-    host: Annotated[str, typer.Option("--host", help="Address to bind (0.0.0.0 exposes it to the network).")] = (
-        "127.0.0.1"
-    ),
-    port: Annotated[int, typer.Option("--port", help="Port (0 picks a free one).")] = 8000,
-    max_adapters: Annotated[int, typer.Option("--max-adapters", help="Adapters kept loaded (LRU).")] = 64,
-    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Rows per batch.")] = 32,
-    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="Longest wait for a batch to fill.")] = 10.0,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind (0.0.0.0 exposes it to the network).")
+    ] = SERVE.host,
+    port: Annotated[int, typer.Option("--port", help="Port (0 picks a free one).")] = SERVE.port,
+    max_adapters: Annotated[
+        int, typer.Option("--max-adapters", help="Adapters kept loaded (LRU).")
+    ] = SERVE.max_adapters,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Rows per batch.")] = SERVE.max_batch_size,
+    max_wait_ms: Annotated[
+        float, typer.Option("--max-wait-ms", help="Longest wait for a batch to fill.")
+    ] = SERVE.max_wait_ms,
     api_key: Annotated[
         str | None,
         typer.Option("--api-key", envvar="IA3_API_KEY", help="Require Authorization: Bearer KEY (env IA3_API_KEY)."),

@@ -8,6 +8,7 @@ exit 2 (bad input) or 1 (run failure); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +16,7 @@ from typing import Annotated
 import typer
 
 from ia3cli.cli import adapters as cli_adapters
+from ia3cli.cli.cache import cache_app
 from ia3cli.cli.common import DebugOpt, RecipeArg, SetOpt, VerboseOpt, errors, examples, quiet_libraries
 
 app = typer.Typer(
@@ -54,7 +56,7 @@ def train(
     draws the run.
     """
     with errors(debug):
-        from ia3cli.config.recipe import load_recipe
+        from ia3cli.config.load import load_recipe
 
         loaded = load_recipe(recipe, set_ or [])
         if nproc and nproc > 1:
@@ -99,7 +101,7 @@ def validate(
 ) -> None:
     """Run every pre-flight check that needs no weights: schema, data rows, model config, adapter targets."""
     with errors(debug):
-        from ia3cli.config.recipe import load_recipe
+        from ia3cli.config.load import load_recipe
 
         loaded = load_recipe(recipe, set_ or [])
         if schema_only:
@@ -313,10 +315,26 @@ def _root(
     ] = False,
 ) -> None:
     """Fine-tune Hugging Face models with IA3 adapters from YAML recipes."""
+    _show_notes()
+
+
+class _Notes(logging.Handler):
+    """Prints records of the ``ia3cli`` logger as ``note: ...`` on the stderr of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"note: {record.getMessage()}", err=True)
+
+
+def _show_notes() -> None:
+    """Library notes (the ``ia3cli`` logger, e.g. a cache folder written) print on stderr."""
+    logger = logging.getLogger("ia3cli")
+    if not any(isinstance(h, _Notes) for h in logger.handlers):
+        logger.addHandler(_Notes())
 
 
 app.command(epilog=examples(*cli_adapters.COMPARE_EXAMPLES))(cli_adapters.compare)
 app.command(epilog=examples(*cli_adapters.SERVE_EXAMPLES))(cli_adapters.serve)
+app.add_typer(cache_app, name="cache")
 
 
 def main() -> None:

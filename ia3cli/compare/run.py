@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,9 +37,11 @@ from typing import Any
 from ia3cli.compare import cells as compare_cells
 from ia3cli.compare.cells import cell_name, metric_name, write_jsonl
 from ia3cli.compare.summary import plot, recommendation, table
-from ia3cli.config.recipe import Recipe, dump_recipe
+from ia3cli.config.load import dump_recipe
+from ia3cli.config.recipe import Recipe
 from ia3cli.errors import Ia3Error, RecipeError
 from ia3cli.outputs import COMPARE_MARKER, remove_output, write_atomic
+from ia3cli.training.budget import MIN_STEPS, compare_budget
 
 METHODS = ("zero-shot", "icl", "ia3", "ia3-all", "lora", "full", "head")
 TRAINED = ("ia3", "ia3-all", "lora", "full", "head")
@@ -49,7 +50,6 @@ TRAINED = ("ia3", "ia3-all", "lora", "full", "head")
 # of BERT's recommended 2e-5..5e-5 (Devlin et al. 2019, appendix A.3). Head only: 1e-3, Adam's default step size
 # (Kingma & Ba 2015), the usual linear-probe rate.
 DEFAULT_LR = {"lora": 5e-4, "full": 5e-5, "head": 1e-3}
-MIN_STEPS = 50
 COMPARE_VERSION = 1
 
 
@@ -66,8 +66,7 @@ class CompareResult:
 
 def applicable(recipe: Recipe) -> list[str]:
     """The methods that make sense for the recipe's task, in display order."""
-    task, d = recipe.model.task, recipe.data
-    choices = task != "seq-cls" and bool(d.label_names) and d.messages_column is None
+    task, choices = recipe.model.task, recipe.has_choices
     names = ["zero-shot"] if choices else []
     names += ["icl"] if choices and task == "causal-lm" else []
     names += ["ia3", "ia3-all", "lora", "full"]
@@ -126,12 +125,15 @@ def learning_rate(recipe: Recipe, method: str, overrides: dict[str, float]) -> f
     return recipe.training.learning_rate if method.startswith("ia3") else DEFAULT_LR[method]
 
 
+def lora_settings(recipe: Recipe, lora_r: int | None, lora_targets: str | list[str] | None) -> dict[str, Any]:
+    """The LoRA cells' rank and targets: the flags where given, else the recipe's ``adapter.lora_*`` keys."""
+    a = recipe.adapter
+    return {"lora_r": lora_r or a.lora_r, "lora_targets": lora_targets or a.lora_targets}
+
+
 def step_budget(recipe: Recipe, n: int) -> int:
     """Optimiser steps every method gets at N rows (see the module docstring)."""
-    t = recipe.training
-    if t.max_steps:
-        return t.max_steps
-    return max(MIN_STEPS, math.ceil(t.epochs * n / (t.batch_size * t.gradient_accumulation_steps)))
+    return compare_budget(recipe.training, n)
 
 
 # --- the rows ------------------------------------------------------------------------------------------------------
@@ -226,8 +228,8 @@ def run(
     *,
     resume: bool = False,
     overwrite: bool = False,
-    lora_r: int = 4,
-    lora_targets: str | list[str] = "attention",
+    lora_r: int | None = None,
+    lora_targets: str | list[str] | None = None,
     lr: dict[str, float] | None = None,
     icl_k: int | None = None,
     sweep: bool = False,
@@ -244,8 +246,9 @@ def run(
         out: Output folder (``compare.json`` marks it as ia3cli's).
         resume: Reuse OUT's finished cells; refused when OUT compared another recipe or settings.
         overwrite: Replace an earlier comparison in OUT.
-        lora_r: LoRA rank; LoRA's alpha stays the recipe's ``adapter.lora_alpha``.
-        lora_targets: ``attention`` (query/value), ``all-linear``, or a list of suffixes.
+        lora_r: LoRA rank (default: the recipe's ``adapter.lora_r``); alpha is always ``adapter.lora_alpha``.
+        lora_targets: ``attention`` (query/value), ``all-linear``, or a list of suffixes (default: the recipe's
+            ``adapter.lora_targets``).
         lr: Per-method learning rates replacing the defaults.
         icl_k: Demonstrations per prompt for ``icl`` (default: as many as fit).
         sweep: Pick each trained cell's learning rate on rows carved from its own training sample.
@@ -265,7 +268,7 @@ def run(
         raise RecipeError("--rows", "needs at least one N >= 1 and one seed", "e.g. --rows 16,64 --seeds 3")
     rates = dict(lr or {})
     out = Path(out).expanduser()
-    lora = {"lora_r": lora_r, "lora_targets": lora_targets}
+    lora = lora_settings(recipe, lora_r, lora_targets)
     settings = {"lora": lora, "icl_k": icl_k, "sweep": sweep, "rates": rates, "min_steps": MIN_STEPS}
     preflight.run(recipe)  # every recipe and data problem before anything is written
     drawn, evals = draw_rows(recipe, rows, seed_list)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ia3cli.config.paths import looks_local
 from ia3cli.config.recipe import DataSection
 from ia3cli.errors import DataError
 
@@ -81,9 +82,14 @@ def load_split(data: DataSection, split: str) -> Dataset:
 
     datasets.disable_progress_bars()
     path = Path(data.path)
-    is_local = path.exists() or data.path.startswith((".", "/")) or Path(data.path).suffix in LOCAL_FORMATS
+    is_local = looks_local(data.path) or Path(data.path).suffix in LOCAL_FORMATS
     if is_local and not path.exists():
-        raise DataError(data.path, None, "file or folder not found", "check data.path (relative to the recipe file)")
+        raise DataError(
+            data.path,
+            None,
+            "file or folder not found",
+            "check data.path (found in the working directory, else beside the recipe)",
+        )
     parse_errors = _parse_errors()
     level = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # parse errors are reported below, by row

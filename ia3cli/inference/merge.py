@@ -194,7 +194,7 @@ def merge(
     import torch
     import transformers
 
-    from ia3cli.config.recipe import load_recipe
+    from ia3cli.config.load import load_recipe
     from ia3cli.tuners import ia3
 
     run_dir, out = Path(run_dir), Path(out)

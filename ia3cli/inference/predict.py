@@ -176,7 +176,7 @@ def _choices(value: Any) -> list[str] | None:
     return None
 
 
-def make_job(index: int, row: dict[str, Any], adapter: str, recipe: Any, choices_column: str) -> Job:
+def make_job(index: int, row: dict[str, Any], adapter: str, recipe: Any, choices_column: str | None = None) -> Job:
     """The job of a valid row for its adapter's recipe.
 
     Raises:
@@ -202,19 +202,26 @@ def make_job(index: int, row: dict[str, Any], adapter: str, recipe: Any, choices
         raise ValueError(f"cannot fill data.prompt_template of adapter '{adapter}': {exc}") from None
     if row.get(d.text_column) is None and not d.prompt_template:
         raise ValueError(f"column '{d.text_column}' is empty")
+    if row.get(d.text_column) is not None and not isinstance(row[d.text_column], str):
+        raise ValueError(f"column '{d.text_column}' must be a string, got {type(row[d.text_column]).__name__}")
     if task == "seq-cls":
         pair = None
         if d.text_pair_column:
             if row.get(d.text_pair_column) is None:
                 raise ValueError(f"missing column '{d.text_pair_column}' (data.text_pair_column of '{adapter}')")
-            pair = str(row[d.text_pair_column])
+            if not isinstance(row[d.text_pair_column], str):
+                raise ValueError(f"column '{d.text_pair_column}' must be a string")
+            pair = row[d.text_pair_column]
         return Job(index, row, adapter, "classify", text=text, pair=pair)
-    if row.get(choices_column) is not None:
-        choices = _choices(row[choices_column])
+    column = choices_column or d.choices_column or "choices"
+    if row.get(column) is not None:
+        choices = _choices(row[column])
         if choices is None:
-            raise ValueError(f"column '{choices_column}' must be a list of at least two non-empty strings")
+            raise ValueError(f"column '{column}' must be a list of at least two non-empty strings")
         return Job(index, row, adapter, "choose", text=text, choices=choices)
-    if d.label_names and not d.target_column:
+    if d.choices_column:
+        raise ValueError(f"missing column '{column}' (the choices of adapter '{adapter}', data.choices_column)")
+    if recipe.has_choices:
         return Job(index, row, adapter, "choose", text=text, choices=list(d.label_names))
     return Job(index, row, adapter, "generate", text=text)
 
@@ -278,7 +285,7 @@ def predict(
     *,
     adapters: Sequence[str] = (),
     adapter_column: str = "adapter",
-    choices_column: str = "choices",
+    choices_column: str | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
@@ -295,7 +302,8 @@ def predict(
         output: Where to write (default ``INPUT_STEM.predictions.jsonl`` beside the input).
         adapters: More adapters as ``NAME=RUN_DIR``.
         adapter_column: Column naming a row's adapter.
-        choices_column: Column with a row's own choices (causal-lm/seq2seq rank classification).
+        choices_column: Column with a row's own choices (causal-lm/seq2seq rank classification); default: the
+            adapter's ``data.choices_column``, else ``choices``.
         batch_size: Rows per forward (sequences, for choices).
         max_new_tokens: Generation length.
         temperature: 0 for greedy generation, else sampling at this temperature.
@@ -307,7 +315,7 @@ def predict(
     Raises:
         Ia3Error: bad arguments, adapters or output; DataError for bad rows with ``on_error="fail"``.
     """
-    from ia3cli.config.recipe import load_recipe
+    from ia3cli.config.load import load_recipe
 
     input_path = Path(input_path)
     if on_error not in ON_ERROR:

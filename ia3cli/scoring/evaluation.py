@@ -16,12 +16,14 @@ imported inside the functions, so importing this module costs nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ia3cli.config.paths import looks_local
 from ia3cli.errors import Ia3Error, RecipeError, RunError
 from ia3cli.scoring.loglik import length_batches, model_device, pad_batch, sequence_logprobs
 
@@ -292,10 +294,6 @@ def evaluate(
 # --- ia3 eval -----------------------------------------------------------------------------------------------------
 
 
-def _looks_like_path(target: str) -> bool:
-    return target.startswith((".", "/", "~")) or target.count("/") > 1 or target.endswith("/") or "\\" in target
-
-
 def _target_kind(target: str) -> str:
     """``run``, ``merged`` or ``base``.
 
@@ -316,7 +314,7 @@ def _target_kind(target: str) -> str:
             f"{target}: neither a run dir (adapter_config.json) nor a model dir (config.json)",
             "pass the output_dir of `ia3 train`, the OUT of `ia3 merge`, or a base model with --recipe",
         )
-    if path.exists() or _looks_like_path(target):
+    if path.exists() or looks_local(target):
         raise Ia3Error(
             f"{target}: target not found" if not path.exists() else f"{target}: not a directory",
             "pass a run dir from `ia3 train`, a merged dir from `ia3 merge`, or a base model (hub id, folder, "
@@ -326,7 +324,7 @@ def _target_kind(target: str) -> str:
 
 
 def _load_recipe(kind: str, target: str, recipe_path: Path | None, overrides: list[str]) -> Recipe:
-    from ia3cli.config.recipe import load_recipe
+    from ia3cli.config.load import load_recipe
 
     saved = Path(target).expanduser() / "recipe.yaml"
     if recipe_path is None and kind in ("run", "merged") and saved.is_file():
@@ -380,15 +378,15 @@ def run_eval(
         progress: Called as batches finish (see :data:`Progress`).
 
     Returns:
-        The metrics: ``target``, ``split``, ``rows`` and the task's metrics. Also written to ``eval-<split>.json``
-        in TARGET when it is a run or merged dir.
+        The metrics: ``target``, ``split``, ``rows`` and the task's metrics. Also written into TARGET when it is a
+        run or merged dir, named by what was evaluated (:func:`result_path`).
 
     Raises:
         Ia3Error: TARGET not found or not a model; RecipeError: no recipe, no split; DataError: bad data.
     """
     from ia3cli.data.encoding import check_rows, sample
     from ia3cli.data.sources import load_split
-    from ia3cli.outputs import write_atomic
+    from ia3cli.outputs import read_json_object, write_atomic
 
     kind = _target_kind(target)
     recipe = _load_recipe(kind, target, recipe_path, overrides)
@@ -407,7 +405,12 @@ def run_eval(
     metrics.update({"split": split, "rows": len(ds)})
     metrics.update(evaluate(model, tokenizer, recipe, list(ds), progress))
     if kind in ("run", "merged"):
-        dest = Path(target).expanduser() / f"eval-{split.replace('/', '_')}.json"
+        evaluated = {"data": data, "split": split, "recipe": str(recipe_path) if recipe_path else None}
+        evaluated |= {"overrides": list(overrides), "full_precision": full_precision}
+        dest = result_path(Path(target).expanduser(), evaluated)
+        metrics["evaluated"] = evaluated
+        if dest.exists() and read_json_object(dest).get("evaluated") != evaluated:
+            raise Ia3Error(f"{dest}: exists and is not this evaluation's result", "move it away; nothing was written")
         try:
             write_atomic(dest, json.dumps(metrics, indent=2) + "\n")
         except OSError as exc:
@@ -415,9 +418,20 @@ def run_eval(
     return metrics
 
 
+def result_path(folder: Path, evaluated: dict[str, Any]) -> Path:
+    """Where ``ia3 eval`` keeps a result in a run or merged dir: ``eval-<split>.json`` for the run's own data and
+    recipe, ``eval-<split>-<digest>.json`` when ``--data``, ``--recipe``, ``--set`` or ``--full-precision`` changed
+    what was evaluated (the digest of those), so that one evaluation never replaces another's result."""
+    name = f"eval-{evaluated['split'].replace('/', '_')}"
+    changed = {k: v for k, v in evaluated.items() if k != "split" and v}
+    if changed:
+        name += "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+    return folder / f"{name}.json"
+
+
 def render(metrics: dict[str, Any]) -> str:
     """The metrics as a small aligned table for the terminal."""
-    shown = {k: v for k, v in metrics.items() if k not in ("kind",)}
+    shown = {k: v for k, v in metrics.items() if k not in ("kind", "evaluated")}
     width = max((len(k) for k in shown), default=0)
     lines = []
     for key, value in shown.items():

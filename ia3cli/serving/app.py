@@ -11,7 +11,8 @@ Endpoints (``model`` is an adapter name, or the base model's own name for the ba
   as server-sent events (``data: {...}`` chunks, then ``data: [DONE]``); ``temperature`` 0 is greedy; ``stop``,
   ``seed`` and vLLM's ``ignore_eos`` are honoured.
 - ``POST /v1/classify``: ``{"model", "input": str | [str] | [{column: value}]}`` -> label and probabilities per
-  input, for seq-cls adapters (their head) and choice adapters (rank classification over ``data.label_names``).
+  input, for seq-cls adapters (their head) and choice adapters (rank classification over ``data.label_names``, or
+  each input's own list in the ``data.choices_column`` field).
 - ``GET /v1/models``; ``POST /adapters {"name", "path"}`` (the path must resolve inside the adapter directory);
   ``DELETE /adapters/{name}``; ``GET /health``; ``GET /metrics`` (Prometheus text format).
 
@@ -51,6 +52,7 @@ from ia3cli.serving.adapter_pool import AdapterNotFound, AdapterPool, is_run_dir
 from ia3cli.serving.batcher import Batcher, ClassifyItem
 from ia3cli.serving.completions import ApiError, error_body, from_ia3, respond
 from ia3cli.serving.prometheus import Metrics
+from ia3cli.serving.settings import DEFAULTS
 
 if TYPE_CHECKING:
     from ia3cli.tuners.mixed import MixedIA3
@@ -118,9 +120,9 @@ class Server:
         mixed: MixedIA3,
         root: Path,
         *,
-        max_adapters: int = 64,
-        max_batch_size: int = 32,
-        max_wait_ms: float = 10.0,
+        max_adapters: int = DEFAULTS.max_adapters,
+        max_batch_size: int = DEFAULTS.max_batch_size,
+        max_wait_ms: float = DEFAULTS.max_wait_ms,
         api_key: str | None = None,
         loaded: dict[str, Path] | None = None,
     ) -> None:
@@ -274,9 +276,8 @@ def build_app(server: Server) -> FastAPI:
             result = await item.future
         except Ia3Error as exc:
             raise from_ia3(exc) from None
-        labels = result["labels"]
         data = []
-        for i, probs in enumerate(result["probabilities"]):
+        for i, (labels, probs) in enumerate(zip(result["labels"], result["probabilities"], strict=True)):
             best = max(range(len(probs)), key=probs.__getitem__)
             data.append({"index": i, "label": labels[best], "probabilities": dict(zip(labels, probs, strict=True))})
         return {"object": "list", "model": body.model, "data": data}
@@ -357,11 +358,11 @@ def bind(host: str, port: int) -> socket.socket:
 def run(
     path: Path,
     *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_adapters: int = 64,
-    max_batch_size: int = 32,
-    max_wait_ms: float = 10.0,
+    host: str = DEFAULTS.host,
+    port: int = DEFAULTS.port,
+    max_adapters: int = DEFAULTS.max_adapters,
+    max_batch_size: int = DEFAULTS.max_batch_size,
+    max_wait_ms: float = DEFAULTS.max_wait_ms,
     api_key: str | None = None,
     printer: Callable[[str], None] = print,
 ) -> None:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ia3cli import __version__
-from ia3cli.config.recipe import Recipe, dump_recipe
+from ia3cli.config.load import dump_recipe
+from ia3cli.config.recipe import Recipe
 from ia3cli.env import is_main_process, world_size
 from ia3cli.errors import Ia3Error, RunError
 from ia3cli.outputs import RUN_MARKER, publish_dir, remove_output, write_atomic
@@ -245,6 +246,11 @@ def run(
 
     from ia3cli.training import preflight
 
+    if resume and overwrite:
+        raise Ia3Error(
+            "--resume and --overwrite together: --overwrite would delete the checkpoints --resume continues from",
+            "drop --overwrite to continue the run, or drop --resume to start it over",
+        )
     console = console or Console(enabled=is_main_process(), sink=printer)
     say = console.line if is_main_process() else (lambda _msg: None)
     checks = preflight.run(recipe)

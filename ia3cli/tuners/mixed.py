@@ -97,7 +97,7 @@ def _read_adapter(name: str, run_dir: Path) -> tuple[Recipe, dict[str, Any], dic
     Raises:
         Ia3Error: naming the adapter when a file is missing or unreadable.
     """
-    from ia3cli.config.recipe import load_recipe
+    from ia3cli.config.load import load_recipe
 
     if not run_dir.is_dir():
         raise Ia3Error(f"adapter '{name}': run directory not found: {run_dir}", RUN_HINT)
@@ -137,7 +137,7 @@ def _read_adapter(name: str, run_dir: Path) -> tuple[Recipe, dict[str, Any], dic
 
 def _base_identity(recipe: Recipe) -> tuple[str, str | None, str | None]:
     """What names the base weights: the resolved model name (a local folder as an absolute path), revision, GGUF."""
-    from ia3cli.config.recipe import resolve_model_path
+    from ia3cli.config.paths import resolve_model_path
 
     name = recipe.model.name
     try:
