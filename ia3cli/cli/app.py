@@ -77,6 +77,10 @@ def train(
                 if k.startswith("eval_") and isinstance(v, float) and not k.endswith(("_runtime", "_per_second"))
             }
             typer.echo("final: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) if shown else "final: done")
+            from ia3cli.training.health import gain_line
+
+            if gain := gain_line(result.metrics, loaded.metric):
+                typer.echo(gain)
             typer.echo(result.health_line)
             typer.echo(f"adapter saved to {result.output_dir}")
             if (result.output_dir / "report.png").is_file():

@@ -186,6 +186,11 @@ class TrainingSection(_Section):
     )
     eval_strategy: Literal["no", "steps", "epoch"] = Field("epoch", description="When to evaluate.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (eval_strategy: steps).")
+    eval_on_start: bool = Field(
+        True,
+        description="With an eval split, evaluate the untouched model before the first optimiser step (the step-0 "
+        "baseline: `baseline_<metric>` in metrics.json, the `no_gain_over_base` health check); `--resume` skips it.",
+    )
     save_strategy: Literal["no", "steps", "epoch", "best"] = Field("epoch", description="When to checkpoint.")
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (save_strategy: steps).")
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")

@@ -13,6 +13,14 @@ Findings (each reported once, with its likely cause and fix):
   skipped: before any step nothing has moved);
 - ``nonfinite_loss``: a non-finite loss, IA3 gradient or vector at any step; training stops at once.
 
+Two more read the evaluations instead (:func:`outcome`, once training is over, for tasks with an accuracy):
+
+- ``no_gain_over_base``: the best accuracy evaluated after step 0 is not above the step-0 baseline (the untouched
+  model, evaluated before the first optimiser step on the same rows) by more than one standard error of the gain,
+  ``sqrt((p0 (1 - p0) + p1 (1 - p1)) / n)`` on the ``n`` evaluation rows (:mod:`ia3cli.scoring.chance` says why);
+- ``below_majority_class``: the best accuracy is at or below the rate of always answering the evaluated rows' most
+  frequent label.
+
 When every group fires the same rule at once (and there is more than one group), one finding names "all groups":
 the learning rate or the data, not the targets, is then the likely cause.
 """
@@ -45,7 +53,8 @@ class Rule:
     Args:
         code: The finding's code in ``health.json``.
         measure: The per-group number the condition reads: ``grad_norm`` (pre-clip) or ``drift`` (mean ``|l - 1|``);
-            ``any`` for ``nonfinite_loss``, which reads the loss, every gradient and every vector.
+            ``any`` for ``nonfinite_loss``, which reads the loss, every gradient and every vector; ``accuracy`` for
+            the outcome rules, whose value is the best accuracy's margin over the reference (the noise deducted).
         condition: ``(value, cfg) -> bad``; a rule fires after ``cfg.patience`` consecutive bad checks.
         from_check: The first check (1-based) the condition applies to; earlier checks count as good.
         what: What was seen; a template over ``where``, ``shown``, ``cfg``, ``step``.
@@ -74,6 +83,18 @@ _EXPLODING_CAUSE = (
     "the learning rate is too high for IA3, or feedforward_modules names a module that is not the FFN "
     "down-projection; {clip}"
 )
+
+_OUTCOME_CAUSE = (
+    "in order of likelihood: (1) too few optimiser steps ({steps} run); (2) a learning rate too low or too high "
+    "({lr:g}); (3) label words or a template the base does not connect to the task; (4) a base too small for it"
+)
+_OUTCOME_FIX = (
+    "(1) `ia3 train RECIPE --set training.max_steps={more} --overwrite`; (2) `--set training.learning_rate=...` "
+    "(IA3 usually 1e-3..1e-2); (3) check data.label_names and data.prompt_template; (4) `ia3 compare RECIPE "
+    "--methods {methods} --rows 32` shows what the untouched base and other methods reach on these rows: if none "
+    "beats the majority class, choose a larger model.name"
+)
+_COMPARE_METHODS = {"seq-cls": "ia3,head,full", "seq2seq": "zero-shot,ia3,lora", "causal-lm": "zero-shot,icl,ia3,lora"}
 
 FINDINGS: dict[str, Rule] = {
     rule.code: rule
@@ -131,11 +152,31 @@ FINDINGS: dict[str, Rule] = {
             )
             * 2,
         ),
+        Rule(
+            "no_gain_over_base",
+            "accuracy",
+            lambda margin, cfg: margin <= 0,
+            1,
+            "best accuracy {best:.3f} is not above the step-0 baseline {base:.3f} by more than its noise (gain "
+            "{gain:+.3f}, one standard error {noise:.3f} on {rows} rows)",
+            (_OUTCOME_CAUSE, _OUTCOME_CAUSE),
+            (_OUTCOME_FIX, _OUTCOME_FIX),
+        ),
+        Rule(
+            "below_majority_class",
+            "accuracy",
+            lambda margin, cfg: margin <= 0,
+            1,
+            "best accuracy {best:.3f} is at or below {majority:.3f}, the accuracy of always answering the most "
+            "frequent label of the {rows} evaluation rows",
+            (_OUTCOME_CAUSE, _OUTCOME_CAUSE),
+            (_OUTCOME_FIX, _OUTCOME_FIX),
+        ),
     )
 }
 """Every health finding: code -> (measure, condition, cause, fix)."""
 
-STREAK_RULES = tuple(rule for rule in FINDINGS.values() if rule.measure != "any")
+STREAK_RULES = tuple(rule for rule in FINDINGS.values() if rule.measure in ("grad_norm", "drift"))
 
 
 def fmt(values: dict[str, float]) -> str:
@@ -164,6 +205,87 @@ def nonfinite(step: int, groups: list[str], last_good: str | None) -> dict[str, 
     what = rule.what.format(step=step, where=where, good=last_good or "none saved yet")
     text = f"{what}. likely cause: {rule.cause[0]}. fix: {rule.fix[0]}"
     return {"code": rule.code, "step": step, "group": None, "message": text}
+
+
+_HIDDEN_EVAL = ("_runtime", "_per_second")
+
+
+def baseline_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
+    """The step-0 evaluation of a run (the untouched model): ``{"accuracy": ..., "loss": ...}``, ``{}`` if none.
+
+    Args:
+        history: The Trainer's ``state.log_history`` (kept in checkpoints, so a resumed run still has it).
+    """
+    for record in history:
+        if record.get("step") == 0 and any(k.startswith("eval_") for k in record):
+            return {
+                k.removeprefix("eval_"): float(v)
+                for k, v in record.items()
+                if k.startswith("eval_") and isinstance(v, (int, float)) and not k.endswith(_HIDDEN_EVAL)
+            }
+    return {}
+
+
+def outcome(
+    history: list[dict[str, Any]],
+    rows: int,
+    majority: float | None,
+    *,
+    steps: int,
+    learning_rate: float,
+    task: str,
+) -> list[dict[str, Any]]:
+    """The outcome findings of a finished run: ``no_gain_over_base`` and ``below_majority_class``.
+
+    The best accuracy is the highest ``eval_accuracy`` logged after step 0 (every evaluation during training and
+    the final one). Without a step-0 evaluation (``training.eval_on_start: false``) only the majority rule applies;
+    without an accuracy (tasks that are not classification or choice) neither does.
+
+    Args:
+        history: The Trainer's ``state.log_history``, final evaluation included.
+        rows: Evaluation rows (the ``n`` of the standard error).
+        majority: The majority-class rate of those rows (:func:`ia3cli.scoring.chance.majority_rate`).
+        steps: Optimiser steps run; learning_rate: the recipe's; task: the recipe's (named in the hint).
+
+    Returns:
+        Findings as in ``health.json``: ``{"code", "step", "group": None, "message"}``.
+    """
+    from ia3cli.scoring.chance import gain_noise
+
+    trained = [r["eval_accuracy"] for r in history if r.get("step", 0) > 0 and _finite(r.get("eval_accuracy"))]
+    if not trained or rows <= 0:
+        return []
+    best, base = max(trained), baseline_metrics(history).get("accuracy")
+    facts = {"best": best, "base": base, "majority": majority, "rows": rows, "steps": steps, "lr": learning_rate}
+    facts.update(more=max(4 * steps, 100), methods=_COMPARE_METHODS.get(task, "ia3"))
+    margins = {}
+    if base is not None:
+        facts.update(gain=best - base, noise=gain_noise(base, best, rows))
+        margins["no_gain_over_base"] = facts["gain"] - facts["noise"]
+    if majority is not None:
+        margins["below_majority_class"] = best - majority
+    findings = []
+    for code, margin in margins.items():
+        rule = FINDINGS[code]
+        if rule.condition(margin, None):
+            text = f"{rule.what.format(**facts)}. likely cause: {rule.cause[0].format(**facts)}. fix: "
+            findings.append({"code": code, "step": steps, "group": None, "message": text + rule.fix[0].format(**facts)})
+    return findings
+
+
+def gain_line(metrics: dict[str, Any], metric: str) -> str:
+    """``baseline: accuracy 0.5000 at step 0 -> 0.8500 (+0.3500) | majority class 0.5000`` ("" without a baseline)."""
+    base, final, majority = (metrics.get(k) for k in (f"baseline_{metric}", f"eval_{metric}", "majority_accuracy"))
+    parts = []
+    if _finite(base) and _finite(final):
+        parts.append(f"baseline: {metric} {base:.4f} at step 0 -> {final:.4f} ({final - base:+.4f})")
+    if _finite(majority):
+        parts.append(f"majority class {majority:.4f}")
+    return " | ".join(parts)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class Checks:
@@ -271,11 +393,17 @@ def summary_line(health: dict[str, Any]) -> str:
         good = health["last_good_checkpoint"] or "none saved"
         return f"health: FAILED at step {first['step']} (non-finite loss/gradient); last good checkpoint: {good}"
     if findings:
-        codes = ", ".join(f"{f['code']} ({f['group'] or 'all groups'})" for f in findings)
+        codes = ", ".join(f["code"] + _where(f) for f in findings)
         return f"health: warning after {health['steps']} steps: {codes}; see health.json"
     grads = {g: v for g, v in health["final"]["grad_norm"].items() if v is not None}
     drift = {g: v for g, v in health["final"]["drift"].items() if v is not None}
     return f"health: ok ({health['steps']} steps) | grad {fmt(grads)} | drift {fmt(drift)}"
+
+
+def _where(finding: dict[str, Any]) -> str:
+    """`` (k)`` or `` (all groups)`` after a vector finding's code; nothing after an outcome finding's."""
+    rule = FINDINGS.get(finding["code"])
+    return "" if rule is not None and rule.measure == "accuracy" else f" ({finding['group'] or 'all groups'})"
 
 
 def write(path: str | Path, health: dict[str, Any]) -> Path:

@@ -4,7 +4,9 @@ The Trainer prints each log as a Python dict (``PrinterCallback``) or draws tqdm
 (``ProgressCallback``); :func:`install` removes both and adds a :class:`TrainLogbook`, which
 
 - draws ONE progress bar: step/total, epoch, loss, learning rate and the health monitor's status, live;
-- prints one line per evaluation, with ``best`` when it is the best so far by the recipe's metric;
+- prints one line per evaluation, with ``best`` when it is the best so far by the recipe's metric; the step-0
+  evaluation (``training.eval_on_start``) is marked as the baseline, and the first line gives the majority-class
+  rate of the evaluated rows (:attr:`TrainLogbook.majority`);
 - prints the health monitor's periodic line in the same layout (:meth:`TrainLogbook.monitor_line` is the monitor's
   printer);
 - appends every log of the Trainer to ``RUN/logs/train_log.jsonl`` as one JSON object: ``step``, ``epoch``,
@@ -50,6 +52,9 @@ class TrainLogbook(TrainerCallback):
         metric: The recipe's metric without ``eval_`` (``accuracy``, ``loss``); marks the best evaluation.
         greater_is_better: Whether a higher ``metric`` is better.
         health: Returns the monitor's current status (``ok``, ``warning``, ``failed``).
+
+    Attributes:
+        majority: The majority-class rate of the evaluation rows, shown once on the first evaluation line.
     """
 
     def __init__(
@@ -66,6 +71,8 @@ class TrainLogbook(TrainerCallback):
         self.greater_is_better = greater_is_better
         self.health = health
         self.best: float | None = None
+        self.majority: float | None = None
+        self._majority_shown = False
         self.max_steps = 0
         self._bar: Any = None
         self._t0 = time.monotonic()
@@ -143,7 +150,12 @@ class TrainLogbook(TrainerCallback):
         shown = {k: v for k, v in evaluated.items() if isinstance(v, (int, float))}
         value = shown.get(self.metric)
         note = ""
-        if isinstance(value, (int, float)) and math.isfinite(value):
+        if self.majority is not None and not self._majority_shown:
+            shown["majority"] = self.majority
+            self._majority_shown = True
+        if state.global_step == 0:
+            note = "<- baseline before training"
+        elif isinstance(value, (int, float)) and math.isfinite(value):
             better = self.best is None or (value > self.best if self.greater_is_better else value < self.best)
             if better:
                 self.best = float(value)

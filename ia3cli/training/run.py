@@ -167,6 +167,7 @@ def training_arguments(recipe: Recipe, out: Path) -> Any:
         lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm if t.max_grad_norm is not None else 0.0,
         eval_strategy=t.eval_strategy if evaluate else "no",
+        eval_on_start=t.eval_on_start and recipe.data.eval_split is not None,  # the step-0 baseline
         eval_steps=t.eval_steps,
         save_strategy=t.save_strategy,
         save_steps=t.save_steps,
@@ -281,8 +282,8 @@ def _train(
 
     from ia3cli.data import encoding as data
     from ia3cli.models import loading as modeling
-    from ia3cli.scoring import evaluation
-    from ia3cli.training import fewshot
+    from ia3cli.scoring import chance, evaluation
+    from ia3cli.training import fewshot, health
     from ia3cli.training.logbook import LOG_NAME, TrainLogbook, install
     from ia3cli.training.monitor import GradNormMonitor
     from ia3cli.tuners import ia3
@@ -320,6 +321,8 @@ def _train(
         recipe.monitor, recipe.training.max_grad_norm, out, groups=plan.groups, printer=logbook.monitor_line
     )
     logbook.health = lambda: "failed" if monitor.failed else ("warning" if monitor.findings else "ok")
+    rows = list(report.eval) if report.eval is not None else []
+    logbook.majority = chance.majority_of(rows, recipe)
     callbacks = _callbacks(recipe, out, say, monitor if ia3 else None)  # the monitor watches IA3 vectors
     if isinstance(train_ds, fewshot.RowDataset):
         callbacks.append(fewshot.TemplateEpochs(train_ds))
@@ -330,7 +333,7 @@ def _train(
         model=model,
         args=args,
         train_dataset=train_ds,
-        eval_dataset=eval_ds if args.eval_strategy != "no" else None,
+        eval_dataset=eval_ds if args.eval_strategy != "no" or args.eval_on_start else None,
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=evaluation.choice_trainer_metrics if recipe.has_choices else metrics_fn,
@@ -341,6 +344,7 @@ def _train(
     checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
     if resume:
         say(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint found: starting from step 0")
+    args.eval_on_start = args.eval_on_start and checkpoint is None  # the resumed history holds the step-0 baseline
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     if monitor.failed:  # health.json is already written (the monitor's on_train_end)
@@ -353,8 +357,11 @@ def _train(
     if eval_ds is not None:
         metrics.update(trainer.evaluate(eval_ds))
     if "eval_accuracy" not in metrics:  # choice tasks rank-classify inside trainer.evaluate
-        eval_rows = list(report.eval) if report.eval is not None else None
-        metrics.update(evaluation.after_training(trainer.model, tokenizer, recipe, eval_rows))
+        metrics.update(evaluation.after_training(trainer.model, tokenizer, recipe, rows or None))
+    history = [*trainer.state.log_history, {"step": trainer.state.global_step, **metrics}]
+    metrics.update({f"baseline_{k}": v for k, v in health.baseline_metrics(history).items()})
+    if logbook.majority is not None:
+        metrics.update(majority_accuracy=logbook.majority, rows_evaluated=len(rows))
     metrics.update(
         {
             "global_step": trainer.state.global_step,
@@ -368,18 +375,36 @@ def _train(
             "ia3_params": counts["ia3"],
         }
     )
-    health = monitor.health if ia3 else {"status": f"not monitored (adapter.method: {recipe.adapter.method})"}
-    health_line = monitor.summary_line() if ia3 else f"health: {health['status']}"
+    if ia3:  # the outcome findings join the monitor's in health.json (rewritten here, after the final evaluation)
+        t = recipe.training
+        steps = metrics["global_step"]
+        found = health.outcome(
+            history, len(rows), logbook.majority, steps=steps, learning_rate=t.learning_rate, task=recipe.model.task
+        )
+        for finding in found:
+            say(f"warning: {finding['code']}: {finding['message']}")
+        monitor.findings.extend(found)
+        if found and is_main_process():
+            health.write(out / "health.json", monitor.health)
+    health_report = monitor.health if ia3 else {"status": f"not monitored (adapter.method: {recipe.adapter.method})"}
+    health_line = monitor.summary_line() if ia3 else f"health: {health_report['status']}"
     if is_main_process():
         staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
         trainer.model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-        (staging / "README.md").write_text(model_card(recipe, plan, metrics, counts, health))
+        (staging / "README.md").write_text(model_card(recipe, plan, metrics, counts, health_report))
         publish_dir(staging, out)
         if draw and ia3 and _write_report(out, say):  # the report draws the IA3 vectors
-            write_atomic(out / "README.md", model_card(recipe, plan, metrics, counts, health, report="report.png"))
-    return RunResult(output_dir=out, metrics=metrics, health=health, health_line=health_line)
+            card = model_card(recipe, plan, metrics, counts, health_report, report="report.png")
+            write_atomic(out / "README.md", card)
+    return RunResult(output_dir=out, metrics=metrics, health=health_report, health_line=health_line)
+
+
+def _findings_text(health: dict[str, Any]) -> str:
+    """The health findings as a list for the model card (each with its cause and fix)."""
+    items = "".join(f"\n- `{f['code']}`: {f['message']}" for f in health.get("findings", []))
+    return "\n" + items if items else ""
 
 
 def _method_summary(recipe: Recipe, plan: Any) -> str:
@@ -427,7 +452,8 @@ def model_card(
     shown = {
         k: v
         for k, v in metrics.items()
-        if (k.startswith("eval_") or k in ("train_loss", "train_runtime")) and not k.endswith(("_runtime", "_second"))
+        if (k.startswith(("eval_", "baseline_")) or k in ("train_loss", "train_runtime", "majority_accuracy"))
+        and not k.endswith(("_runtime", "_second"))
     }
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown.items())
     extra = f', gguf_file="{m.gguf_file}"' if m.gguf_file else ""
@@ -457,7 +483,7 @@ tags: [{recipe.adapter.method}, peft, ia3cli]
 Task `{m.task}`, trained with ia3cli {__version__} on `{d.path}` (split `{d.train_split}`).
 {_method_summary(recipe, plan)}.
 Trainable parameters: {counts["trainable"]:,} ({counts["ia3"]:,} IA3 vector entries) of {counts["total"]:,}.
-Health: {health.get("status", "unknown")}.
+Health: {health.get("status", "unknown")}.{_findings_text(health)}
 
 | metric | value |
 |---|---|
