@@ -104,11 +104,13 @@ def test_train_console_is_plain_and_readable(trained) -> None:
     progress = [line for line in lines if line.startswith("train ")]
     assert progress[-1].startswith("train  8/8  100%") and "loss " in progress[-1] and "health " in progress[-1]
     evals = [line for line in lines if line.startswith("eval ")]
-    assert [line.split()[1] for line in evals] == ["4/8", "8/8"]  # one line per epoch's evaluation
-    assert "accuracy " in evals[0] and evals[0].endswith("<- best accuracy")  # the first is the best so far
+    assert [line.split()[1] for line in evals] == ["0/8", "4/8", "8/8"]  # the baseline, then one per epoch
+    assert "majority " in evals[0] and evals[0].endswith("<- baseline before training")
+    assert "accuracy " in evals[1] and evals[1].endswith("<- best accuracy")  # the first trained is the best so far
     assert [line.split()[1] for line in lines if line.startswith("health ")] == ["2/8", "4/8", "6/8", "8/8"]
     # the summary block is unchanged
     assert any(line.startswith("final: eval_loss") for line in lines)
+    assert any(line.startswith("baseline: accuracy ") for line in lines)
     assert f"adapter saved to {out}" in output and f"next: ia3 eval {out}" in output
 
 
@@ -120,7 +122,8 @@ def test_train_log_has_one_line_per_logged_step_with_the_monitor_values(trained)
     for r in steps:
         assert {"epoch", "learning_rate", "grad_norm", "ia3/grad_norm_k", "ia3/drift_ff", "ia3/at_init_v"} <= r.keys()
     evals = [r for r in records if "eval_accuracy" in r]
-    assert [(r["step"], r.get("after_training", False)) for r in evals] == [(4, False), (8, False), (8, True)]
+    expected = [(0, False), (4, False), (8, False), (8, True)]
+    assert [(r["step"], r.get("after_training", False)) for r in evals] == expected
     assert any("train_runtime" in r for r in records)
 
 

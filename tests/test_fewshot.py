@@ -65,10 +65,10 @@ def test_per_row_choices_train_with_tfew_and_rank_classify_at_every_evaluation(t
     result = _train(tmp_path, _choice_recipe(tiny_model("llama", "causal-lm"), out, data))
     assert result.exit_code == 0, result.output
     evals = _log_evals(out)
-    assert [e["step"] for e in evals] == [2, 4, 6]
+    assert [e["step"] for e in evals] == [0, 2, 4, 6]  # step 0: the untouched base (training.eval_on_start)
     assert all(0.0 <= e["eval_accuracy"] <= 1.0 and "eval_f1" in e for e in evals)
     state = json.loads(next((out / "checkpoints").glob("checkpoint-6/trainer_state.json")).read_text())
-    assert state["best_metric"] == max(e["eval_accuracy"] for e in evals)  # accuracy picked the checkpoint
+    assert state["best_metric"] == max(e["eval_accuracy"] for e in evals[1:])  # accuracy picked the checkpoint
 
     metrics = json.loads((out / "metrics.json").read_text())
     again = runner.invoke(app, ["eval", str(out), "--json"])
@@ -89,7 +89,7 @@ def test_lm_objective_on_label_names_reports_accuracy_at_each_evaluation(tiny_mo
     result = _train(tmp_path, recipe)
     assert result.exit_code == 0, result.output
     evals = _log_evals(out)
-    assert [e["step"] for e in evals] == [2, 4] and all("eval_accuracy" in e for e in evals)
+    assert [e["step"] for e in evals] == [0, 2, 4] and all("eval_accuracy" in e for e in evals)
     # eval_loss of the lm objective is the cross-entropy of the correct verbaliser, as without choice batches
     assert json.loads((out / "metrics.json").read_text())["eval_loss"] > 0
 

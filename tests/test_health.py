@@ -62,9 +62,16 @@ def test_one_group_never_counts_as_all_groups() -> None:
 
 
 def test_every_rule_has_a_condition_cause_and_fix() -> None:
-    assert set(FINDINGS) == {"vanishing_gradients", "exploding_gradients", "vectors_not_moving", "nonfinite_loss"}
+    assert set(FINDINGS) == {
+        "vanishing_gradients",
+        "exploding_gradients",
+        "vectors_not_moving",
+        "nonfinite_loss",
+        "no_gain_over_base",
+        "below_majority_class",
+    }
     for code, rule in FINDINGS.items():
-        assert rule.code == code and rule.measure in ("grad_norm", "drift", "any")
+        assert rule.code == code and rule.measure in ("grad_norm", "drift", "any", "accuracy")
         assert all(rule.cause) and all(rule.fix)
     assert FINDINGS["vanishing_gradients"].condition(1e-7, CFG) and not FINDINGS["vanishing_gradients"].condition(
         1e-5, CFG
@@ -72,6 +79,8 @@ def test_every_rule_has_a_condition_cause_and_fix() -> None:
     assert FINDINGS["exploding_gradients"].condition(101.0, CFG)
     assert FINDINGS["vectors_not_moving"].condition(0.0, CFG)
     assert FINDINGS["nonfinite_loss"].condition(math.nan, CFG) and FINDINGS["nonfinite_loss"].condition(math.inf, CFG)
+    for code in ("no_gain_over_base", "below_majority_class"):  # the margin over the reference, noise deducted
+        assert FINDINGS[code].condition(0.0, CFG) and not FINDINGS[code].condition(1e-9, CFG)
 
 
 def test_nonfinite_finding_names_the_last_good_checkpoint() -> None:

@@ -62,6 +62,7 @@ def cell_recipe(
         learning_rate=lr,
         max_steps=steps,
         eval_strategy="no",  # evaluated once after the last step: nothing is selected on the reported rows
+        eval_on_start=False,  # the untouched base is the zero-shot cell (choice tasks); not repeated per cell
         save_strategy="no",
         load_best_model_at_end=False,
         early_stopping_patience=None,

@@ -41,6 +41,7 @@ from ia3cli.config.load import dump_recipe
 from ia3cli.config.recipe import Recipe
 from ia3cli.errors import Ia3Error, RecipeError
 from ia3cli.outputs import COMPARE_MARKER, remove_output, write_atomic
+from ia3cli.scoring.chance import majority_of
 from ia3cli.training.budget import MIN_STEPS, compare_budget
 
 METHODS = ("zero-shot", "icl", "ia3", "ia3-all", "lora", "full", "head")
@@ -274,7 +275,9 @@ def run(
     drawn, evals = draw_rows(recipe, rows, seed_list)
     done = _claim(out, recipe, settings, resume=resume, overwrite=overwrite)
     folders = write_rows(drawn, evals, out)
-    state = {"recipe": dump_recipe(recipe), "settings": settings, "cells": done}
+    state = {"recipe": dump_recipe(recipe), "settings": settings, "cells": done, "eval_rows": len(evals)}
+    if metric_name(recipe) == "accuracy":
+        state["majority"] = majority_of(evals, recipe)
     finished = {c["cell"] for c in done}
 
     # The untouched base (zero-shot, icl) is loaded once for all its cells, which run first; it is released before
@@ -354,11 +357,12 @@ def _save(
         versions=state.get("versions") or compare_cells.versions(),
     )
     cells = [c for c in state["cells"] if c["method"] in methods and (c["n"] in rows or c["method"] == "zero-shot")]
-    state["recommendation"] = recommendation(cells, methods, rows, state["higher_is_better"])
+    majority, n_eval = state.get("majority"), state.get("eval_rows", 0)
+    state["recommendation"] = recommendation(cells, methods, rows, state["higher_is_better"], majority, n_eval)
     write_atomic(out / COMPARE_MARKER, json.dumps(state, indent=2, default=float) + "\n")
     result = CompareResult(out=out, cells=cells, recommendation=state["recommendation"])
     if final:
-        result.table = table(cells, methods, rows, state["metric"])
+        result.table = table(cells, methods, rows, state["metric"], majority)
         plot(
             cells,
             methods,
@@ -366,5 +370,6 @@ def _save(
             state["metric"],
             out / "compare.png",
             title=f"{recipe.model.name} ({recipe.model.task})",
+            majority=majority,
         )
     return result

@@ -2,7 +2,9 @@
 
 A cell is a dict with at least ``method``, ``n``, ``metric`` (the compared value), ``params`` (trainable),
 ``bytes`` (what the method stores per task), ``seconds`` and ``peak_rss_mib``. ``zero-shot`` has one cell that
-stands for every N.
+stands for every N. The majority-class rate of the evaluation rows (always answering their most frequent label) is
+a reference row of the table and a dotted line of the plot, never a method to recommend; the verdict says when no
+method beats it or zero-shot by more than the noise of the evaluation rows (:func:`ia3cli.scoring.chance.beats`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ia3cli.outputs import human_bytes, write_atomic
+from ia3cli.scoring.chance import beats
 
+MAJORITY = "majority class"
 TOLERANCE = 0.01  # "as good as": within this much of the best mean (or the best's standard error, if larger)
 
 
@@ -36,8 +40,15 @@ def _first(cells: Sequence[dict[str, Any]], method: str, key: str) -> Any:
     return next((c.get(key) for c in cells if c["method"] == method and c.get(key) is not None), None)
 
 
-def table(cells: Sequence[dict[str, Any]], methods: Sequence[str], rows: Sequence[int], metric: str) -> str:
-    """Methods x N (mean ± std over seeds), then trainable parameters, stored bytes, seconds per cell, peak RSS."""
+def table(
+    cells: Sequence[dict[str, Any]],
+    methods: Sequence[str],
+    rows: Sequence[int],
+    metric: str,
+    majority: float | None = None,
+) -> str:
+    """Methods x N (mean ± std over seeds), then trainable parameters, stored bytes, seconds per cell, peak RSS;
+    the last row is the ``majority`` class rate, when given."""
     header = ["method", *(f"N={n}" for n in rows), "trainable", "stored", "s/cell", "peak RSS"]
     lines = [header]
     for method in methods:
@@ -52,6 +63,8 @@ def table(cells: Sequence[dict[str, Any]], methods: Sequence[str], rows: Sequenc
         line.append(f"{statistics.fmean(c['seconds'] for c in mine):.0f}" if mine else "-")
         line.append(f"{max(c['peak_rss_mib'] for c in mine):,.0f} MiB" if mine else "-")
         lines.append(line)
+    if majority is not None:
+        lines.append([MAJORITY, *(f"{majority:.3f}" for _ in rows), "-", "-", "-", "-"])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     text = ["  ".join(_pad(cell, w, i) for i, (cell, w) in enumerate(zip(row, widths, strict=True))) for row in lines]
     text.insert(1, "-" * len(text[0]))
@@ -63,10 +76,16 @@ def _pad(cell: str, width: int, column: int) -> str:
 
 
 def recommendation(
-    cells: Sequence[dict[str, Any]], methods: Sequence[str], rows: Sequence[int], higher_is_better: bool = True
+    cells: Sequence[dict[str, Any]],
+    methods: Sequence[str],
+    rows: Sequence[int],
+    higher_is_better: bool = True,
+    majority: float | None = None,
+    eval_rows: int = 0,
 ) -> str:
     """One line from the numbers at the largest N: the cheapest method (fewest stored bytes) whose mean is within
-    :data:`TOLERANCE` (or the standard error of the best method's mean over seeds, if larger) of the best mean."""
+    :data:`TOLERANCE` (or the standard error of the best method's mean over seeds, if larger) of the best mean;
+    then :func:`warning` about zero-shot and the ``majority`` class rate on the ``eval_rows`` rows."""
     n = rows[-1] if rows else 0
     stats = {m: mean_std(values(cells, m, n)) for m in methods if values(cells, m, n)}
     if not stats:
@@ -78,14 +97,32 @@ def recommendation(
     order = {m: i for i, m in enumerate(methods)}
     pick = min(close, key=lambda m: (_first(cells, m, "bytes") or 0, order[m]))
     mean = f"{stats[best][0]:.3f}"
+    means = {m: stats[m][0] for m in stats}
+    extra = warning(means, majority, eval_rows) if higher_is_better else ""
     if pick == best:
         others = sorted((m for m in stats if m != best), key=lambda m: -sign * stats[m][0])
         runner = f"; next {others[0]} {stats[others[0]][0]:.3f}" if others else ""
-        return f"At N={n} {best} is best ({mean}{runner}): {best}."
+        return f"At N={n} {best} is best ({mean}{runner}): {best}.{extra}"
     gap = abs(stats[best][0] - stats[pick][0])
     b_best, b_pick = _first(cells, best, "bytes") or 0, _first(cells, pick, "bytes") or 0
     cost = "with nothing trained or stored" if b_pick == 0 else f"with a {b_best / b_pick:.0f}x smaller adapter"
-    return f"At N={n} {pick} ({stats[pick][0]:.3f}) is within {gap:.3f} of {best} ({mean}) {cost}: {pick}."
+    return f"At N={n} {pick} ({stats[pick][0]:.3f}) is within {gap:.3f} of {best} ({mean}) {cost}: {pick}.{extra}"
+
+
+def warning(means: dict[str, float], majority: float | None, eval_rows: int) -> str:
+    """`` No method beats ...`` when no method's mean accuracy beats zero-shot, or the majority-class rate, by more
+    than the noise of ``eval_rows`` rows (:func:`ia3cli.scoring.chance.beats`); "" otherwise."""
+    others = {m: v for m, v in means.items() if m != "zero-shot"}
+    said = ""
+    if majority is not None and eval_rows and not any(beats(v, majority, eval_rows) for v in means.values()):
+        said += (
+            f" No method beats the majority class ({majority:.3f}) on these {eval_rows} rows: the base may be too "
+            "small for the task, or the budget too short (raise training.max_steps)."
+        )
+    zero = means.get("zero-shot")
+    if zero is not None and others and eval_rows and not any(beats(v, zero, eval_rows) for v in others.values()):
+        said += f" No trained method beats zero-shot ({zero:.3f}) by more than the noise of {eval_rows} rows."
+    return said
 
 
 def plot(
@@ -95,8 +132,10 @@ def plot(
     metric: str,
     path: Path,
     title: str = "",
+    majority: float | None = None,
 ) -> Path:
-    """``compare.png``: the metric against N per method (mean, error bars = std over seeds), log-x."""
+    """``compare.png``: the metric against N per method (mean, error bars = std over seeds), log-x; the
+    ``majority`` class rate as a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,6 +149,8 @@ def plot(
         stats = [mean_std(values(cells, method, n)) for n in ns]
         style = {"ls": "--", "marker": None} if method == "zero-shot" else {"marker": "o"}
         ax.errorbar(ns, [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=3, label=method, **style)
+    if majority is not None:
+        ax.axhline(majority, ls=":", color="#7f7f7f", label=MAJORITY)
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(rows), [str(n) for n in rows])
     ax.set_xlabel("training rows N")

@@ -4,7 +4,9 @@
 :func:`to_html` only draw it. Panels and their sources:
 
 - training loss, learning rate, evaluation loss and metrics over optimiser steps: ``logs/train_log.jsonl`` (written
-  by ``ia3 train``; for runs made before it existed, the newest checkpoint's ``trainer_state.json``);
+  by ``ia3 train``; for runs made before it existed, the newest checkpoint's ``trainer_state.json``); the step-0
+  evaluation (the untouched model) is the first point of each evaluation curve, and the recipe metric's baseline
+  (dashed) and the majority-class rate (dotted) from ``metrics.json`` are drawn across;
 - per-group (k, v, ff, ...) pre-clip gradient norm and drift (mean ``|l - 1|``) over steps, from the health
   monitor's ``ia3/*`` values in the same log, with the recipe's ``monitor.vanishing_below`` and
   ``monitor.exploding_above`` drawn;
@@ -155,6 +157,10 @@ def _series(records: list[dict[str, Any]], key: str) -> dict[str, list[float]]:
     return {"step": steps, "value": [float(points[s]) for s in steps]}
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def _logged(records: list[dict[str, Any]], key: str) -> bool:
     return any(key in r for r in records)
 
@@ -274,6 +280,8 @@ def build(run: str | Path) -> dict[str, Any]:
         "started": info.get("started"),
         "metric": facts["metric"],
         "final_metrics": {k.removeprefix("eval_"): v for k, v in shown.items() if not k.endswith(_HIDDEN)},
+        "baseline": _number(metrics.get(f"baseline_{facts['metric']}")),
+        "majority": _number(metrics.get("majority_accuracy")),
         "steps": metrics.get("global_step", health.get("steps")),
         "health": health.get("status", "unknown"),
         "findings": [f.get("code") for f in health.get("findings", [])],

@@ -27,6 +27,15 @@ def _empty(ax: Any, title: str, why: str) -> None:
     ax.set_yticks([])
 
 
+def _references(ax: Any, data: dict[str, Any], majority: bool = False) -> None:
+    """The step-0 baseline of the recipe's metric (dashed) and, for accuracies, the majority-class rate (dotted)."""
+    if data.get("baseline") is not None:
+        label = f"baseline {data['metric']} (step 0) {data['baseline']:.3f}"
+        ax.axhline(data["baseline"], ls="--", lw=1.2, color="#444444", label=label)
+    if majority and data.get("majority") is not None:
+        ax.axhline(data["majority"], ls=":", lw=1.2, color="#7f7f7f", label=f"majority class {data['majority']:.3f}")
+
+
 def _draw_curves(fig: Any, spec: Any, data: dict[str, Any]) -> None:
     curves, why = data["curves"], "no training log" if data["log_source"] is None else "nothing logged"
     ax = fig.add_subplot(spec[0, 0])
@@ -37,6 +46,8 @@ def _draw_curves(fig: Any, spec: Any, data: dict[str, Any]) -> None:
             ax.plot(
                 curves["eval"]["loss"]["step"], curves["eval"]["loss"]["value"], "o-", label="eval", color="#d62728"
             )
+        if data["metric"] == "loss":
+            _references(ax, data)
         ax.set(title="Loss", xlabel=STEP_AXIS, ylabel="loss (cross-entropy, nats)")
         ax.legend()
     else:
@@ -50,10 +61,12 @@ def _draw_curves(fig: Any, spec: Any, data: dict[str, Any]) -> None:
         best = shown.get(data["metric"])
         if best:
             pick = max if data["metric"] != "loss" else min
-            i = best["value"].index(pick(best["value"]))
+            trained = [i for i, step in enumerate(best["step"]) if step > 0] or list(range(len(best["step"])))
+            i = pick(trained, key=lambda j: best["value"][j])  # the step-0 baseline is no checkpoint to pick
             ax.plot(
                 best["step"][i], best["value"][i], "*", ms=16, color="gold", mec="black", label=f"best {data['metric']}"
             )
+        _references(ax, data, majority=True)
         ax.set(title="Evaluation metrics", xlabel=STEP_AXIS, ylabel="metric value (fraction)")
         ax.legend()
     else:
@@ -177,6 +190,10 @@ def draw(data: dict[str, Any], dpi: int = 72) -> bytes:
     fig = Figure(figsize=(16, 15), layout="constrained")
     spec = fig.add_gridspec(4, 3, height_ratios=[1, 1, 0.9, 0.45])
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in data["final_metrics"].items()) or "no final metrics"
+    if data.get("baseline") is not None:
+        metrics += f" (step 0: {data['metric']} {data['baseline']:.4f})"
+    if data.get("majority") is not None:
+        metrics += f" | majority class {data['majority']:.4f}"
     quant = f", {data['quantization']}" if data.get("quantization") not in (None, "none") else ""
     fig.suptitle(
         f"{data['name']}: IA3 on {data['base_model'] or '?'} ({data['task'] or '?'}{quant})\n"
@@ -198,6 +215,10 @@ def draw(data: dict[str, Any], dpi: int = 72) -> bytes:
     return buf.getvalue()
 
 
+def _fmt(value: float | None) -> str | None:
+    return None if value is None else f"{value:.4f}"
+
+
 def to_html(data: dict[str, Any], png: bytes) -> str:
     """One self-contained page: the figure as an embedded PNG, the final metrics and the top-dimension tables."""
     esc = html.escape
@@ -209,6 +230,8 @@ def to_html(data: dict[str, Any], png: bytes) -> str:
         ("steps", data["steps"]),
         ("health", data["health"]),
         ("started", data["started"]),
+        (f"baseline {data['metric']} (step 0)", _fmt(data.get("baseline"))),
+        ("majority class", _fmt(data.get("majority"))),
     ]
     fact_rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in facts if v is not None)
     tables = []

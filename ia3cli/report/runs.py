@@ -37,18 +37,21 @@ def _steps(run: Path, metrics: dict[str, Any], health: dict[str, Any]) -> int | 
 
 
 def describe(run: Path) -> dict[str, Any]:
-    """One row for a run dir: name, task, base, metric (name and value), health, steps, date, finished."""
+    """One row for a run dir: name, task, base, metric (name, value and gain over the step-0 baseline), health,
+    steps, date, finished."""
     info, metrics, health = (read_json_object(run / name) for name in ("run.json", "metrics.json", "health.json"))
     task = info.get("task")
     metric = _metric_name(run, task)
-    value = metrics.get(f"eval_{metric}")
+    value, base = metrics.get(f"eval_{metric}"), metrics.get(f"baseline_{metric}")
+    number = (int, float)
     return {
         "name": run.name,
         "path": str(run),
         "task": task,
         "base": info.get("base_model"),
         "metric": metric,
-        "value": value if isinstance(value, (int, float)) else None,
+        "value": value if isinstance(value, number) else None,
+        "gain": value - base if isinstance(value, number) and isinstance(base, number) else None,
         "health": health.get("status"),
         "steps": _steps(run, metrics, health),
         "date": info.get("started"),
@@ -75,6 +78,8 @@ def render(rows: list[dict[str, Any]]) -> str:
     table = [list(COLUMNS)]
     for r in rows:
         metric = f"{r['metric']} {r['value']:.4f}" if r["value"] is not None else f"{r['metric']} -"
+        if r.get("gain") is not None:
+            metric += f" ({r['gain']:+.4f} vs step 0)"
         table.append(
             [
                 r["name"],

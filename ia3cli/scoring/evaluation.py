@@ -378,8 +378,9 @@ def run_eval(
         progress: Called as batches finish (see :data:`Progress`).
 
     Returns:
-        The metrics: ``target``, ``split``, ``rows`` and the task's metrics. Also written into TARGET when it is a
-        run or merged dir, named by what was evaluated (:func:`result_path`).
+        The metrics: ``target``, ``split``, ``rows``, the task's metrics and, for classification and choice tasks,
+        ``majority_accuracy`` (always answering the rows' most frequent label). Also written into TARGET when it is
+        a run or merged dir, named by what was evaluated (:func:`result_path`).
 
     Raises:
         Ia3Error: TARGET not found or not a model; RecipeError: no recipe, no split; DataError: bad data.
@@ -387,6 +388,7 @@ def run_eval(
     from ia3cli.data.encoding import check_rows, sample
     from ia3cli.data.sources import load_split
     from ia3cli.outputs import read_json_object, write_atomic
+    from ia3cli.scoring.chance import majority_of
 
     kind = _target_kind(target)
     recipe = _load_recipe(kind, target, recipe_path, overrides)
@@ -404,6 +406,9 @@ def run_eval(
     metrics: dict[str, Any] = {"target": target, "kind": kind, "task": recipe.model.task, "data": recipe.data.path}
     metrics.update({"split": split, "rows": len(ds)})
     metrics.update(evaluate(model, tokenizer, recipe, list(ds), progress))
+    majority = majority_of(ds, recipe)
+    if majority is not None:  # what always answering the most frequent label of these rows scores
+        metrics["majority_accuracy"] = majority
     if kind in ("run", "merged"):
         evaluated = {"data": data, "split": split, "recipe": str(recipe_path) if recipe_path else None}
         evaluated |= {"overrides": list(overrides), "full_precision": full_precision}

@@ -19,7 +19,7 @@ Two more read the evaluations instead (:func:`outcome`, once training is over, f
   model, evaluated before the first optimiser step on the same rows) by more than one standard error of the gain,
   ``sqrt((p0 (1 - p0) + p1 (1 - p1)) / n)`` on the ``n`` evaluation rows (:mod:`ia3cli.scoring.chance` says why);
 - ``below_majority_class``: the best accuracy is at or below the rate of always answering the evaluated rows' most
-  frequent label.
+  frequent label (unless it is 1.0: when every row has the same label, learning it is all there is to learn).
 
 When every group fires the same rule at once (and there is more than one group), one finding names "all groups":
 the learning rate or the data, not the targets, is then the likely cause.
@@ -262,7 +262,7 @@ def outcome(
     if base is not None:
         facts.update(gain=best - base, noise=gain_noise(base, best, rows))
         margins["no_gain_over_base"] = facts["gain"] - facts["noise"]
-    if majority is not None:
+    if majority is not None and best < 1.0:  # a perfect accuracy has nothing left to beat (one-class rows)
         margins["below_majority_class"] = best - majority
     findings = []
     for code, margin in margins.items():
