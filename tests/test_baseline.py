@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from ia3cli.cli.app import app
 from ia3cli.compare.summary import recommendation, table
-from ia3cli.config.recipe import validate_mapping
+from ia3cli.config.load import validate_mapping
 from ia3cli.scoring import chance
 from ia3cli.training import health
 from tests.conftest import SENTIMENT, tiny_recipe, write_recipe
@@ -97,19 +97,19 @@ def test_outcome_findings(name: str, history: list, rows: int, majority: float |
 
 
 def test_outcome_messages_give_numbers_causes_in_order_and_commands() -> None:
-    found = health.outcome(_history(0.44, 0.40), 55, 0.56, steps=30, learning_rate=1e-9, task="causal-lm")
+    found = health.outcome(_history(0.44, 0.40), 55, 0.56, steps=60, learning_rate=1e-9, task="causal-lm")
     gain, below = found
     noise = chance.gain_noise(0.44, 0.40, 55)
     assert f"gain -0.040, one standard error {noise:.3f} on 55 rows" in gain["message"]
     assert "at or below 0.560" in below["message"]
     for f in found:
         text = f["message"]
-        order = [text.index(w) for w in ("too few optimiser steps (30 run)", "1e-09", "label words", "too small")]
+        order = [text.index(w) for w in ("too few optimiser steps (60 run)", "1e-09", "label words", "too small")]
         assert order == sorted(order)
-        assert "--set training.max_steps=120" in text and "ia3 compare RECIPE --methods zero-shot,icl" in text
-        assert f["group"] is None and f["step"] == 30
-    report = health.report(found, ["k"], {}, 30, None, 1.0)
-    assert health.summary_line(report).startswith("health: warning after 30 steps: no_gain_over_base, below_majority")
+        assert "--set training.max_steps=240" in text and "ia3 compare RECIPE --methods zero-shot,icl" in text
+        assert f["group"] is None and f["step"] == 60
+    report = health.report(found, ["k"], {}, 60, None, 1.0)
+    assert health.summary_line(report).startswith("health: warning after 60 steps: no_gain_over_base, below_majority")
 
 
 def test_baseline_is_the_step_0_evaluation_only() -> None:

@@ -251,13 +251,14 @@ def outcome(
         Findings as in ``health.json``: ``{"code", "step", "group": None, "message"}``.
     """
     from ia3cli.scoring.chance import gain_noise
+    from ia3cli.training.budget import MIN_STEPS
 
     trained = [r["eval_accuracy"] for r in history if r.get("step", 0) > 0 and _finite(r.get("eval_accuracy"))]
     if not trained or rows <= 0:
         return []
     best, base = max(trained), baseline_metrics(history).get("accuracy")
     facts = {"best": best, "base": base, "majority": majority, "rows": rows, "steps": steps, "lr": learning_rate}
-    facts.update(more=max(4 * steps, 100), methods=_COMPARE_METHODS.get(task, "ia3"))
+    facts.update(more=max(4 * steps, 4 * MIN_STEPS), methods=_COMPARE_METHODS.get(task, "ia3"))
     margins = {}
     if base is not None:
         facts.update(gain=best - base, noise=gain_noise(base, best, rows))
