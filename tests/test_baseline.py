@@ -182,6 +182,9 @@ def test_console_shows_the_baseline_and_majority_once(frozen) -> None:
     assert f"majority class {majority:.4f}" in output and "baseline: accuracy " in output
     listed = runner.invoke(app, ["runs", str(out)])
     assert "(+0.0000 vs step 0)" in listed.output
+    evaluated = runner.invoke(app, ["eval", str(out), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.output)["majority_accuracy"] == majority
 
 
 def test_resume_keeps_the_baseline_and_does_not_evaluate_step_0_again(tiny_model, tmp_path: Path) -> None:

@@ -65,6 +65,13 @@ def test_seq_cls_compare_reports_every_method(seq_cls_compare: Path) -> None:
     assert "[10/10]" in text and "ETA" in text and saved["recommendation"] in text
     for method in saved["methods"]:
         assert any(line.startswith(method + " ") for line in text.splitlines()), method
+    # the majority-class rate of the 12 evaluation rows: a row of the table, never a cell or a recommendation
+    rows = [json.loads(line) for line in (out / "data" / "n8-s0" / "validation.jsonl").read_text().splitlines()]
+    positive = sum(r["label"] in (1, "positive") for r in rows) / len(rows)
+    assert saved["majority"] == pytest.approx(max(positive, 1 - positive)) and saved["eval_rows"] == 12
+    majority = next(line.split() for line in text.splitlines() if line.startswith("majority class "))
+    assert majority[2] == f"{saved['majority']:.3f}"
+    assert "majority" not in {c["method"] for c in saved["cells"]}
     assert (out / "compare.png").stat().st_size > 10_000
 
 

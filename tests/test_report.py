@@ -60,7 +60,11 @@ def test_curves_have_a_point_per_logged_step_and_per_evaluation(run: Path) -> No
     curves = data["curves"]
     assert curves["train_loss"]["step"] == list(range(1, 9))
     assert len(curves["learning_rate"]["value"]) == 8
-    assert curves["eval"]["accuracy"]["step"] == [4, 8] and curves["eval"]["loss"]["step"] == [4, 8]
+    # the step-0 evaluation (the untouched model) is the first point of every evaluation curve
+    assert curves["eval"]["accuracy"]["step"] == [0, 4, 8] and curves["eval"]["loss"]["step"] == [0, 4, 8]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert data["baseline"] == metrics["baseline_accuracy"] == curves["eval"]["accuracy"]["value"][0]
+    assert data["majority"] == metrics["majority_accuracy"]
     assert set(curves["grad_norm"]) == set(curves["drift"]) == {"k", "v", "ff"}
     assert all(len(s["value"]) == 8 for s in curves["grad_norm"].values())
     assert data["thresholds"] == {"vanishing_below": 2e-7, "exploding_above": 5.0}

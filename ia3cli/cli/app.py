@@ -51,9 +51,9 @@ def train(
 ) -> None:
     """Validate the recipe, train an IA3 adapter and save a PEFT adapter directory.
 
-    The console shows one progress bar (step, epoch, loss, learning rate, health), a line per evaluation and the
-    health monitor's checks; every logged step goes to OUTPUT_DIR/logs/train_log.jsonl, and OUTPUT_DIR/report.png
-    draws the run.
+    The console shows one progress bar (step, epoch, loss, learning rate, health), a line per evaluation (the first,
+    at step 0, is the untouched model's, with the majority-class rate) and the health monitor's checks; every logged
+    step goes to OUTPUT_DIR/logs/train_log.jsonl, and OUTPUT_DIR/report.png draws the run.
     """
     with errors(debug):
         from ia3cli.config.load import load_recipe
@@ -192,7 +192,8 @@ def eval_(
     json_out: Annotated[bool, typer.Option("--json", help="Print only JSON.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Metrics on a split: accuracy/F1, loss/perplexity, rank classification for causal LMs."""
+    """Metrics on a split: accuracy/F1, loss/perplexity, rank classification for causal LMs, and the majority-class
+    rate (always answering the split's most frequent label) for classification and choice tasks."""
     with errors(debug):
         quiet_libraries(debug)
         from ia3cli.report.console import Console
