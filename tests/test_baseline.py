@@ -236,3 +236,29 @@ def test_labels_all_one_class_meet_the_majority_rule(tiny_model, tmp_path: Path,
     assert metrics["majority_accuracy"] == 1.0
     assert (metrics["eval_accuracy"] == 1.0) is learns  # the head learns "always positive" only with a real rate
     assert ("below_majority_class" in codes) is not learns
+
+
+def test_an_evaluation_does_not_stop_a_4bit_model_from_learning(tiny_model, tmp_path: Path) -> None:
+    """bitsandbytes repacks 4-bit CPU weights at the first no-grad forward in eval mode (the step-0 evaluation) into
+    a layout without backward; a trained model keeps the plain one, so gradients still reach the vectors."""
+    import torch
+
+    from ia3cli.training import preflight
+    from ia3cli.tuners import ia3
+
+    raw = tiny_recipe(tiny_model("llama", "causal-lm"), "causal-lm", tmp_path / "run", model={"quantization": "4bit"})
+    recipe = validate_mapping(raw)
+    model, _ = ia3.build(recipe, preflight.run(recipe).plan)
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+
+    def grads() -> list[float]:
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [0.0 if p.grad is None else p.grad.norm().item() for n, p in model.named_parameters() if "ia3_l" in n]
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert min(before) > 0 and grads() == pytest.approx(before)

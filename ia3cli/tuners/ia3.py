@@ -44,12 +44,26 @@ def wrap(base: PreTrainedModel, recipe: Recipe, plan: TargetPlan) -> PeftModel:
 
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=recipe.training.gradient_checkpointing)
+        keep_4bit_layout(base)
     elif recipe.training.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     if recipe.adapter.method != "ia3":
         return baselines.wrap(base, recipe, plan)
     return get_peft_model(base, ia3_config(recipe, plan))
+
+
+def keep_4bit_layout(base: PreTrainedModel) -> None:
+    """Keep bitsandbytes from repacking a trained model's 4-bit weights for CPU inference.
+
+    bitsandbytes 0.50 (``Linear4bit.forward``) repacks a layer's weight into a CPU inference layout the first time the
+    layer runs in eval mode without gradients (any evaluation, the step-0 one included) and keeps that layout; its
+    kernel (``gemv_4bit``) has no backward, so from then on no gradient crosses the layer and the adapter silently
+    stops learning. A model being trained keeps the plain layout (evaluation is then slower on CPU, and correct).
+    """
+    for module in base.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def build(recipe: Recipe, plan: TargetPlan) -> tuple[PeftModel, PreTrainedTokenizerBase]:
