@@ -262,3 +262,20 @@ def test_an_evaluation_does_not_stop_a_4bit_model_from_learning(tiny_model, tmp_
     with torch.no_grad():
         model(input_ids=ids)
     assert min(before) > 0 and grads() == pytest.approx(before)
+
+
+def test_the_step_0_evaluation_does_not_change_what_is_trained(tiny_model, tmp_path: Path) -> None:
+    """Iterating the evaluation DataLoader draws from the global torch RNG; dropout draws from it next."""
+    from safetensors.torch import load_file
+
+    adapters = []
+    for flag in (True, False):
+        recipe = _seq_cls(tiny_model, tmp_path / f"run-{flag}", eval_on_start=flag, save_strategy="no",
+                          load_best_model_at_end=False)  # fmt: skip
+        result = runner.invoke(app, ["train", str(write_recipe(tmp_path / f"{flag}.yaml", recipe))])
+        assert result.exit_code == 0, result.output
+        adapters.append(load_file(tmp_path / f"run-{flag}" / "adapter_model.safetensors"))
+    on, off = adapters
+    assert on.keys() == off.keys()
+    assert max((on[k] - off[k]).abs().max().item() for k in on) == 0.0
+    assert max((t - 1).abs().max().item() for k, t in on.items() if "ia3_l" in k) > 1e-4  # and they did train

@@ -286,6 +286,7 @@ def _train(
     from ia3cli.training import fewshot, health
     from ia3cli.training.logbook import LOG_NAME, TrainLogbook, install
     from ia3cli.training.monitor import GradNormMonitor
+    from ia3cli.training.step0 import KeepRngAcrossStep0
     from ia3cli.tuners import ia3
 
     say = console.line if is_main_process() else (lambda _msg: None)
@@ -326,6 +327,7 @@ def _train(
     callbacks = _callbacks(recipe, out, say, monitor if ia3 else None)  # the monitor watches IA3 vectors
     if isinstance(train_ds, fewshot.RowDataset):
         callbacks.append(fewshot.TemplateEpochs(train_ds))
+    callbacks.append(KeepRngAcrossStep0())  # the step-0 evaluation leaves training as it would be without it
     metrics_fn = evaluation.trainer_metrics(recipe.num_labels) if recipe.model.task == "seq-cls" else None
     t = recipe.training
     extra = {"objective": t.objective, "weights": (t.lm_weight, t.ln_weight, t.ul_weight)} if few else {}
