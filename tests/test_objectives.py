@@ -102,8 +102,8 @@ def test_unlikelihood_is_zero_without_wrong_choices() -> None:
 
 def _tiny_choice_batch(tiny_model, task: str, tmp_path: Path):
     from ia3cli.config.load import validate_mapping
-    from ia3cli.data.encoding import choice_label, sample
-    from ia3cli.data.sources import load_split
+    from ia3cli.data.encoding import choice_label
+    from ia3cli.data.sources import load_split, sample
     from ia3cli.models import targets
     from ia3cli.scoring.evaluation import choice_features
     from ia3cli.training import fewshot

@@ -192,10 +192,10 @@ def eval_(
     with errors(debug):
         quiet_libraries(debug)
         from ia3cli.report.console import Console
-        from ia3cli.scoring import evaluation
+        from ia3cli.scoring import eval_command
 
         with Console(enabled=not json_out, stream=sys.stderr).stages() as progress:  # stdout: the results only
-            metrics = evaluation.run_eval(
+            metrics = eval_command.run_eval(
                 target,
                 recipe_path=recipe,
                 data=data,
@@ -204,7 +204,7 @@ def eval_(
                 full_precision=full_precision,
                 progress=progress,
             )
-        typer.echo(json.dumps(metrics, indent=2) if json_out else evaluation.render(metrics))
+        typer.echo(json.dumps(metrics, indent=2) if json_out else eval_command.render(metrics))
 
 
 @app.command(

@@ -1,7 +1,7 @@
 """``ia3 compare``: IA3 next to LoRA, full fine-tuning, a linear probe, zero-shot and in-context learning.
 
 One recipe, several methods, the same rows: for every training size N and seed, N rows are drawn once from the
-recipe's training split (:func:`ia3cli.data.encoding.sample`, seeded by the seed) and written to
+recipe's training split (:func:`ia3cli.data.sources.sample`, seeded by the seed) and written to
 ``OUT/data/n<N>-s<seed>/``
 together with the evaluation rows (the recipe's eval split, ``data.eval_samples`` drawn with the recipe's seed,
 identical for every cell). Every method of that N and seed reads that folder, so they see the same rows.
@@ -150,8 +150,8 @@ def draw_rows(recipe: Recipe, rows: Sequence[int], seeds: Sequence[int]) -> tupl
         RecipeError: on ``--rows`` when N exceeds the training split; on ``data.eval_split`` when there is none.
         DataError: from loading or checking the rows.
     """
-    from ia3cli.data.encoding import check_rows, sample
-    from ia3cli.data.sources import load_split
+    from ia3cli.data.checks import check_rows
+    from ia3cli.data.sources import load_split, sample
 
     d = recipe.data
     if d.eval_split is None:
@@ -214,7 +214,7 @@ def _claim(out: Path, recipe: Recipe, settings: dict[str, Any], *, resume: bool,
 
 
 def _protected(recipe: Recipe) -> tuple[Path, ...]:
-    from ia3cli.training.run import protected_folders
+    from ia3cli.training.rundir import protected_folders
 
     return protected_folders(recipe)
 

@@ -102,12 +102,13 @@ def probe_batch(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[dict[s
     """
     import torch
 
-    from ia3cli.data.encoding import check_rows, encode_row
+    from ia3cli.data.checks import check_rows
+    from ia3cli.data.encoding import encode_row
     from ia3cli.data.sources import load_split
-    from ia3cli.scoring.loglik import pad_batch
+    from ia3cli.scoring.loglik import pad_batch, pad_id
 
     d = recipe.data
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     problems: list[str] = []
     for split in dict.fromkeys(s for s in (d.eval_split, d.train_split) if s is not None):
         source = f"{d.path} [{split}]"
@@ -120,7 +121,7 @@ def probe_batch(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[dict[s
             problems.append(exc.message)
             continue
         if feats:
-            return pad_batch(feats, pad_id), source, None
+            return pad_batch(feats, pad), source, None
         problems.append(f"{source}: split is empty")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(min(10, vocab_size - 1), vocab_size, (4, 16), generator=gen)

@@ -22,13 +22,14 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ia3cli.errors import RecipeError
+from ia3cli.scoring.loglik import pad_id
 from ia3cli.training import objectives
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from ia3cli.config.recipe import Recipe
-    from ia3cli.data.encoding import DataReport
+    from ia3cli.data.checks import DataReport
 
 
 def applies(recipe: Recipe) -> bool:
@@ -125,7 +126,7 @@ def build_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, report: DataR
             if recipe.has_choices
             else tokenize(report.eval, recipe, tokenizer)
         )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     return train, evals, ChoiceCollator(collator(recipe, tokenizer), pad)
 
 
