@@ -23,7 +23,7 @@ from ia3cli.scoring.loglik import length_batches, model_device, pad_id
 if TYPE_CHECKING:
     import torch
 
-    from ia3cli.inference.predict import Job
+    from ia3cli.inference.rows import Job
     from ia3cli.tuners.mixed import MixedIA3
 
 
