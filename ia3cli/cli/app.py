@@ -15,7 +15,9 @@ from typing import Annotated
 
 import typer
 
-from ia3cli.cli import adapters as cli_adapters
+from ia3cli.cli import compare as compare_command
+from ia3cli.cli import predict as predict_command
+from ia3cli.cli import serve as serve_command
 from ia3cli.cli.cache import cache_app
 from ia3cli.cli.common import DebugOpt, RecipeArg, SetOpt, VerboseOpt, errors, examples, quiet_libraries
 
@@ -239,7 +241,7 @@ def merge(
         )
 
 
-app.command(epilog=examples(*cli_adapters.PREDICT_EXAMPLES))(cli_adapters.predict)
+app.command(epilog=examples(*predict_command.PREDICT_EXAMPLES))(predict_command.predict)
 
 
 @app.command(
@@ -332,8 +334,8 @@ def _show_notes() -> None:
         logger.addHandler(_Notes())
 
 
-app.command(epilog=examples(*cli_adapters.COMPARE_EXAMPLES))(cli_adapters.compare)
-app.command(epilog=examples(*cli_adapters.SERVE_EXAMPLES))(cli_adapters.serve)
+app.command(epilog=examples(*compare_command.COMPARE_EXAMPLES))(compare_command.compare)
+app.command(epilog=examples(*serve_command.SERVE_EXAMPLES))(serve_command.serve)
 app.add_typer(cache_app, name="cache")
 
 

@@ -173,13 +173,27 @@ def _specs(
     return target_spec, ff_spec, warnings
 
 
-def _make_plan(
+def plan_for_model(
     model: torch.nn.Module,
     config: PretrainedConfig,
     task: str,
-    adapter: AdapterSection | None,
-    use_family_table: bool,
+    adapter: AdapterSection | None = None,
+    *,
+    use_family_table: bool = True,
 ) -> TargetPlan:
+    """Plan IA3 targets on an already built model (meta or real, quantised or not).
+
+    Args:
+        model: The task model (module names must be the ones PEFT will see).
+        config: Its config.
+        task: ``seq-cls``, ``causal-lm`` or ``seq2seq``.
+        adapter: The recipe's adapter section; None (or ``auto`` for both keys) recommends the paper recipe.
+        use_family_table: False forces shape analysis, as for a family ia3cli does not know.
+
+    Raises:
+        RecipeError: on ``adapter.target_modules`` / ``adapter.feedforward_modules`` for entries that match no
+            module, match a non-linear module, or feed-forward entries that are not targets.
+    """
     universe, mods = tree.scan(model)
     model_type = str(getattr(config, "model_type", "unknown"))
     head_roots, hidden, inter, method, notes = _roles(model, config, task, mods, use_family_table)
@@ -235,30 +249,6 @@ def _make_plan(
     )
 
 
-def plan_for_model(
-    model: torch.nn.Module,
-    config: PretrainedConfig,
-    task: str,
-    adapter: AdapterSection | None = None,
-    *,
-    use_family_table: bool = True,
-) -> TargetPlan:
-    """Plan IA3 targets on an already built model (meta or real, quantised or not).
-
-    Args:
-        model: The task model (module names must be the ones PEFT will see).
-        config: Its config.
-        task: ``seq-cls``, ``causal-lm`` or ``seq2seq``.
-        adapter: The recipe's adapter section; None (or ``auto`` for both keys) recommends the paper recipe.
-        use_family_table: False forces shape analysis, as for a family ia3cli does not know.
-
-    Raises:
-        RecipeError: on ``adapter.target_modules`` / ``adapter.feedforward_modules`` for entries that match no
-            module, match a non-linear module, or feed-forward entries that are not targets.
-    """
-    return _make_plan(model, config, task, adapter, use_family_table)
-
-
 def recommend(model: ModelSection, task: str | None = None, num_labels: int = 2) -> TargetPlan:
     """The paper recipe from the config alone: keys, values and the FFN down-projection (feed-forward).
 
@@ -277,7 +267,7 @@ def recommend(model: ModelSection, task: str | None = None, num_labels: int = 2)
     config = modeling.load_config(model)
     task = task or modeling.default_task(config)
     meta = modeling.build_meta_model(config, task, num_labels, trust_remote_code=model.trust_remote_code)
-    return _make_plan(meta, config, task, None, True)
+    return plan_for_model(meta, config, task)
 
 
 def resolve(model: ModelSection, adapter: AdapterSection, task: str, num_labels: int = 2) -> TargetPlan:
@@ -306,4 +296,4 @@ def resolve(model: ModelSection, adapter: AdapterSection, task: str, num_labels:
     """
     config = modeling.load_config(model)
     meta = modeling.build_meta_model(config, task, num_labels, trust_remote_code=model.trust_remote_code)
-    return _make_plan(meta, config, task, adapter, True)
+    return plan_for_model(meta, config, task, adapter)

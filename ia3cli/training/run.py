@@ -205,12 +205,11 @@ def _train(
 def _setup_model(recipe: Recipe, plan: Any, say: Callable[[str], None]) -> tuple[Any, Any, dict[str, int]]:
     """The wrapped model, its tokenizer and parameter counts (printed, and checked against the plan)."""
     from ia3cli.models import loading as modeling
-    from ia3cli.training import fewshot
     from ia3cli.tuners import ia3
 
     model, tokenizer = ia3.build(recipe, plan)
     if recipe.adapter.init_from:
-        fewshot.load_init_vectors(model, recipe.adapter.init_from)
+        ia3.load_init_vectors(model, recipe.adapter.init_from)
         say(f"IA3 vectors start from {recipe.adapter.init_from}")
     counts = modeling.count_parameters(model)
     say(
@@ -231,18 +230,19 @@ def _setup_model(recipe: Recipe, plan: Any, say: Callable[[str], None]) -> tuple
 def _setup_trainer(
     recipe: Recipe, checks: Any, out: Path, args: Any, model: Any, tokenizer: Any, console: Console, verbose: bool
 ) -> tuple[Any, Any, Any]:
-    """The Trainer (or fewshot's ChoiceTrainer) with its datasets, the health monitor and the console logbook."""
+    """The Trainer (or the ChoiceTrainer) with its datasets, the health monitor and the console logbook."""
     from transformers import Trainer
 
     from ia3cli.data import encoding as data
     from ia3cli.scoring import evaluation
-    from ia3cli.training import fewshot
+    from ia3cli.training import row_data
+    from ia3cli.training.choice_trainer import ChoiceTrainer
     from ia3cli.training.logbook import LOG_NAME, TrainLogbook, install
     from ia3cli.training.monitor import GradNormMonitor
 
-    # the splits pre-flight checked; choice tasks and prompt templates take fewshot's datasets and Trainer
-    few = fewshot.applies(recipe)
-    train_ds, eval_ds, collator = (fewshot.build_data if few else data.build)(recipe, tokenizer, checks.data)
+    # the splits pre-flight checked; choice tasks and prompt templates take row_data's datasets and the ChoiceTrainer
+    few = row_data.applies(recipe)
+    train_ds, eval_ds, collator = (row_data.build_data if few else data.build)(recipe, tokenizer, checks.data)
     logbook = TrainLogbook(
         console, out / LOG_NAME if is_main_process() else None, recipe.metric, recipe.metric != "loss"
     )
@@ -252,12 +252,12 @@ def _setup_trainer(
     logbook.health = lambda: "failed" if monitor.failed else ("warning" if monitor.findings else "ok")
     say = console.line if is_main_process() else (lambda _msg: None)
     callbacks = _callbacks(recipe, out, say, monitor if recipe.adapter.method == "ia3" else None)
-    if isinstance(train_ds, fewshot.RowDataset):
-        callbacks.append(fewshot.TemplateEpochs(train_ds))
+    if isinstance(train_ds, row_data.RowDataset):
+        callbacks.append(row_data.TemplateEpochs(train_ds))
     metrics_fn = evaluation.trainer_metrics(recipe.num_labels) if recipe.model.task == "seq-cls" else None
     t = recipe.training
     extra = {"objective": t.objective, "weights": (t.lm_weight, t.ln_weight, t.ul_weight)} if few else {}
-    trainer = (fewshot.ChoiceTrainer if few else Trainer)(
+    trainer = (ChoiceTrainer if few else Trainer)(
         model=model,
         args=args,
         train_dataset=train_ds,

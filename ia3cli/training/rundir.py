@@ -19,8 +19,6 @@ from ia3cli.env import world_size
 from ia3cli.errors import Ia3Error, RunError
 from ia3cli.outputs import RUN_MARKER, remove_output
 
-RUN_FILES = ("recipe.yaml", "run.json")
-
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
     """The newest complete checkpoint: it has ``trainer_state.json`` and a loadable adapter file.
