@@ -19,7 +19,7 @@ from ia3cli.cli.app import app
 from ia3cli.compare.summary import recommendation, table
 from ia3cli.config.load import validate_mapping
 from ia3cli.scoring import chance
-from ia3cli.training import health
+from ia3cli.training import health, outcome
 from tests.conftest import SENTIMENT, tiny_recipe, write_recipe
 
 runner = CliRunner()
@@ -72,7 +72,7 @@ def _history(*accuracies: float, start: int = 0) -> list[dict]:
 
 
 def _codes(history: list[dict], rows: int = 100, majority: float | None = 0.5) -> list[str]:
-    found = health.outcome(history, rows, majority, steps=40, learning_rate=3e-3, task="seq-cls")
+    found = outcome.findings(history, rows, majority, steps=40, learning_rate=3e-3, task="seq-cls")
     return [f["code"] for f in found]
 
 
@@ -97,7 +97,7 @@ def test_outcome_findings(name: str, history: list, rows: int, majority: float |
 
 
 def test_outcome_messages_give_numbers_causes_in_order_and_commands() -> None:
-    found = health.outcome(_history(0.44, 0.40), 55, 0.56, steps=60, learning_rate=1e-9, task="causal-lm")
+    found = outcome.findings(_history(0.44, 0.40), 55, 0.56, steps=60, learning_rate=1e-9, task="causal-lm")
     gain, below = found
     noise = chance.gain_noise(0.44, 0.40, 55)
     assert f"gain -0.040, one standard error {noise:.3f} on 55 rows" in gain["message"]
@@ -115,9 +115,9 @@ def test_outcome_messages_give_numbers_causes_in_order_and_commands() -> None:
 def test_baseline_is_the_step_0_evaluation_only() -> None:
     history = [{"step": 0, "loss": 2.0}, *_history(0.5, 0.7), {"step": 0, "eval_accuracy": 0.1}]
     history[1]["eval_runtime"] = 0.3
-    assert health.baseline_metrics(history) == {"accuracy": 0.5, "loss": 0.5}
-    assert health.baseline_metrics(_history(0.5, start=10)) == {}
-    line = health.gain_line({"baseline_accuracy": 0.5, "eval_accuracy": 0.75, "majority_accuracy": 0.5}, "accuracy")
+    assert outcome.baseline_metrics(history) == {"accuracy": 0.5, "loss": 0.5}
+    assert outcome.baseline_metrics(_history(0.5, start=10)) == {}
+    line = outcome.gain_line({"baseline_accuracy": 0.5, "eval_accuracy": 0.75, "majority_accuracy": 0.5}, "accuracy")
     assert line == "baseline: accuracy 0.5000 at step 0 -> 0.7500 (+0.2500) | majority class 0.5000"
 
 

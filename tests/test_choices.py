@@ -17,7 +17,8 @@ from ia3cli.compare.cells import metric_name
 from ia3cli.compare.run import applicable
 from ia3cli.config.load import load_recipe, validate_mapping
 from ia3cli.inference.jobs import softmax
-from ia3cli.inference.predict import make_job, predict
+from ia3cli.inference.predict import predict
+from ia3cli.inference.rows import make_job
 from ia3cli.scoring.evaluation import score_choices
 from ia3cli.tuners import ia3
 from tests.conftest import tiny_recipe

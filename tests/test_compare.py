@@ -77,8 +77,7 @@ def test_seq_cls_compare_reports_every_method(seq_cls_compare: Path) -> None:
 
 def test_every_method_sees_the_same_rows(seq_cls_compare: Path) -> None:
     from ia3cli.config.load import load_recipe
-    from ia3cli.data.encoding import sample
-    from ia3cli.data.sources import load_split
+    from ia3cli.data.sources import load_split, sample
 
     saved = json.loads((seq_cls_compare / "compare.json").read_text())
     train = load_split(validate_mapping({"model": {"name": "x"}, "data": {"path": str(SENTIMENT)}}).data, "train")
@@ -99,7 +98,7 @@ def test_every_method_sees_the_same_rows(seq_cls_compare: Path) -> None:
 
 def test_every_trained_cell_evaluates_and_merge_says_what_it_can(seq_cls_compare: Path, tmp_path: Path) -> None:
     from ia3cli.inference.merge import merge
-    from ia3cli.scoring.evaluation import run_eval
+    from ia3cli.scoring.eval_command import run_eval
 
     saved = json.loads((seq_cls_compare / "compare.json").read_text())
     for cell in (c for c in saved["cells"] if c["seed"] == 0):

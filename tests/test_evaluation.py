@@ -17,14 +17,12 @@ from ia3cli.data.encoding import encode_causal, encode_row
 from ia3cli.errors import Ia3Error, RecipeError
 from ia3cli.inference.merge import merge
 from ia3cli.models import loading as modeling
+from ia3cli.scoring.eval_command import _load_model, render, run_eval
 from ia3cli.scoring.evaluation import (
-    _load_model,
     after_training,
     choice_features,
     classification_metrics,
     rank_classify,
-    render,
-    run_eval,
     score_choices,
 )
 from ia3cli.scoring.loglik import shared_prefix_length

@@ -15,7 +15,9 @@ from typing import Annotated
 
 import typer
 
-from ia3cli.cli import adapters as cli_adapters
+from ia3cli.cli import compare as compare_command
+from ia3cli.cli import predict as predict_command
+from ia3cli.cli import serve as serve_command
 from ia3cli.cli.cache import cache_app
 from ia3cli.cli.common import DebugOpt, RecipeArg, SetOpt, VerboseOpt, errors, examples, quiet_libraries
 
@@ -77,7 +79,7 @@ def train(
                 if k.startswith("eval_") and isinstance(v, float) and not k.endswith(("_runtime", "_per_second"))
             }
             typer.echo("final: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) if shown else "final: done")
-            from ia3cli.training.health import gain_line
+            from ia3cli.training.outcome import gain_line
 
             if gain := gain_line(result.metrics, loaded.metric):
                 typer.echo(gain)
@@ -197,10 +199,10 @@ def eval_(
     with errors(debug):
         quiet_libraries(debug)
         from ia3cli.report.console import Console
-        from ia3cli.scoring import evaluation
+        from ia3cli.scoring import eval_command
 
         with Console(enabled=not json_out, stream=sys.stderr).stages() as progress:  # stdout: the results only
-            metrics = evaluation.run_eval(
+            metrics = eval_command.run_eval(
                 target,
                 recipe_path=recipe,
                 data=data,
@@ -209,7 +211,7 @@ def eval_(
                 full_precision=full_precision,
                 progress=progress,
             )
-        typer.echo(json.dumps(metrics, indent=2) if json_out else evaluation.render(metrics))
+        typer.echo(json.dumps(metrics, indent=2) if json_out else eval_command.render(metrics))
 
 
 @app.command(
@@ -244,7 +246,7 @@ def merge(
         )
 
 
-app.command(epilog=examples(*cli_adapters.PREDICT_EXAMPLES))(cli_adapters.predict)
+app.command(epilog=examples(*predict_command.PREDICT_EXAMPLES))(predict_command.predict)
 
 
 @app.command(
@@ -337,8 +339,8 @@ def _show_notes() -> None:
         logger.addHandler(_Notes())
 
 
-app.command(epilog=examples(*cli_adapters.COMPARE_EXAMPLES))(cli_adapters.compare)
-app.command(epilog=examples(*cli_adapters.SERVE_EXAMPLES))(cli_adapters.serve)
+app.command(epilog=examples(*compare_command.COMPARE_EXAMPLES))(compare_command.compare)
+app.command(epilog=examples(*serve_command.SERVE_EXAMPLES))(serve_command.serve)
 app.add_typer(cache_app, name="cache")
 
 

@@ -18,12 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ia3cli.scoring.loglik import length_batches, model_device
+from ia3cli.scoring.loglik import length_batches, model_device, pad_id
 
 if TYPE_CHECKING:
     import torch
 
-    from ia3cli.inference.predict import Job
+    from ia3cli.inference.rows import Job
     from ia3cli.tuners.mixed import MixedIA3
 
 
@@ -103,10 +103,6 @@ def run(
         _generate(mixed, [j for j in jobs if j.kind == "generate"], batch_size, gen, progress)
 
 
-def _pad_id(mixed: MixedIA3) -> int:
-    return mixed.tokenizer.pad_token_id if mixed.tokenizer.pad_token_id is not None else 0
-
-
 def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Progress) -> None:
     tok, model = mixed.tokenizer, mixed.model
     feats = [
@@ -114,7 +110,7 @@ def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Prog
         for j in jobs
     ]
     for idx in length_batches(len(feats), [len(f) for f in feats], batch_size):
-        batch = _pad([feats[i] for i in idx], _pad_id(mixed), left=False)
+        batch = _pad([feats[i] for i in idx], pad_id(mixed.tokenizer), left=False)
         batch = {k: v.to(model_device(model)) for k, v in batch.items()}
         with mixed.select([jobs[i].adapter for i in idx]):
             probs = model(**batch).logits.float().softmax(-1).cpu()
@@ -152,7 +148,7 @@ def _choose(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Progre
         progress.advance(sum(remaining[n] == 0 for n in {owner[i] for i in idx}))
         return mixed.select([jobs[owner[i]].adapter for i in idx])
 
-    scored = sequence_logprobs(model, feats, _pad_id(mixed), batch_size, select=select)
+    scored = sequence_logprobs(model, feats, pad_id(mixed.tokenizer), batch_size, select=select)
     means = [total / max(count, 1) for total, count in scored]
     for i, n in enumerate(owner):
         scores[n].append(means[i])
@@ -178,10 +174,10 @@ def _generate(mixed: MixedIA3, jobs: list[Job], batch_size: int, gen: dict[str, 
     decoder_only = mixed.task == "causal-lm"
     feats = [_prompt_ids(mixed, j) for j in jobs]
     for idx in length_batches(len(feats), [len(f) for f in feats], batch_size):
-        batch = _pad([feats[i] for i in idx], _pad_id(mixed), left=decoder_only)
+        batch = _pad([feats[i] for i in idx], pad_id(mixed.tokenizer), left=decoder_only)
         batch = {k: v.to(model_device(model)) for k, v in batch.items()}
         with mixed.select([jobs[i].adapter for i in idx]):
-            out = model.generate(**batch, **gen, pad_token_id=_pad_id(mixed))
+            out = model.generate(**batch, **gen, pad_token_id=pad_id(mixed.tokenizer))
         if decoder_only:
             out = out[:, batch["input_ids"].shape[1] :]
         for i, ids in zip(idx, out.tolist(), strict=True):

@@ -25,36 +25,20 @@
 
 from __future__ import annotations
 
-import csv
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ia3cli import __version__
 from ia3cli.errors import DataError, Ia3Error
+from ia3cli.inference.rows import Job, make_job, read_rows
 from ia3cli.outputs import write_atomic
 
 SIDECAR_SUFFIX = ".predict.json"
-OUTPUT_FIELDS = ("prediction", "probabilities")
 ON_ERROR = ("fail", "skip")
 SHOWN_ERRORS = 10
-
-
-@dataclass
-class Job:
-    """One valid row: what to run and with which adapter."""
-
-    index: int  # position among the valid rows' input order
-    row: dict[str, Any]
-    adapter: str
-    kind: str  # "classify", "choose" or "generate"
-    text: str | None = None
-    pair: str | None = None
-    messages: list[dict] | None = None
-    choices: list[str] | None = None
-    result: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -107,123 +91,6 @@ def resolve_adapters(source: Path | None, extra: Sequence[str] = ()) -> dict[str
     if not adapters:
         raise Ia3Error("no adapter given", "pass a run dir, a folder of run dirs, or --adapter NAME=RUN_DIR")
     return adapters
-
-
-# --- input rows ----------------------------------------------------------------------------------------------------
-
-
-def read_rows(path: Path) -> list[tuple[str, dict[str, Any] | None, str | None]]:
-    """Every row of ``path`` as ``(where, row, problem)``: ``where`` is ``line N`` (``row N`` for parquet).
-
-    Raises:
-        DataError: when the file is missing, of an unknown format, or unreadable as a whole.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), None, "input file not found")
-    suffix = path.suffix.lower()
-    rows: list[tuple[str, dict[str, Any] | None, str | None]] = []
-    try:
-        if suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
-            items = json.loads(path.read_text(encoding="utf-8"))
-            for n, row in enumerate(items, 1):
-                problem = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
-                rows.append((f"row {n}", row if problem is None else None, problem))
-        elif suffix in (".jsonl", ".json"):
-            with path.open(encoding="utf-8") as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except ValueError as exc:
-                        rows.append((f"line {n}", None, f"not valid JSON ({exc.msg})"))
-                        continue
-                    problem = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
-                    rows.append((f"line {n}", row if problem is None else None, problem))
-        elif suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as fh:
-                reader = csv.DictReader(fh)
-                for row in reader:
-                    short = [k for k, v in row.items() if v is None]
-                    problem = f"too few fields (no {', '.join(map(str, short))})" if short else None
-                    if None in row:
-                        problem = "more fields than the header names"
-                    rows.append((f"line {reader.line_num}", None if problem else dict(row), problem))
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows = [(f"row {n}", row, None) for n, row in enumerate(pq.read_table(path).to_pylist(), 1)]
-        else:
-            raise DataError(str(path), None, f"unknown input format '{suffix}'", "use .jsonl, .json, .csv or .parquet")
-    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as exc:
-        raise DataError(str(path), None, f"cannot read: {exc}") from None
-    except DataError:
-        raise
-    except Exception as exc:  # pyarrow's errors for a corrupt parquet file
-        raise DataError(str(path), None, f"cannot read: {type(exc).__name__}: {exc}") from None
-    return rows
-
-
-def _choices(value: Any) -> list[str] | None:
-    if isinstance(value, str):  # CSV cells hold a JSON list
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return None
-    if isinstance(value, list) and len(value) >= 2 and all(isinstance(c, str) and c for c in value):
-        return value
-    return None
-
-
-def make_job(index: int, row: dict[str, Any], adapter: str, recipe: Any, choices_column: str | None = None) -> Job:
-    """The job of a valid row for its adapter's recipe.
-
-    Raises:
-        ValueError: with the reason the row cannot be predicted.
-    """
-    from ia3cli.data.encoding import prompt_text
-
-    d, task = recipe.data, recipe.model.task
-    clash = [c for c in OUTPUT_FIELDS if c in row]
-    if clash:
-        raise ValueError(f"already has a '{clash[0]}' column (an ia3 predict output?); rename or drop it")
-    if task != "seq-cls" and d.messages_column and d.messages_column in row:
-        messages = row[d.messages_column]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise ValueError(f"column '{d.messages_column}' must be a list of {{role, content}}")
-        return Job(index, row, adapter, "generate", messages=messages)
-    try:
-        text = prompt_text(row, d)
-    except KeyError as exc:
-        used = "data.prompt_template" if d.prompt_template else "data.text_column"
-        raise ValueError(f"missing column {exc} (used by {used} of adapter '{adapter}')") from None
-    except (IndexError, ValueError) as exc:
-        raise ValueError(f"cannot fill data.prompt_template of adapter '{adapter}': {exc}") from None
-    if row.get(d.text_column) is None and not d.prompt_template:
-        raise ValueError(f"column '{d.text_column}' is empty")
-    if row.get(d.text_column) is not None and not isinstance(row[d.text_column], str):
-        raise ValueError(f"column '{d.text_column}' must be a string, got {type(row[d.text_column]).__name__}")
-    if task == "seq-cls":
-        pair = None
-        if d.text_pair_column:
-            if row.get(d.text_pair_column) is None:
-                raise ValueError(f"missing column '{d.text_pair_column}' (data.text_pair_column of '{adapter}')")
-            if not isinstance(row[d.text_pair_column], str):
-                raise ValueError(f"column '{d.text_pair_column}' must be a string")
-            pair = row[d.text_pair_column]
-        return Job(index, row, adapter, "classify", text=text, pair=pair)
-    column = choices_column or d.choices_column or "choices"
-    if row.get(column) is not None:
-        choices = _choices(row[column])
-        if choices is None:
-            raise ValueError(f"column '{column}' must be a list of at least two non-empty strings")
-        return Job(index, row, adapter, "choose", text=text, choices=choices)
-    if d.choices_column:
-        raise ValueError(f"missing column '{column}' (the choices of adapter '{adapter}', data.choices_column)")
-    if recipe.has_choices:
-        return Job(index, row, adapter, "choose", text=text, choices=list(d.label_names))
-    return Job(index, row, adapter, "generate", text=text)
 
 
 # --- output --------------------------------------------------------------------------------------------------------
@@ -315,8 +182,6 @@ def predict(
     Raises:
         Ia3Error: bad arguments, adapters or output; DataError for bad rows with ``on_error="fail"``.
     """
-    from ia3cli.config.load import load_recipe
-
     input_path = Path(input_path)
     if on_error not in ON_ERROR:
         raise Ia3Error(f"--on-error: '{on_error}' is not a policy", "use fail or skip")
@@ -328,43 +193,9 @@ def predict(
     named = resolve_adapters(source, adapters)
     output = Path(output) if output is not None else default_output(input_path)
     check_output(output, input_path)
-    recipes = {}
-    for name, run_dir in named.items():
-        if not run_dir.is_dir():
-            raise Ia3Error(f"adapter '{name}': run directory not found: {run_dir}")
-        if not (run_dir / "recipe.yaml").is_file():
-            raise Ia3Error(f"adapter '{name}': {run_dir} has no recipe.yaml (not a finished run dir)")
-        recipes[name] = load_recipe(run_dir / "recipe.yaml")
-
-    jobs, errors = [], []
-    for where, row, problem in read_rows(input_path):
-        if row is not None:
-            name = row.get(adapter_column)
-            try:
-                if name in (None, ""):
-                    if len(named) > 1:
-                        raise ValueError(f"no '{adapter_column}' column and {len(named)} adapters are loaded")
-                    name = next(iter(named))
-                if not isinstance(name, str) or name not in named:
-                    raise ValueError(f"unknown adapter {name!r} (loaded: {', '.join(named)})")
-                jobs.append(make_job(len(jobs), row, name, recipes[name], choices_column))
-            except ValueError as exc:
-                problem = str(exc)
-        if problem is not None:
-            errors.append({"where": where, "error": problem})
-    if errors and on_error == "fail":
-        shown = "\n  ".join(f"{e['where']}: {e['error']}" for e in errors[:SHOWN_ERRORS])
-        more = f"\n  ... and {len(errors) - SHOWN_ERRORS} more" if len(errors) > SHOWN_ERRORS else ""
-        raise DataError(
-            str(input_path),
-            None,
-            f"{len(errors)} bad row(s), nothing was predicted:\n  {shown}{more}",
-            "fix the rows, or pass --on-error skip to predict the others",
-        )
-    for e in errors[:SHOWN_ERRORS]:
-        printer(f"skipped {input_path}, {e['where']}: {e['error']}")
-    if len(errors) > SHOWN_ERRORS:
-        printer(f"skipped {len(errors) - SHOWN_ERRORS} more bad rows (all listed in {sidecar(output)})")
+    recipes = _recipes(named)
+    jobs, errors = jobs_from_rows(read_rows(input_path), named, recipes, adapter_column, choices_column)
+    _report_bad_rows(errors, on_error, input_path, output, printer)
 
     from ia3cli.inference import jobs as inference
 
@@ -384,18 +215,94 @@ def predict(
             seed=seed,
             printer=printer,
         )
-    meta = {
+    generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    meta = sidecar_meta(input_path, {n: named[n] for n in used}, base, task, len(jobs), errors, generation)
+    _write(output, input_path, jobs, meta)
+    return PredictResult(output, len(jobs) + len(errors), len(jobs), errors, used)
+
+
+def sidecar_meta(
+    input_path: Path,
+    adapters: dict[str, Path],
+    base: str,
+    task: str,
+    predicted: int,
+    errors: list[dict[str, Any]],
+    generation: dict[str, Any],
+) -> dict[str, Any]:
+    """What the sidecar ``OUTPUT.predict.json`` records (and what marks OUTPUT as an ``ia3 predict`` output)."""
+    return {
         "written_by": "ia3 predict",
         "ia3cli": __version__,
         "input": str(input_path),
-        "adapters": {n: str(named[n]) for n in used},
+        "adapters": {n: str(p) for n, p in adapters.items()},
         "base_model": base,
         "task": task,
-        "rows": len(jobs) + len(errors),
-        "predicted": len(jobs),
+        "rows": predicted + len(errors),
+        "predicted": predicted,
         "skipped": len(errors),
         "errors": errors,
-        "generation": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
+        "generation": generation,
     }
-    _write(output, input_path, jobs, meta)
-    return PredictResult(output, len(jobs) + len(errors), len(jobs), errors, used)
+
+
+def _recipes(named: dict[str, Path]) -> dict[str, Any]:
+    """Each adapter's recipe, from its run dir (checked to be a finished run)."""
+    from ia3cli.config.load import load_recipe
+
+    recipes = {}
+    for name, run_dir in named.items():
+        if not run_dir.is_dir():
+            raise Ia3Error(f"adapter '{name}': run directory not found: {run_dir}")
+        if not (run_dir / "recipe.yaml").is_file():
+            raise Ia3Error(f"adapter '{name}': {run_dir} has no recipe.yaml (not a finished run dir)")
+        recipes[name] = load_recipe(run_dir / "recipe.yaml")
+    return recipes
+
+
+def jobs_from_rows(
+    rows: Iterable[tuple[str, dict[str, Any] | None, str | None]],
+    named: dict[str, Path],
+    recipes: dict[str, Any],
+    adapter_column: str,
+    choices_column: str | None,
+    start: int = 0,
+) -> tuple[list[Job], list[dict[str, Any]]]:
+    """The jobs of the valid rows (numbered from ``start``) and ``{"where", "error"}`` for each bad one."""
+    jobs: list[Job] = []
+    errors: list[dict[str, Any]] = []
+    for where, row, problem in rows:
+        if row is not None:
+            name = row.get(adapter_column)
+            try:
+                if name in (None, ""):
+                    if len(named) > 1:
+                        raise ValueError(f"no '{adapter_column}' column and {len(named)} adapters are loaded")
+                    name = next(iter(named))
+                if not isinstance(name, str) or name not in named:
+                    raise ValueError(f"unknown adapter {name!r} (loaded: {', '.join(named)})")
+                jobs.append(make_job(start + len(jobs), row, name, recipes[name], choices_column))
+            except ValueError as exc:
+                problem = str(exc)
+        if problem is not None:
+            errors.append({"where": where, "error": problem})
+    return jobs, errors
+
+
+def _report_bad_rows(
+    errors: list[dict[str, Any]], on_error: str, input_path: Path, output: Path, printer: Callable[[str], None]
+) -> None:
+    """``fail``: raise with the first bad rows (nothing is written); ``skip``: print them."""
+    if errors and on_error == "fail":
+        shown = "\n  ".join(f"{e['where']}: {e['error']}" for e in errors[:SHOWN_ERRORS])
+        more = f"\n  ... and {len(errors) - SHOWN_ERRORS} more" if len(errors) > SHOWN_ERRORS else ""
+        raise DataError(
+            str(input_path),
+            None,
+            f"{len(errors)} bad row(s), nothing was predicted:\n  {shown}{more}",
+            "fix the rows, or pass --on-error skip to predict the others",
+        )
+    for e in errors[:SHOWN_ERRORS]:
+        printer(f"skipped {input_path}, {e['where']}: {e['error']}")
+    if len(errors) > SHOWN_ERRORS:
+        printer(f"skipped {len(errors) - SHOWN_ERRORS} more bad rows (all listed in {sidecar(output)})")

@@ -34,6 +34,11 @@ def pad_batch(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, to
     return batch
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id padding uses: the tokenizer's pad token, else 0 (positions that are padding are masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 

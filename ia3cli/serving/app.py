@@ -39,12 +39,11 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ia3cli.errors import Ia3Error
@@ -52,51 +51,11 @@ from ia3cli.serving.adapter_pool import AdapterNotFound, AdapterPool, is_run_dir
 from ia3cli.serving.batcher import Batcher, ClassifyItem
 from ia3cli.serving.completions import ApiError, error_body, from_ia3, respond
 from ia3cli.serving.prometheus import Metrics
+from ia3cli.serving.requests import AdapterRequest, ChatRequest, ClassifyRequest, CompletionRequest
 from ia3cli.serving.settings import DEFAULTS
 
 if TYPE_CHECKING:
     from ia3cli.tuners.mixed import MixedIA3
-
-
-MAX_INPUTS = 256  # prompts or inputs in one request (each is a row of a batch)
-
-# --- request bodies ------------------------------------------------------------------------------------------------
-
-
-class _Sampling(BaseModel):
-    model: str
-    max_tokens: int = Field(16, ge=1, description="Tokens to generate at most.")
-    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: Literal[1] = 1
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    ignore_eos: bool = Field(False, description="Generate max_tokens whatever comes (vLLM's extension).")
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class ClassifyRequest(BaseModel):
-    model: str
-    input: str | Annotated[list[str | dict[str, Any]], Field(min_length=1, max_length=MAX_INPUTS)]
-
-
-class AdapterRequest(BaseModel):
-    name: str
-    path: str
 
 
 # --- the app -------------------------------------------------------------------------------------------------------
@@ -203,8 +162,27 @@ def build_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="ia3 serve", lifespan=lifespan)
     app.state.server = server
-
     app.add_middleware(_Measure, metrics=server.metrics)
+    _error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "base": server.mixed.base_name, "adapters_loaded": len(server.pool.lru)}
+
+    async def authorised(request: Request) -> None:
+        if server.api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), server.api_key.encode()):
+            raise ApiError(401, "incorrect API key (send Authorization: Bearer KEY)", "invalid_api_key")
+
+    app.include_router(_admin_routes(server), dependencies=[Depends(authorised)])
+    app.include_router(_model_routes(server), dependencies=[Depends(authorised)])
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error as an OpenAI-shaped body: ours, the request validation's (422) and Starlette's (404, 405)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -221,18 +199,10 @@ def build_app(server: Server) -> FastAPI:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
 
-    async def authorised(request: Request) -> None:
-        if server.api_key is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), server.api_key.encode()):
-            raise ApiError(401, "incorrect API key (send Authorization: Bearer KEY)", "invalid_api_key")
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "base": server.mixed.base_name, "adapters_loaded": len(server.pool.lru)}
-
-    api = APIRouter(dependencies=[Depends(authorised)])
+def _admin_routes(server: Server) -> APIRouter:
+    """``/metrics``, ``/v1/models`` and registering or removing adapters at run time."""
+    api = APIRouter()
 
     @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:
@@ -261,6 +231,13 @@ def build_app(server: Server) -> FastAPI:
         except Ia3Error as exc:
             raise from_ia3(exc) from None
         return {"name": name, "deleted": True}
+
+    return api
+
+
+def _model_routes(server: Server) -> APIRouter:
+    """The OpenAI-compatible model endpoints: ``/v1/classify``, ``/v1/completions``, ``/v1/chat/completions``."""
+    api = APIRouter()
 
     @api.post("/v1/classify")
     async def classify(body: ClassifyRequest) -> dict[str, Any]:
@@ -303,8 +280,7 @@ def build_app(server: Server) -> FastAPI:
         ids = [server.encode(text, body.max_tokens, special=False)]
         return await respond(server.mixed, server.batcher, request, body, adapter, ids, chat=True)
 
-    app.include_router(api)
-    return app
+    return api
 
 
 # --- the command ---------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ia3cli.scoring.loglik import pad_id
 from ia3cli.serving.adapter_pool import AdapterPool, BadInput
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ def generate(mixed: MixedIA3, rows: list[Row], metrics: Metrics) -> None:
     model, tok = mixed.model, mixed.tokenizer
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = {tok.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     width = max(len(r.prompt_ids) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -182,7 +183,7 @@ def classify(mixed: MixedIA3, items: list[ClassifyItem], recipes: dict[str | Non
     from ia3cli.scoring.loglik import pad_batch, sequence_logprobs
 
     tok = mixed.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     feats: list[dict[str, Any]] = []
     names: list[str | None] = []
     for item in items:

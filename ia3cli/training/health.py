@@ -94,7 +94,6 @@ _OUTCOME_FIX = (
     "--methods {methods} --rows 32` shows what the untouched base and other methods reach on these rows: if none "
     "beats the majority class, choose a larger model.name"
 )
-_COMPARE_METHODS = {"seq-cls": "ia3,head,full", "seq2seq": "zero-shot,ia3,lora", "causal-lm": "zero-shot,icl,ia3,lora"}
 
 FINDINGS: dict[str, Rule] = {
     rule.code: rule
@@ -205,88 +204,6 @@ def nonfinite(step: int, groups: list[str], last_good: str | None) -> dict[str, 
     what = rule.what.format(step=step, where=where, good=last_good or "none saved yet")
     text = f"{what}. likely cause: {rule.cause[0]}. fix: {rule.fix[0]}"
     return {"code": rule.code, "step": step, "group": None, "message": text}
-
-
-_HIDDEN_EVAL = ("_runtime", "_per_second")
-
-
-def baseline_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
-    """The step-0 evaluation of a run (the untouched model): ``{"accuracy": ..., "loss": ...}``, ``{}`` if none.
-
-    Args:
-        history: The Trainer's ``state.log_history`` (kept in checkpoints, so a resumed run still has it).
-    """
-    for record in history:
-        if record.get("step") == 0 and any(k.startswith("eval_") for k in record):
-            return {
-                k.removeprefix("eval_"): float(v)
-                for k, v in record.items()
-                if k.startswith("eval_") and isinstance(v, (int, float)) and not k.endswith(_HIDDEN_EVAL)
-            }
-    return {}
-
-
-def outcome(
-    history: list[dict[str, Any]],
-    rows: int,
-    majority: float | None,
-    *,
-    steps: int,
-    learning_rate: float,
-    task: str,
-) -> list[dict[str, Any]]:
-    """The outcome findings of a finished run: ``no_gain_over_base`` and ``below_majority_class``.
-
-    The best accuracy is the highest ``eval_accuracy`` logged after step 0 (every evaluation during training and
-    the final one). Without a step-0 evaluation (``training.eval_on_start: false``) only the majority rule applies;
-    without an accuracy (tasks that are not classification or choice) neither does.
-
-    Args:
-        history: The Trainer's ``state.log_history``, final evaluation included.
-        rows: Evaluation rows (the ``n`` of the standard error).
-        majority: The majority-class rate of those rows (:func:`ia3cli.scoring.chance.majority_rate`).
-        steps: Optimiser steps run; learning_rate: the recipe's; task: the recipe's (named in the hint).
-
-    Returns:
-        Findings as in ``health.json``: ``{"code", "step", "group": None, "message"}``.
-    """
-    from ia3cli.scoring.chance import gain_noise
-    from ia3cli.training.budget import MIN_STEPS
-
-    trained = [r["eval_accuracy"] for r in history if r.get("step", 0) > 0 and _finite(r.get("eval_accuracy"))]
-    if not trained or rows <= 0:
-        return []
-    best, base = max(trained), baseline_metrics(history).get("accuracy")
-    facts = {"best": best, "base": base, "majority": majority, "rows": rows, "steps": steps, "lr": learning_rate}
-    facts.update(more=max(4 * steps, 4 * MIN_STEPS), methods=_COMPARE_METHODS.get(task, "ia3"))
-    margins = {}
-    if base is not None:
-        facts.update(gain=best - base, noise=gain_noise(base, best, rows))
-        margins["no_gain_over_base"] = facts["gain"] - facts["noise"]
-    if majority is not None and best < 1.0:  # a perfect accuracy has nothing left to beat (one-class rows)
-        margins["below_majority_class"] = best - majority
-    findings = []
-    for code, margin in margins.items():
-        rule = FINDINGS[code]
-        if rule.condition(margin, None):
-            text = f"{rule.what.format(**facts)}. likely cause: {rule.cause[0].format(**facts)}. fix: "
-            findings.append({"code": code, "step": steps, "group": None, "message": text + rule.fix[0].format(**facts)})
-    return findings
-
-
-def gain_line(metrics: dict[str, Any], metric: str) -> str:
-    """``baseline: accuracy 0.5000 at step 0 -> 0.8500 (+0.3500) | majority class 0.5000`` ("" without a baseline)."""
-    base, final, majority = (metrics.get(k) for k in (f"baseline_{metric}", f"eval_{metric}", "majority_accuracy"))
-    parts = []
-    if _finite(base) and _finite(final):
-        parts.append(f"baseline: {metric} {base:.4f} at step 0 -> {final:.4f} ({final - base:+.4f})")
-    if _finite(majority):
-        parts.append(f"majority class {majority:.4f}")
-    return " | ".join(parts)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class Checks:

@@ -18,7 +18,7 @@ class Preflight:
     """What the checks resolved: the IA3 target plan, the data report and warnings for the user."""
 
     plan: object  # ia3cli.models.targets.TargetPlan
-    data: object  # ia3cli.data.encoding.DataReport
+    data: object  # ia3cli.data.checks.DataReport
     warnings: list[str] = field(default_factory=list)
 
 
@@ -76,11 +76,11 @@ def run(recipe: Recipe) -> Preflight:
     Raises:
         RecipeError, DataError: naming the key, file or row at fault.
     """
-    from ia3cli.data import encoding as data
+    from ia3cli.data import checks
     from ia3cli.models import targets
 
     plan = targets.resolve(recipe.model, recipe.adapter, recipe.model.task, recipe.num_labels)
     check_init_from(recipe, plan)
-    report = data.check(recipe)
+    report = checks.check(recipe)
     warnings = [w for w in [budget_warning(recipe.training, len(report.train))] if w]
     return Preflight(plan=plan, data=report, warnings=warnings)
