@@ -298,6 +298,7 @@ def test_recipe_keys_reach_the_cell(tiny_model, tmp_path: Path) -> None:
     assert (cell.adapter.method, cell.adapter.lora_r, cell.adapter.lora_targets) == ("lora", 2, "all-linear")
     assert (cell.training.max_steps, cell.training.learning_rate, cell.training.seed) == (9, 1e-3, 1)
     assert cell.training.eval_strategy == "no" and not cell.training.load_best_model_at_end
+    assert not cell.training.eval_on_start  # the untouched base is the zero-shot cell, not a step in every cell
     all_linear = compare_cells.cell_recipe(
         recipe, "ia3-all", 8, 0, folder=tmp_path, run_dir=tmp_path, lr=1, steps=1, lora={}
     )
