@@ -17,8 +17,9 @@ share of entries still exactly 1.0, prints one line, and checks for problems. Va
 Findings and their causes and fixes are the pure rules of :mod:`ia3cli.training.health` (its ``FINDINGS`` table); on a
 non-finite loss or IA3 gradient training stops at once, the broken gradients are dropped before the optimiser step,
 and no checkpoint is saved from that state, so the last checkpoint stays good. ``monitor.on_problem: stop`` also
-stops training on the other findings. ``health.json`` records the outcome; the monitor is its only writer (at
-``on_train_end``).
+stops training on the other findings. ``health.json`` records the outcome; the monitor writes it (at
+``on_train_end``), and :func:`ia3cli.training.outcome.record` rewrites it once the final evaluation has added the
+outcome findings (``no_gain_over_base``, ``below_majority_class``) to :attr:`GradNormMonitor.findings`.
 
 Groups come from the target plan (``TargetPlan.groups``: module name -> group, from the family table or shape
 analysis); without a plan, from the family table by ``config.model_type`` and PEFT's ``is_feedforward`` flag.
@@ -259,8 +260,8 @@ class GradNormMonitor(TrainerCallback):
     ) -> None:
         """Remove the hooks, take the final measurements and write ``health.json`` (on the main process only).
 
-        This is the one place ``health.json`` is written. It names the last good checkpoint only if it still exists
-        (``save_total_limit`` may have deleted it at the end of training).
+        It names the last good checkpoint only if it still exists (``save_total_limit`` may have deleted it at the
+        end of training); the outcome findings are added after the final evaluation (see the module docstring).
         """
         self._steps = state.global_step
         self._remove_hooks()
