@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,14 +56,19 @@ def tolerance(dtype: str, logits: torch.Tensor) -> float:
     return CAST_RTOL[dtype] * max(1.0, float(logits.abs().max()))
 
 
-def _check_paths(run_dir: Path, out: Path, force: bool) -> None:
+def check_run_dir(run_dir: Path, command: str = "merge") -> None:
+    """Refuse a path that is not a finished run dir, or a ``full``/``head`` run (a full model already).
+
+    Raises:
+        Ia3Error: naming what is missing; ``command`` (merge, export) is named in the message.
+    """
     hint = "pass the output_dir of a finished `ia3 train` (it holds adapter_config.json and recipe.yaml)"
     if not run_dir.is_dir():
         raise Ia3Error(f"{run_dir}: run directory not found", hint)
     method = _run_method(run_dir)
     if method in ("full", "head"):
         raise Ia3Error(
-            f"{run_dir}: trained with adapter.method '{method}', so it is already a full model: nothing to merge",
+            f"{run_dir}: trained with adapter.method '{method}', so it is already a full model: nothing to {command}",
             f"load it as it is: ia3 eval {run_dir}, or AutoModelFor*.from_pretrained('{run_dir}')",
         )
     for name in ("adapter_config.json", "recipe.yaml"):
@@ -70,6 +76,10 @@ def _check_paths(run_dir: Path, out: Path, force: bool) -> None:
             raise Ia3Error(f"{run_dir}: no {name} (not a finished run dir)", hint)
     if not any((run_dir / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
         raise Ia3Error(f"{run_dir}: no adapter_model.safetensors (not a finished run dir)", hint)
+
+
+def _check_paths(run_dir: Path, out: Path, force: bool) -> None:
+    check_run_dir(run_dir)
     if out.exists() and not out.is_dir():
         raise Ia3Error(f"{out}: exists and is a file", "choose another OUT")
     run_abs, out_abs = run_dir.resolve(), out.resolve()
@@ -133,7 +143,8 @@ def probe_batch(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[dict[s
     return batch, "random tokens", warning
 
 
-def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 logits of ``model`` on ``batch``, on the CPU."""
     import torch
 
     device = next(model.parameters()).device
@@ -166,6 +177,57 @@ differ from the adapter's by at most {report["max_abs_diff"]:.2e} (tolerance {re
 """
 
 
+@dataclass
+class Folded:
+    """A run's adapter folded into its float32 base, and what proved it (see :func:`fold`)."""
+
+    merged: Any  #: the merged transformers model (float32, no PEFT)
+    tokenizer: Any
+    batch: dict[str, torch.Tensor]  #: the probe batch
+    source: str  #: where the probe rows came from
+    probe_warning: str | None
+    reference: torch.Tensor  #: the adapter model's logits on the batch
+    diff32: float  #: max |delta logits| merged vs adapter
+    tol32: float
+    vectors: dict[str, bool]  #: each ``...ia3_l...`` parameter name -> whether it is a feed-forward vector
+
+
+def fold(run_dir: Path, recipe: Recipe, stage: Callable[[str, str], None]) -> Folded:
+    """Load the run's base in float32, unquantised (even for a 4/8-bit run), with its adapter; fold the adapter in
+    with ``merge_and_unload`` and check the merged model against the adapter's logits on the probe batch.
+
+    Raises:
+        RunError: when the merged model does not reproduce the adapter's logits.
+    """
+    from ia3cli.tuners import ia3
+
+    full = recipe.model_copy(
+        update={"model": recipe.model.model_copy(update={"quantization": "none", "dtype": "float32"})}
+    )
+    model, tokenizer = ia3.load_run_model(run_dir, full)
+    model.eval()
+    trained = "" if recipe.model.quantization == "none" else f", trained in {recipe.model.quantization}"
+    stage("load", f"{recipe.model.name} in float32 (unquantised{trained}) + the IA3 adapter of {run_dir}")
+    # PEFT keeps a feed-forward vector as (1, in_features), any other as (out_features, 1)
+    vectors = {name: p.shape[0] == 1 for name, p in model.named_parameters() if ".ia3_l." in name}
+    batch, source, probe_warning = probe_batch(recipe, tokenizer, model.get_input_embeddings().num_embeddings)
+    reference = logits(model, batch)
+
+    merged = model.merge_and_unload()
+    del model
+    stage("merge", f"{len(vectors)} IA3 vectors folded into the base weights")
+    diff32 = float((logits(merged, batch) - reference).abs().max())
+    tol32 = tolerance("float32", reference)
+    if not diff32 <= tol32:
+        raise RunError(
+            f"merge check failed: the merged model's logits differ from the adapter's by {diff32:.3e} "
+            f"(tolerance {tol32:.1e}) on {len(reference)} probe rows; nothing was written",
+            "run again with --debug and report it; the run dir is untouched",
+        )
+    stage("check", f"float32 max |delta logits| {diff32:.1e} <= {tol32:.1e} on {len(reference)} rows of {source}")
+    return Folded(merged, tokenizer, batch, source, probe_warning, reference, diff32, tol32, vectors)
+
+
 def merge(
     run_dir: Path,
     out: Path,
@@ -195,7 +257,6 @@ def merge(
     import transformers
 
     from ia3cli.config.recipe import load_recipe
-    from ia3cli.tuners import ia3
 
     run_dir, out = Path(run_dir), Path(out)
     started = time.monotonic()
@@ -208,29 +269,10 @@ def merge(
         raise Ia3Error(f"--dtype: '{dtype}' is not supported", f"use one of {', '.join(CAST_RTOL)}")
     _check_paths(run_dir, out, force)
     recipe = load_recipe(run_dir / "recipe.yaml")
-    full = recipe.model_copy(
-        update={"model": recipe.model.model_copy(update={"quantization": "none", "dtype": "float32"})}
-    )
-    model, tokenizer = ia3.load_run_model(run_dir, full)
-    model.eval()
-    trained = "" if recipe.model.quantization == "none" else f", trained in {recipe.model.quantization}"
-    stage("load", f"{recipe.model.name} in float32 (unquantised{trained}) + the IA3 adapter of {run_dir}")
-    vectors = sum(1 for name, _ in model.named_parameters() if ".ia3_l." in name)
-    batch, source, probe_warning = probe_batch(recipe, tokenizer, model.get_input_embeddings().num_embeddings)
-    reference = _logits(model, batch)
-
-    merged = model.merge_and_unload()
-    del model
-    stage("merge", f"{vectors} IA3 vectors folded into the base weights")
-    diff32 = float((_logits(merged, batch) - reference).abs().max())
-    tol32 = tolerance("float32", reference)
-    if not diff32 <= tol32:
-        raise RunError(
-            f"merge check failed: the merged model's logits differ from the adapter's by {diff32:.3e} "
-            f"(tolerance {tol32:.1e}) on {len(reference)} probe rows; nothing was written to {out}",
-            "run again with --debug and report it; the run dir is untouched",
-        )
-    stage("check", f"float32 max |delta logits| {diff32:.1e} <= {tol32:.1e} on {len(reference)} rows of {source}")
+    folded = fold(run_dir, recipe, stage)
+    merged, tokenizer, batch, reference = folded.merged, folded.tokenizer, folded.batch, folded.reference
+    diff32, tol32, source, probe_warning = folded.diff32, folded.tol32, folded.source, folded.probe_warning
+    folded.merged = None  # the cast below must not keep a float32 copy alive
     if dtype != "float32":
         merged = merged.to(getattr(torch, dtype))
 
@@ -248,7 +290,7 @@ def merge(
             str(tmp), dtype=getattr(torch, dtype), trust_remote_code=recipe.model.trust_remote_code
         )
         reloaded.eval()
-        diff = float((_logits(reloaded, batch) - reference).abs().max())
+        diff = float((logits(reloaded, batch) - reference).abs().max())
         del reloaded
         tol = tolerance(dtype, reference)
         if not diff <= tol:
