@@ -144,6 +144,13 @@ def test_export_reproduces_the_merged_model(runs: dict, tmp_path: Path, kind: st
 
     # Independently of the export's probe: other sentences, the PEFT adapter model as reference.
     expected, batch = adapter_logits(run_dir)
+    if source == "hf":  # the vocabulary was written by the export: it must tokenize as the run's tokenizer does
+        from_file = tf.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="model.gguf")
+        text = "Review: a warm, clever comedy!\nSentiment: positive<|im_end|>"
+        assert from_file(text)["input_ids"] == tf.AutoTokenizer.from_pretrained(str(run_dir))(text)["input_ids"]
+        assert "<|im_start|>assistant" in from_file.apply_chat_template(
+            [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+        )
     got = gguf_logits(out, batch)
     real = batch["attention_mask"].bool()
     scale = max(1.0, float(expected.abs().max()))
