@@ -98,12 +98,16 @@ def runs(bases: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[st
     return made
 
 
-def adapter_logits(run_dir: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The float32 PEFT adapter model's logits on three sentences (not the export's probe rows)."""
+def adapter_logits(run_dir: Path, full_precision: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PEFT adapter model's logits on three sentences (not the export's probe rows); ``full_precision``: on the
+    float32 base even for a 4-bit run."""
     from ia3cli.config.recipe import load_recipe
     from ia3cli.tuners.ia3 import load_run_model
 
-    model, tokenizer = load_run_model(run_dir, load_recipe(run_dir / "recipe.yaml"))
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    if full_precision:
+        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": "none"})})
+    model, tokenizer = load_run_model(run_dir, recipe)
     texts = ["Review: a warm, clever comedy.\nSentiment:", "Review: sadly full of ads.\nSentiment:", "Pretty good"]
     batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
     with torch.no_grad():
@@ -158,6 +162,15 @@ def test_export_reproduces_the_merged_model(runs: dict, tmp_path: Path, kind: st
     agree = float((got.argmax(-1) == expected.argmax(-1))[real].float().mean())
     # random tiny models have near-tied logits, so rounding may flip a few arg-max tokens
     assert agree == 1.0 if type_name == "f32" else agree >= {"f16": 0.95, "bf16": 0.9, "q8_0": 0.9}.get(type_name, 0.5)
+
+
+def test_a_run_trained_in_4bit_exports_from_the_full_precision_base(bases: dict, tmp_path: Path) -> None:
+    hf_dir = Path(bases[("llama", "hf")]["name"])
+    run_dir = make_run(tmp_path, hf_dir, "causal-lm", quantization="4bit")
+    report = export(run_dir, tmp_path / "m.gguf", type_name="f16")
+    assert report["trained_quantization"] == "4bit" and report["max_abs_diff"] <= report["tolerance"]
+    expected, batch = adapter_logits(run_dir, full_precision=True)
+    assert float((gguf_logits(tmp_path / "m.gguf", batch) - expected).abs().max()) <= RTOL["f16"]
 
 
 def test_gguf_source_keeps_every_other_tensor_and_the_metadata(bases: dict, runs: dict, tmp_path: Path) -> None:
