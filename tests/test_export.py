@@ -233,7 +233,7 @@ def test_cli_export_replaces_only_its_own_output(runs: dict, tmp_path: Path) -> 
     assert "exported to" in first.output and "ollama create NAME -f" in first.output
     modelfile = (tmp_path / "qs.Modelfile").read_text()
     assert "{{ .Prompt }}" in modelfile and "{{ if .System }}" in modelfile
-    assert 'PARAMETER stop """<|im_end|>"""' in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
 
     again = runner.invoke(app, ["export", str(run_dir), str(out)])
     assert again.exit_code == 2 and "--force" in again.output
@@ -276,3 +276,30 @@ def test_bad_arguments_exit_2(runs: dict, tmp_path: Path) -> None:
     missing = runner.invoke(app, ["export", str(tmp_path / "nope"), str(tmp_path / "x.gguf")])
     assert missing.exit_code == 2 and "run directory not found" in missing.output
     assert list(tmp_path.iterdir()) == []
+
+
+SMOL_TEMPLATE = (  # SmolLM2's shape: a default system prompt when the conversation has none
+    "{% for m in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_modelfile_turns_the_chat_template_into_an_ollama_template() -> None:
+    from ia3cli.inference.ollama import modelfile
+
+    tok = bpe_tokenizer()
+    optional_system = modelfile("m.gguf", tok)
+    assert optional_system == (
+        "FROM ./m.gguf\n"
+        'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+        '<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n"""\n'
+        'PARAMETER stop "<|im_end|>"\n'
+    )
+    tok.chat_template = SMOL_TEMPLATE
+    default_system = modelfile("m.gguf", tok)
+    assert 'TEMPLATE """<|im_start|>system\n{{ .System }}<|im_end|>\n<|im_start|>user\n{{ .Prompt }}' in default_system
+    assert 'SYSTEM """You are a helpful assistant."""' in default_system
+    tok.chat_template = None
+    assert modelfile("m.gguf", tok) == 'FROM ./m.gguf\nPARAMETER stop "<|im_end|>"\n'

@@ -15,6 +15,7 @@ only; Ollama then reads the template from the GGUF metadata.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 SYSTEM, PROMPT = "\x00SYSTEM\x00", "\x00PROMPT\x00"
@@ -70,5 +71,5 @@ def modelfile(gguf_name: str, tokenizer: Any) -> str:
         lines.append(f"TEMPLATE {_quote(template)}")
     if system:
         lines.append(f"SYSTEM {_quote(system)}")
-    lines += [f"PARAMETER stop {_quote(stop)}" for stop in stop_tokens(tokenizer, template)]
+    lines += ["PARAMETER stop " + json.dumps(stop) for stop in stop_tokens(tokenizer, template)]
     return "\n".join(lines) + "\n"
