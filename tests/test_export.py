@@ -199,7 +199,7 @@ WRONG_FOLDS = [
 @pytest.mark.parametrize(("source", "mistake"), WRONG_FOLDS)
 def test_a_wrong_fold_fails_the_proof(runs: dict, tmp_path: Path, monkeypatch, source: str, mistake: str) -> None:
     if mistake == "vectors":  # copy the source's tensors untouched, as if the vectors were not there
-        monkeypatch.setattr(exporting, "adapted_parameters", lambda vectors, tensors: [])
+        monkeypatch.setattr(exporting, "adapted_parameters", lambda vectors, tensors: {})
     else:  # keep the Hugging Face row order for Q and K
         monkeypatch.setattr(gguf_write, "to_file_order", lambda name, array, arch, config: array)
     out = tmp_path / "wrong.gguf"
