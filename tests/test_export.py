@@ -303,3 +303,12 @@ def test_modelfile_turns_the_chat_template_into_an_ollama_template() -> None:
     assert 'SYSTEM """You are a helpful assistant."""' in default_system
     tok.chat_template = None
     assert modelfile("m.gguf", tok) == 'FROM ./m.gguf\nPARAMETER stop "<|im_end|>"\n'
+
+
+def test_default_type_keeps_the_source_type_unless_4bit_columns_were_scaled() -> None:
+    from ia3cli.inference.export import default_type
+
+    assert default_type("Q4_1", columns_scaled=False) == "q4_1"  # rows: each block stays on its grid
+    assert default_type("Q4_1", columns_scaled=True) == "q8_0"
+    assert default_type("F16", columns_scaled=True) == "f16"
+    assert default_type("Q6_K", columns_scaled=False) == "q8_0"  # the gguf package cannot quantise K-quants
