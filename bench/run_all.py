@@ -5,6 +5,7 @@
                                               # written to bench/_work/results-quick
     python bench/run_all.py floor startup     # a subset, by script name
     python bench/run_all.py fewshot_causal    # the few-shot recipe on three tasks (hours; only when named)
+    python bench/run_all.py export            # ia3 export of the causal quick start (trains it first; only when named)
     python bench/run_all.py --table           # only rewrite results/README.md from the result files
 
 Each benchmark is its own script (one subprocess each, so memory and imports do not carry over) and writes
@@ -26,7 +27,7 @@ RESULTS = BENCH / "results"  # --quick: bench/_work/results-quick (smoke numbers
 # Cheapest first; the heavy training benchmarks last.
 BENCHMARKS = ["startup", "adapter_size", "floor", "memory", "monitor_cost", "mixed", "throughput", "fewshot", "serve"]
 # Run only when named (hours on 2 cores); their results still go into the table.
-LONG = ["fewshot_causal"]
+LONG = ["fewshot_causal", "export"]
 
 
 def table(results: Path) -> str:
