@@ -11,7 +11,16 @@ from typing import Annotated
 
 import typer
 
-from ia3cli.cli.common import DebugOpt, RecipeArg, SetOpt, errors, quiet_libraries
+from ia3cli.cli.common import (
+    DebugOpt,
+    RayAddressOpt,
+    RayOpt,
+    RecipeArg,
+    SetOpt,
+    errors,
+    quiet_libraries,
+    require_ray,
+)
 
 PREDICT_EXAMPLES = (
     "ia3 predict runs/quickstart --input rows.jsonl --output preds.jsonl",
@@ -166,6 +175,8 @@ SERVE_EXAMPLES = (
     "ia3 serve runs/quickstart --port 8080",
     "ia3 serve adapters/ --max-adapters 1000 --max-batch-size 64 --api-key $KEY",
     'curl localhost:8000/v1/completions -d \'{"model": "my-run", "prompt": "Hi", "max_tokens": 8}\'',
+    "ia3 serve adapters/ --ray --replicas 2     # a local Ray cluster; each adapter goes to the replica holding it",
+    "ia3 serve /shared/adapters --ray --ray-address auto --min-replicas 1 --max-replicas 8 --host 0.0.0.0",
 )
 
 
@@ -185,20 +196,44 @@ def serve(
         str | None,
         typer.Option("--api-key", envvar="IA3_API_KEY", help="Require Authorization: Bearer KEY (env IA3_API_KEY)."),
     ] = None,
+    ray: RayOpt = False,
+    replicas: Annotated[int | None, typer.Option("--replicas", help="With --ray: model replicas (default 1).")] = None,
+    min_replicas: Annotated[
+        int | None, typer.Option("--min-replicas", help="With --ray: autoscale on queue length, from this many...")
+    ] = None,
+    max_replicas: Annotated[int | None, typer.Option("--max-replicas", help="... up to this many replicas.")] = None,
+    replica_cpus: Annotated[float, typer.Option("--replica-cpus", help="With --ray: CPUs each replica takes.")] = 1.0,
+    ray_address: RayAddressOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Serve a base model and its IA3 adapters over an OpenAI-compatible HTTP API, batching across adapters."""
     with errors(debug):
-        quiet_libraries(debug)
-        from ia3cli.serving import app as serving
+        from ia3cli.errors import Ia3Error
 
-        serving.run(
+        ray_only = {"--replicas": replicas, "--min-replicas": min_replicas, "--max-replicas": max_replicas}
+        ray_only["--ray-address"] = ray_address
+        given = [flag for flag, value in ray_only.items() if value is not None]
+        if given and not ray:
+            raise Ia3Error(f"{', '.join(given)} need --ray", "add --ray, or leave them out to serve in this process")
+        if ray:
+            require_ray()
+        quiet_libraries(debug)
+        options = {"max_adapters": max_adapters, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms}
+        if not ray:
+            from ia3cli.serving import app as serving
+
+            serving.run(adapters, host=host, port=port, api_key=api_key, printer=typer.echo, **options)
+            return
+        from ia3cli.serving import ray_deploy
+
+        ray_deploy.run(
             adapters,
+            ray_address=ray_address,
+            printer=typer.echo,
+            server_options=options,
+            replica_scaling=ray_deploy.scaling(replicas, min_replicas, max_replicas, max_batch_size),
+            replica_cpus=replica_cpus,
             host=host,
             port=port,
-            max_adapters=max_adapters,
-            max_batch_size=max_batch_size,
-            max_wait_ms=max_wait_ms,
             api_key=api_key,
-            printer=typer.echo,
         )

@@ -28,6 +28,25 @@ VerboseOpt = Annotated[
 ]
 
 
+RayOpt = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (pip install 'ia3cli[ray]').")]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option("--ray-address", help="Ray cluster to join (auto, or ray://HEAD:10001); default: start a local one."),
+]
+
+
+def require_ray(flag: str = "--ray") -> None:
+    """Refuse a Ray option when Ray is not installed (exit 2, with the install command).
+
+    Raises:
+        Ia3Error: naming the option and the extra that installs Ray.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise Ia3Error(f"{flag} needs Ray, which is not installed", "pip install 'ia3cli[ray]'")
+
+
 def examples(*lines: str) -> str:
     # "\b" keeps click from re-wrapping the block
     return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)

@@ -39,6 +39,26 @@ def is_run_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() and (path / "recipe.yaml").is_file()
 
 
+def first_run(path: Path) -> Path:
+    """The run dir whose base ``ia3 serve PATH`` loads: PATH itself, or its first run dir by name.
+
+    Raises:
+        Ia3Error: when PATH is missing or holds no run dir.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise Ia3Error(f"{path}: adapter directory not found", "pass a run dir or a folder of run dirs")
+    if is_run_dir(path):
+        return path
+    runs = sorted(p for p in path.iterdir() if is_run_dir(p) and p.resolve().is_relative_to(path.resolve()))
+    if not runs:
+        raise Ia3Error(
+            f"{path}: no run dirs (folders with adapter_config.json and recipe.yaml)",
+            "train one with `ia3 train RECIPE` and put its output_dir there",
+        )
+    return runs[0]
+
+
 class AdapterPool:
     """Adapter names -> run dirs inside ``root``; at most ``max_adapters`` loaded, least recently used evicted.
 
@@ -169,6 +189,18 @@ class AdapterPool:
         if name in self.lru:
             self._drop(name)
         self.metrics.set("ia3_adapters_loaded", len(self.lru))
+
+    def unload(self, name: str) -> bool:
+        """Unload adapter ``name`` if it is loaded (an eviction decided outside the pool); whether it was.
+
+        A registration stays, and a run dir of that name hot-loads again on its next use.
+        """
+        if name not in self.lru:
+            return False
+        self._drop(name)
+        self.metrics.inc("ia3_adapter_evictions_total")
+        self.metrics.set("ia3_adapters_loaded", len(self.lru))
+        return True
 
     def _drop(self, name: str) -> None:
         self.mixed.remove(name)

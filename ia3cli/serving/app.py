@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -47,9 +46,9 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ia3cli.errors import Ia3Error
-from ia3cli.serving.adapter_pool import AdapterNotFound, AdapterPool, is_run_dir
+from ia3cli.serving.adapter_pool import AdapterNotFound, AdapterPool, first_run
 from ia3cli.serving.batcher import Batcher, ClassifyItem
-from ia3cli.serving.completions import ApiError, error_body, from_ia3, respond
+from ia3cli.serving.completions import ApiError, check_key, error_body, from_ia3, respond
 from ia3cli.serving.prometheus import Metrics
 
 if TYPE_CHECKING:
@@ -220,11 +219,7 @@ def build_app(server: Server) -> FastAPI:
         return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
 
     async def authorised(request: Request) -> None:
-        if server.api_key is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), server.api_key.encode()):
-            raise ApiError(401, "incorrect API key (send Authorization: Bearer KEY)", "invalid_api_key")
+        check_key(server.api_key, request.headers.get("authorization", ""))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -320,20 +315,15 @@ def load(path: Path, quantization: str | None = None) -> tuple[MixedIA3, Path, d
     from ia3cli.tuners.mixed import MixedIA3
 
     path = Path(path)
-    if not path.is_dir():
-        raise Ia3Error(f"{path}: adapter directory not found", "pass a run dir or a folder of run dirs")
-    if is_run_dir(path):
-        first = path
-    else:
-        runs = sorted(p for p in path.iterdir() if is_run_dir(p) and p.resolve().is_relative_to(path.resolve()))
-        if not runs:
-            raise Ia3Error(
-                f"{path}: no run dirs (folders with adapter_config.json and recipe.yaml)",
-                "train one with `ia3 train RECIPE` and put its output_dir there",
-            )
-        first = runs[0]
+    first = first_run(path)
     mixed = MixedIA3.from_run(first, quantization=quantization)
     return mixed, path, {first.name: first.resolve()}
+
+
+def check_options(max_adapters: int, max_batch_size: int, max_wait_ms: float) -> None:
+    """Raises: Ia3Error for bounds out of range."""
+    if max_adapters < 1 or max_batch_size < 1 or max_wait_ms < 0:
+        raise Ia3Error("--max-adapters and --max-batch-size must be >= 1, --max-wait-ms >= 0")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -372,8 +362,7 @@ def run(
     """
     import uvicorn
 
-    if max_adapters < 1 or max_batch_size < 1 or max_wait_ms < 0:
-        raise Ia3Error("--max-adapters and --max-batch-size must be >= 1, --max-wait-ms >= 0")
+    check_options(max_adapters, max_batch_size, max_wait_ms)
     mixed, root, loaded = load(path)
     server = Server(
         mixed,

@@ -260,6 +260,14 @@ class Batcher:
         """Run ``fn(*args)`` on the model thread (adapter loads and unloads), between batches."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
+    def on_model_thread(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(*args)`` on the model thread without waiting for it (from any thread).
+
+        Raises:
+            RuntimeError: when the batcher has stopped.
+        """
+        self._thread.submit(fn, *args)
+
     def submit_rows(self, rows: list[Row]) -> None:
         for row in rows:
             self._waiting.append(_Waiting("generate", row, 1))

@@ -63,6 +63,21 @@ class Metrics:
             h[-2] += value
             h[-1] += 1
 
+    def snapshot(self) -> tuple[dict, dict]:
+        """Every value and histogram now, as plain picklable dicts (for :meth:`absorb` in another process)."""
+        with self._lock:
+            return dict(self._values), {k: list(v) for k, v in self._hists.items()}
+
+    def absorb(self, snapshot: tuple[dict, dict], **labels: str) -> None:
+        """Add another process's :meth:`snapshot` under extra labels (one ``replica`` label per Ray replica)."""
+        extra = tuple(labels.items())
+        values, hists = snapshot
+        with self._lock:
+            for (name, own), value in values.items():
+                self._values[(name, tuple(sorted(own + extra)))] = value
+            for (name, own), h in hists.items():
+                self._hists[(name, tuple(sorted(own + extra)))] = list(h)
+
     def render(self) -> str:
         """The exposition text: every declared metric, zero when never recorded."""
         lines: list[str] = []
