@@ -17,9 +17,9 @@ from ia3cli.cli.common import (
     RayOpt,
     RecipeArg,
     SetOpt,
+    check_ray,
     errors,
     quiet_libraries,
-    require_ray,
 )
 
 PREDICT_EXAMPLES = (
@@ -27,6 +27,7 @@ PREDICT_EXAMPLES = (
     "ia3 predict runs/ --input tickets.csv      # every run dir in runs/; rows pick one in column 'adapter'",
     "ia3 predict runs/a --adapter b=runs/b --input rows.parquet --on-error skip",
     "ia3 predict runs/chat --input prompts.jsonl --max-new-tokens 64 --temperature 0.7 --top-p 0.9 --seed 1",
+    "ia3 predict runs/ --input big.parquet --ray --workers 4     # Ray Data: 4 actors, streamed, same output",
 )
 
 
@@ -64,17 +65,29 @@ def predict(
     on_error: Annotated[
         str, typer.Option("--on-error", help="Bad rows: fail (write nothing) or skip (report them, predict the rest).")
     ] = "fail",
+    ray: RayOpt = False,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="With --ray: actors, each with the base (default 1).")
+    ] = None,
+    ray_address: RayAddressOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Predict a file of rows with one or many adapters (mixed in every batch); output keeps the input order."""
     with errors(debug):
+        check_ray(ray, {"--workers": workers, "--ray-address": ray_address})
         quiet_libraries(debug)
         from ia3cli.inference.predict import predict as run_predict
 
+        on_ray = {}
+        if ray:
+            from ia3cli.inference.ray_predict import predict_on_ray as run_predict
+
+            on_ray = {"workers": workers or 1, "ray_address": ray_address}
         result = run_predict(
             source,
             input_path,
             output,
+            **on_ray,
             adapters=adapter or [],
             adapter_column=adapter_column,
             choices_column=choices_column,
@@ -208,15 +221,8 @@ def serve(
 ) -> None:
     """Serve a base model and its IA3 adapters over an OpenAI-compatible HTTP API, batching across adapters."""
     with errors(debug):
-        from ia3cli.errors import Ia3Error
-
         ray_only = {"--replicas": replicas, "--min-replicas": min_replicas, "--max-replicas": max_replicas}
-        ray_only["--ray-address"] = ray_address
-        given = [flag for flag, value in ray_only.items() if value is not None]
-        if given and not ray:
-            raise Ia3Error(f"{', '.join(given)} need --ray", "add --ray, or leave them out to serve in this process")
-        if ray:
-            require_ray()
+        check_ray(ray, {**ray_only, "--ray-address": ray_address})
         quiet_libraries(debug)
         options = {"max_adapters": max_adapters, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms}
         if not ray:

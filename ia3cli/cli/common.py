@@ -35,16 +35,24 @@ RayAddressOpt = Annotated[
 ]
 
 
-def require_ray(flag: str = "--ray") -> None:
-    """Refuse a Ray option when Ray is not installed (exit 2, with the install command).
+def check_ray(ray: bool, ray_only: dict[str, object]) -> None:
+    """``--ray`` needs Ray installed, and the options that only mean something on Ray need ``--ray``.
+
+    Args:
+        ray: Whether ``--ray`` was given.
+        ray_only: Those options by flag, ``None`` when not given.
 
     Raises:
-        Ia3Error: naming the option and the extra that installs Ray.
+        Ia3Error: naming the options, or the extra that installs Ray (exit 2).
     """
     import importlib.util
 
-    if importlib.util.find_spec("ray") is None:
-        raise Ia3Error(f"{flag} needs Ray, which is not installed", "pip install 'ia3cli[ray]'")
+    given = [flag for flag, value in ray_only.items() if value is not None]
+    if given and not ray:
+        verb = "needs" if len(given) == 1 else "need"
+        raise Ia3Error(f"{', '.join(given)} {verb} --ray", "add --ray, or leave them out to run in this process")
+    if ray and importlib.util.find_spec("ray") is None:
+        raise Ia3Error("--ray needs Ray, which is not installed", "pip install 'ia3cli[ray]'")
 
 
 def examples(*lines: str) -> str:

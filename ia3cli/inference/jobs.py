@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from ia3cli.inference.predict import Job
+    from ia3cli.inference.rows import Job
     from ia3cli.tuners.mixed import MixedIA3
 
 IGNORE_INDEX = -100
@@ -41,7 +41,7 @@ def load(named: dict[str, Path], used: Sequence[str]) -> MixedIA3:
     return mixed
 
 
-class _Progress:
+class Progress:
     """Prints ``predicted N/M rows`` at every tenth of the way and at the end."""
 
     def __init__(self, total: int, printer: Callable[[str], None]) -> None:
@@ -102,7 +102,7 @@ def run(
     import torch
 
     torch.manual_seed(seed)
-    progress = _Progress(len(jobs), printer)
+    progress = Progress(len(jobs), printer)
     with torch.inference_mode():
         _classify(mixed, [j for j in jobs if j.kind == "classify"], batch_size, progress)
         _choose(mixed, [j for j in jobs if j.kind == "choose"], batch_size, progress)
@@ -116,7 +116,7 @@ def _pad_id(mixed: MixedIA3) -> int:
     return mixed.tokenizer.pad_token_id if mixed.tokenizer.pad_token_id is not None else 0
 
 
-def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Progress) -> None:
+def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: Progress) -> None:
     tok, model = mixed.tokenizer, mixed.model
     feats = [
         tok(j.text, j.pair, truncation=True, max_length=mixed.adapter_recipe(j.adapter).data.max_length)["input_ids"]
@@ -134,7 +134,7 @@ def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Prog
         progress.advance(len(idx))
 
 
-def _choose(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Progress) -> None:
+def _choose(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: Progress) -> None:
     from ia3cli.data.encoding import encode_causal
     from ia3cli.scoring.loglik import pad_batch
 
@@ -189,7 +189,7 @@ def _prompt_ids(mixed: MixedIA3, job: Job) -> list[int]:
     return tok(job.text, add_special_tokens=True)["input_ids"][-max_length:]
 
 
-def _generate(mixed: MixedIA3, jobs: list[Job], batch_size: int, gen: dict[str, Any], progress: _Progress) -> None:
+def _generate(mixed: MixedIA3, jobs: list[Job], batch_size: int, gen: dict[str, Any], progress: Progress) -> None:
     tok, model = mixed.tokenizer, mixed.model
     decoder_only = mixed.task == "causal-lm"
     feats = [_prompt_ids(mixed, j) for j in jobs]
