@@ -45,14 +45,15 @@ def check_ray(ray: bool, ray_only: dict[str, object]) -> None:
     Raises:
         Ia3Error: naming the options, or the extra that installs Ray (exit 2).
     """
-    import importlib.util
-
     given = [flag for flag, value in ray_only.items() if value is not None]
     if given and not ray:
         verb = "needs" if len(given) == 1 else "need"
         raise Ia3Error(f"{', '.join(given)} {verb} --ray", "add --ray, or leave them out to run in this process")
-    if ray and importlib.util.find_spec("ray") is None:
-        raise Ia3Error("--ray needs Ray, which is not installed", "pip install 'ia3cli[ray]'")
+    if ray:
+        try:
+            import ray as _  # noqa: F401
+        except ImportError:
+            raise Ia3Error("--ray needs Ray, which is not installed", "pip install 'ia3cli[ray]'") from None
 
 
 def examples(*lines: str) -> str:
