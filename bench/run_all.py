@@ -24,7 +24,18 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"  # --quick: bench/_work/results-quick (smoke numbers never replace real ones)
 # Cheapest first; the heavy training benchmarks last.
-BENCHMARKS = ["startup", "adapter_size", "floor", "memory", "monitor_cost", "mixed", "throughput", "fewshot", "serve"]
+BENCHMARKS = [
+    "startup",
+    "adapter_size",
+    "floor",
+    "memory",
+    "monitor_cost",
+    "mixed",
+    "throughput",
+    "fewshot",
+    "serve",
+    "scale",
+]
 # Run only when named (hours on 2 cores); their results still go into the table.
 LONG = ["fewshot_causal"]
 

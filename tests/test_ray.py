@@ -233,3 +233,26 @@ def test_ray_options_without_ray_installed_are_an_exit_2(command: str, monkeypat
     assert result.exit_code == 2 and "pip install 'ia3cli[ray]'" in result.output
     without = CliRunner().invoke(app, [*args[:-1], "--ray-address", "auto"])
     assert without.exit_code == 2 and "--ray-address needs --ray" in without.output
+
+
+@pytest.mark.parametrize(
+    ("replicas", "low", "high", "expected"),
+    [
+        (None, None, None, {"num_replicas": 1}),
+        (3, None, None, {"num_replicas": 3}),
+        (None, 1, 4, {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32}}),
+        (None, None, 2, {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32}}),
+        (0, None, None, "--replicas 0"),
+        (2, 1, 4, "--replicas is a fixed count"),
+        (None, 3, 2, "min <= max"),
+    ],
+)
+def test_replica_count_or_autoscaling_bounds(replicas, low, high, expected) -> None:
+    from ia3cli.errors import Ia3Error
+    from ia3cli.serving.ray_deploy import scaling
+
+    if isinstance(expected, dict):
+        assert scaling(replicas, low, high, 32) == expected
+    else:
+        with pytest.raises(Ia3Error, match=expected):
+            scaling(replicas, low, high, 32)
