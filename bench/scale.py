@@ -208,7 +208,8 @@ def predict_run(runs: Path, rows: Path, out: Path, extra: list[str]) -> dict[str
     while proc.poll() is None:  # wait4's ru_maxrss would count this process's size at fork
         with contextlib.suppress(OSError):
             status = Path(f"/proc/{proc.pid}/status").read_text()
-            peak_kib = max(peak_kib, int(status.split("VmHWM:")[1].split()[0]))
+            if "VmHWM:" in status:  # not once it has exited
+                peak_kib = max(peak_kib, int(status.split("VmHWM:")[1].split()[0]))
         time.sleep(0.1)
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, log.read_text()[-2000:]
@@ -251,7 +252,12 @@ def main() -> None:
     os.environ["PYTHONPATH"] = str(ROOT)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
-        serve_out = serving(ray, causal)
+        done = work / "serve-results.json"  # --reuse-serve: keep the serving figures of an earlier run
+        if "--reuse-serve" in sys.argv and done.is_file():
+            serve_out = json.loads(done.read_text())
+        else:
+            serve_out = serving(ray, causal)
+            done.write_text(json.dumps(serve_out, indent=2))
         predict_out = predicting(ray, cls, work)
     finally:
         ray.shutdown()

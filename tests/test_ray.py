@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -170,6 +171,39 @@ def test_a_killed_replica_costs_at_most_503s_and_comes_back(deployed) -> None:
         assert time.monotonic() - killed_at < 60, (replicas, running)
         time.sleep(1)
     assert all(complete(deployed, name, "pretty good").status_code == 200 for name in NAMES)
+
+
+def test_cli_deploys_evicts_and_removes_the_app_on_ctrl_c(deployed, single, adapters, ray_cluster) -> None:
+    from ray import serve
+
+    port = str(deployed.base_url).rsplit(":", 1)[1].strip("/")  # the cluster's HTTP proxy is already on this port
+    address = ray_cluster.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "ia3cli", "serve", str(adapters), "--ray", "--ray-address", address]
+    cmd += ["--replicas", "1", "--replica-cpus", "0.5", "--port", port, "--max-adapters", "4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines: list[str] = []
+        while not any(" at http://" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        deadline = time.monotonic() + 60
+        while len(deployed.get("/health").json().get("replicas", [])) != 1:  # the new deployment's one replica
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        for name in [*NAMES[:6], NAMES[0]]:  # 6 adapters through a replica keeping 4: Ray evicts, we unload
+            assert text(complete(deployed, name, PROMPTS[2])) == text(complete(single, name, PROMPTS[2]))
+        time.sleep(1.5)
+        seen = metrics(deployed)
+        loaded = [v for k, v in seen.items() if k.startswith("ia3_adapters_loaded{")]
+        evicted = [v for k, v in seen.items() if k.startswith("ia3_adapter_evictions_total{")]
+        assert loaded == [4] and evicted[0] >= 3, seen
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "ia3" not in serve.status().applications
 
 
 # --- predict ----------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ the adapter directory, 404 unknown adapter, 413 prompt too long, 422 malformed b
 Modules: this one (the app, its endpoints, the command), :mod:`ia3cli.serving.completions` (completion responses, SSE),
 :mod:`ia3cli.serving.batcher` (batching, the generation step loop), :mod:`ia3cli.serving.adapter_pool` (names,
 paths, LRU),
-:mod:`ia3cli.serving.prometheus` (the /metrics text).
+:mod:`ia3cli.serving.prometheus` (the /metrics text), :mod:`ia3cli.serving.ray_deploy` (this app as a Ray Serve
+deployment, ``--ray``).
 
 Why FastAPI + uvicorn: they are what Python model servers standardise on (vLLM's and TGI's OpenAI-compatible
 routers are FastAPI apps), pydantic request models give 422s naming the bad field for free, and uvicorn's asyncio

@@ -47,6 +47,7 @@ from ia3cli.serving.prometheus import Metrics
 
 APP_NAME = "ia3"
 REPORT_EVERY_S = 0.5
+QUIET = {"log_level": "WARNING"}  # no access log line per request, as `ia3 serve` in one process
 FRESH_S = 3.0  # a replica not heard from for this long is left out of /health and /metrics
 SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "query_string", "headers")
 # the errors of a replica that died or cannot be reached: the request may be retried (HTTP 503)
@@ -345,9 +346,12 @@ def deploy(
         ray_actor_options={"num_cpus": replica_cpus},
         health_check_period_s=2,
         request_router_config=RequestRouterConfig(request_router_class=AdapterRouter),
+        logging_config=QUIET,
         **replica_scaling,
     )
-    router = serve.deployment(Router, name="ia3-router", max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0})
+    router = serve.deployment(
+        Router, name="ia3-router", max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0}, logging_config=QUIET
+    )
     serve.start(http_options={"host": host, "port": port})
     try:
         replicas = replica.bind(str(root), {**server_options, "api_key": api_key}, board)
