@@ -1,6 +1,6 @@
 """Run the ia3cli benchmarks and collect their results into bench/results/README.md.
 
-    python bench/run_all.py                   # everything (about 17 minutes on 2 cores, 1 torch thread)
+    python bench/run_all.py                   # everything (about 28 minutes on 2 cores, 1 torch thread)
     python bench/run_all.py --quick           # smoke run (~3 min): fewer repeats and steps; numbers are not meaningful,
                                               # written to bench/_work/results-quick
     python bench/run_all.py floor startup     # a subset, by script name
@@ -87,7 +87,7 @@ def main() -> None:
     text = (
         "# ia3cli benchmarks\n\n"
         f"Machine: {machine_line(results)}.\n\n"
-        "Reproduce: `make bench` (all but fewshot_causal, ~17 min on 2 cores) or `python bench/run_all.py NAME...`; "
+        "Reproduce: `make bench` (all but fewshot_causal, ~28 min on 2 cores) or `python bench/run_all.py NAME...`; "
         "raw numbers and "
         "settings in `bench/results/<name>.json`.\n\n" + table(results) + "\n"
     )
