@@ -180,7 +180,9 @@ def test_cli_deploys_evicts_and_removes_the_app_on_ctrl_c(deployed, single, adap
     address = ray_cluster.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "ia3cli", "serve", str(adapters), "--ray", "--ray-address", address]
     cmd += ["--replicas", "1", "--replica-cpus", "0.5", "--port", port, "--max-adapters", "4"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "IA3_API_KEY": "k3y"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    keyed = httpx.Client(base_url=deployed.base_url, headers={"Authorization": "Bearer k3y"}, timeout=120)
     try:
         lines: list[str] = []
         while not any(" at http://" in line for line in lines):
@@ -191,16 +193,19 @@ def test_cli_deploys_evicts_and_removes_the_app_on_ctrl_c(deployed, single, adap
         while len(deployed.get("/health").json().get("replicas", [])) != 1:  # the new deployment's one replica
             assert time.monotonic() < deadline
             time.sleep(0.5)
+        for url in ("/v1/models", "/metrics"):  # the key is checked by the replicas' app and by the router
+            assert deployed.get(url).status_code == 401 and keyed.get(url).status_code == 200
         for name in [*NAMES[:6], NAMES[0]]:  # 6 adapters through a replica keeping 4: Ray evicts, we unload
-            assert text(complete(deployed, name, PROMPTS[2])) == text(complete(single, name, PROMPTS[2]))
+            assert text(complete(keyed, name, PROMPTS[2])) == text(complete(single, name, PROMPTS[2]))
         time.sleep(1.5)
-        seen = metrics(deployed)
+        seen = metrics(keyed)
         loaded = [v for k, v in seen.items() if k.startswith("ia3_adapters_loaded{")]
         evicted = [v for k, v in seen.items() if k.startswith("ia3_adapter_evictions_total{")]
         assert loaded == [4] and evicted[0] >= 3, seen
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
     finally:
+        keyed.close()
         if proc.poll() is None:
             proc.kill()
     assert "ia3" not in serve.status().applications
