@@ -39,6 +39,17 @@ def is_run_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() and (path / "recipe.yaml").is_file()
 
 
+def run_dir_named(root: Path, name: str) -> Path | None:
+    """The run dir folder ``name`` of the adapter directory ``root`` (resolved, inside it), else ``None``."""
+    if not NAME_RE.match(name) or ".." in name:
+        return None
+    try:
+        path = (root / name).resolve()
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return path if path.is_relative_to(root.resolve()) and is_run_dir(path) else None
+
+
 def first_run(path: Path) -> Path:
     """The run dir whose base ``ia3 serve PATH`` loads: PATH itself, or its first run dir by name.
 
@@ -105,13 +116,9 @@ class AdapterPool:
             return self.registered[name]
         if name in self.lru:
             return self.lru[name]
-        if NAME_RE.match(name) and ".." not in name:
-            try:
-                path = self.inside(name)
-            except PathOutside:
-                path = None
-            if path is not None and is_run_dir(path):
-                return path
+        path = run_dir_named(self.root, name)
+        if path is not None:
+            return path
         raise AdapterNotFound(f"adapter '{name}' not found", "GET /v1/models lists the adapters")
 
     def known(self) -> list[str]:

@@ -41,7 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ia3cli.errors import Ia3Error
-from ia3cli.serving.adapter_pool import AdapterNotFound, first_run
+from ia3cli.serving.adapter_pool import AdapterNotFound, first_run, run_dir_named
 from ia3cli.serving.completions import ApiError, check_key, error_body
 from ia3cli.serving.prometheus import Metrics
 
@@ -192,10 +192,11 @@ class Router:
         replicas: The handle of the ``ia3-replica`` deployment.
         board: The :class:`Board` actor the replicas report to.
         api_key: Required on ``/metrics`` as on the app's endpoints, when set.
+        root: The adapter directory (only its adapters' names become multiplexed model ids).
     """
 
-    def __init__(self, replicas: Any, board: Any, api_key: str | None) -> None:
-        self.replicas, self.board, self.api_key = replicas, board, api_key
+    def __init__(self, replicas: Any, board: Any, api_key: str | None, root: str) -> None:
+        self.replicas, self.board, self.api_key, self.root = replicas, board, api_key, Path(root)
 
     async def __call__(self, request: Request) -> Response:
         path, method = request.url.path, request.method
@@ -219,6 +220,8 @@ class Router:
     async def _forward(self, request: Request) -> Response:
         body = await request.body()
         model = _model_of(body, request.headers.get("serve_multiplexed_model_id"))
+        if model and run_dir_named(self.root, model) is None:  # route only adapters: Ray remembers every id it saw
+            model = None
         scope = {k: request.scope[k] for k in SCOPE_KEYS if k in request.scope}
         handle = self.replicas.options(stream=True, multiplexed_model_id=model or "")
         stream = handle.forward.remote(scope, body)
@@ -355,7 +358,7 @@ def deploy(
     serve.start(http_options={"host": host, "port": port})
     try:
         replicas = replica.bind(str(root), {**server_options, "api_key": api_key}, board)
-        serve.run(router.bind(replicas, board, api_key), name=APP_NAME)
+        serve.run(router.bind(replicas, board, api_key, str(root)), name=APP_NAME)
     except RuntimeError as exc:
         raise Ia3Error(f"the Ray Serve deployment did not start: {exc}", "see the replica logs above") from None
     return f"http://{host}:{port}"
