@@ -250,6 +250,27 @@ def test_predict_on_ray_equals_ia3_predict_row_for_row(ray_cluster, tiny_model, 
     assert ray_meta == one_meta and [e["where"] for e in ray_meta["errors"]] == ["line 8", "line 1501"]
 
 
+def test_ray_data_reads_every_format_as_ia3_predict_does(ray_cluster, tmp_path: Path) -> None:
+    import csv
+    import pickle
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ia3cli.inference import ray_predict
+    from ia3cli.inference.rows import read_rows
+
+    with (tmp_path / "rows.csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows([["text", "n"], ["good", "1"], ["multi\nline", "2"], ["short"], ["fine", "4"]])
+    pq.write_table(pa.table({"text": TEXTS, "n": list(range(5))}), tmp_path / "rows.parquet")
+    (tmp_path / "rows.jsonl").write_text('{"text": "a"}\n\n{oops\n[1]\n{"text": "b", "n": 2.5}\n')
+    (tmp_path / "rows.json").write_text(json.dumps([{"text": "a"}, "x", {"text": "b"}]))
+    for name in ("rows.csv", "rows.parquet", "rows.jsonl", "rows.json"):
+        dataset = ray_cluster.data.readdatasource(ray_predict.datasource(tmp_path / name), num_cpus=0)
+        rows = [(r["where"], r["row"] and pickle.loads(r["row"]), r["problem"]) for r in dataset.iter_rows()]
+        assert rows == read_rows(tmp_path / name), name
+
+
 def test_predict_on_ray_refuses_bad_rows_before_any_work(ray_cluster, tiny_model, tmp_path: Path) -> None:
     make_adapter(tmp_path / "runs", tiny_model("bert", "seq-cls"), "seq-cls", "a", 1)
     src = tmp_path / "rows.jsonl"
