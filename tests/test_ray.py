@@ -266,7 +266,7 @@ def test_ray_data_reads_every_format_as_ia3_predict_does(ray_cluster, tmp_path: 
     (tmp_path / "rows.jsonl").write_text('{"text": "a"}\n\n{oops\n[1]\n{"text": "b", "n": 2.5}\n')
     (tmp_path / "rows.json").write_text(json.dumps([{"text": "a"}, "x", {"text": "b"}]))
     for name in ("rows.csv", "rows.parquet", "rows.jsonl", "rows.json"):
-        dataset = ray_cluster.data.readdatasource(ray_predict.datasource(tmp_path / name), num_cpus=0)
+        dataset = ray_cluster.data.read_datasource(ray_predict.datasource(tmp_path / name), num_cpus=0)
         rows = [(r["where"], r["row"] and pickle.loads(r["row"]), r["problem"]) for r in dataset.iter_rows()]
         assert rows == read_rows(tmp_path / name), name
 

@@ -220,7 +220,7 @@ def _on_ray(
     context.enable_progress_bars = False
     printer(f"predict on Ray: {good} rows, adapters {', '.join(used)}, {workers} worker(s)")
     runs = {k: str(v.resolve()) for k, v in named.items()}
-    dataset = ray.data.readdatasource(datasource(input_path), num_cpus=0).map_batches(
+    dataset = ray.data.read_datasource(datasource(input_path), num_cpus=0).map_batches(
         Predictor,
         fn_constructor_kwargs={"named": runs, "used": used, "options": options},
         batch_size=None,  # one read block per call: its rows are sorted by length and batched inside
