@@ -12,13 +12,10 @@ Ray Serve gives routing, replicas, autoscaling and restarts; ia3cli adds nothing
   ``--max-adapters`` per replica (LRU) and tells the routers which replica holds which; an adapter it evicts is
   unloaded from the replica's stacks.
 
-A replica that dies is restarted by Ray Serve; requests it was answering get 503, the others go on. Each replica
-pushes its metrics and process id to a small board actor twice a second; ``/metrics`` renders them with a
-``replica`` label and ``/health`` lists the replicas heard from in the last few seconds.
-
-Not on Ray: ``POST /adapters`` and ``DELETE /adapters`` (a registration would live in one replica only); put the
-run dir in the adapter directory instead (every replica hot-loads it by folder name). The adapter directory and
-the base model must be reachable at the same path on every node.
+A replica that dies is restarted by Ray Serve; requests it was answering get 503, the others go on. Replicas push
+their metrics to a board actor twice a second: ``/metrics`` shows them with a ``replica`` label, ``/health`` lists
+the live ones. Not on Ray: ``POST``/``DELETE /adapters`` (a registration would live in one replica); put the run
+dir in the adapter directory, which (like the base model) must be at the same path on every node.
 """
 
 from __future__ import annotations
@@ -258,7 +255,7 @@ class Router:
     async def _health(self) -> Response:
         reports = await self._reports()
         replicas = [
-            {"replica": r, "pid": pid, "adapters_loaded": _loaded(snap)}
+            {"replica": r, "pid": pid, "adapters_loaded": int(snap[0].get(("ia3_adapters_loaded", ()), 0))}
             for r, (_, pid, _, snap) in sorted(reports.items())
         ]
         base = next((b for _, _, b, _ in reports.values()), None)
@@ -283,11 +280,6 @@ def _model_of(body: bytes, header: str | None) -> str | None:
         return None
     model = data.get("model") if isinstance(data, dict) else None
     return model if isinstance(model, str) and model else None
-
-
-def _loaded(snapshot: Any) -> int:
-    values, _ = snapshot
-    return int(values.get(("ia3_adapters_loaded", ()), 0))
 
 
 def _unavailable_body(exc: BaseException) -> dict[str, Any]:
@@ -335,11 +327,14 @@ def deploy(
     Raises:
         Ia3Error: for a bad adapter directory, or a deployment whose replicas cannot start.
     """
-    from ia3cli.serving.app import check_options
+    from ia3cli.serving.app import bind, check_options
 
     root = Path(path).resolve()
     first_run(root)  # the checks of `ia3 serve` before anything starts on the cluster
     check_options(**server_options)
+    if port == 0:  # the proxy needs a number: a free one
+        with contextlib.closing(bind(host, 0)) as sock:
+            port = sock.getsockname()[1]
     board = ray.remote(num_cpus=0)(Board).remote()
     busy = 2 * server_options.get("max_batch_size", 32)  # requests a replica takes at once: two batches' worth
     replica = serve.deployment(
@@ -386,6 +381,12 @@ def run(
         hint = "start one with `ray start --head`, or leave out --ray-address for a local cluster"
         raise Ia3Error(f"--ray-address {ray_address}: cannot connect: {exc}", hint) from None
     try:
+        if ray_address is None:  # a local cluster cannot grow: replicas that do not fit would wait forever
+            count = options["replica_scaling"].get("num_replicas") or 1
+            need, have = count * options.get("replica_cpus", 1.0), ray.cluster_resources().get("CPU", 0)
+            if need > have:
+                hint = "lower --replicas or --replica-cpus, or join a bigger cluster with --ray-address"
+                raise Ia3Error(f"{count} replica(s) need {need:g} CPUs; the local Ray cluster has {have:g}", hint)
         url = deploy(path, **options)
         printer(f"serving {Path(path)} on Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs) at {url}")
         while True:
