@@ -57,7 +57,7 @@ def build_adapters(n: int) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from ia3cli.config.recipe import dump_recipe, validate_mapping
+    from ia3cli.config.load import dump_recipe, validate_mapping
     from ia3cli.models import loading as modeling
     from ia3cli.models import targets
     from ia3cli.tuners import ia3
@@ -114,7 +114,7 @@ def baseline_app(adapters: Path):  # noqa: ANN201
     import torch
     from fastapi import FastAPI
 
-    from ia3cli.config.recipe import load_recipe
+    from ia3cli.config.load import load_recipe
     from ia3cli.tuners import ia3
 
     first = adapters / "a0000"

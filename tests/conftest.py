@@ -208,7 +208,7 @@ def make_run(root: Path, model_dir: Path, task: str, *, quantization: str = "non
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as IA3_FEEDFORWARD
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as IA3_TARGETS
 
-    from ia3cli.config.recipe import dump_recipe, validate_mapping
+    from ia3cli.config.load import dump_recipe, validate_mapping
     from ia3cli.models import loading as modeling
 
     run_dir = root / "run"

@@ -8,13 +8,17 @@ exit 2 (bad input) or 1 (run failure); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ia3cli.cli import adapters as cli_adapters
+from ia3cli.cli import compare as compare_command
+from ia3cli.cli import predict as predict_command
+from ia3cli.cli import serve as serve_command
+from ia3cli.cli.cache import cache_app
 from ia3cli.cli.common import DebugOpt, RecipeArg, SetOpt, VerboseOpt, errors, examples, quiet_libraries
 
 app = typer.Typer(
@@ -54,7 +58,7 @@ def train(
     draws the run.
     """
     with errors(debug):
-        from ia3cli.config.recipe import load_recipe
+        from ia3cli.config.load import load_recipe
 
         loaded = load_recipe(recipe, set_ or [])
         if nproc and nproc > 1:
@@ -99,7 +103,7 @@ def validate(
 ) -> None:
     """Run every pre-flight check that needs no weights: schema, data rows, model config, adapter targets."""
     with errors(debug):
-        from ia3cli.config.recipe import load_recipe
+        from ia3cli.config.load import load_recipe
 
         loaded = load_recipe(recipe, set_ or [])
         if schema_only:
@@ -190,10 +194,10 @@ def eval_(
     with errors(debug):
         quiet_libraries(debug)
         from ia3cli.report.console import Console
-        from ia3cli.scoring import evaluation
+        from ia3cli.scoring import eval_command
 
         with Console(enabled=not json_out, stream=sys.stderr).stages() as progress:  # stdout: the results only
-            metrics = evaluation.run_eval(
+            metrics = eval_command.run_eval(
                 target,
                 recipe_path=recipe,
                 data=data,
@@ -202,7 +206,7 @@ def eval_(
                 full_precision=full_precision,
                 progress=progress,
             )
-        typer.echo(json.dumps(metrics, indent=2) if json_out else evaluation.render(metrics))
+        typer.echo(json.dumps(metrics, indent=2) if json_out else eval_command.render(metrics))
 
 
 @app.command(
@@ -237,7 +241,7 @@ def merge(
         )
 
 
-app.command(epilog=examples(*cli_adapters.PREDICT_EXAMPLES))(cli_adapters.predict)
+app.command(epilog=examples(*predict_command.PREDICT_EXAMPLES))(predict_command.predict)
 
 
 @app.command(
@@ -313,10 +317,26 @@ def _root(
     ] = False,
 ) -> None:
     """Fine-tune Hugging Face models with IA3 adapters from YAML recipes."""
+    _show_notes()
 
 
-app.command(epilog=examples(*cli_adapters.COMPARE_EXAMPLES))(cli_adapters.compare)
-app.command(epilog=examples(*cli_adapters.SERVE_EXAMPLES))(cli_adapters.serve)
+class _Notes(logging.Handler):
+    """Prints records of the ``ia3cli`` logger as ``note: ...`` on the stderr of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"note: {record.getMessage()}", err=True)
+
+
+def _show_notes() -> None:
+    """Library notes (the ``ia3cli`` logger, e.g. a cache folder written) print on stderr."""
+    logger = logging.getLogger("ia3cli")
+    if not any(isinstance(h, _Notes) for h in logger.handlers):
+        logger.addHandler(_Notes())
+
+
+app.command(epilog=examples(*compare_command.COMPARE_EXAMPLES))(compare_command.compare)
+app.command(epilog=examples(*serve_command.SERVE_EXAMPLES))(serve_command.serve)
+app.add_typer(cache_app, name="cache")
 
 
 def main() -> None:

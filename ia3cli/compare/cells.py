@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ia3cli import __version__
-from ia3cli.config.recipe import Recipe, validate_mapping
+from ia3cli.config.load import validate_mapping
+from ia3cli.config.recipe import Recipe
 from ia3cli.errors import RecipeError
 from ia3cli.outputs import write_atomic
 
@@ -159,8 +160,7 @@ def silenced(on: bool) -> Iterator[None]:
 
 def metric_name(recipe: Recipe) -> str:
     """The metric compared: accuracy for classification and choice tasks, else the eval loss."""
-    d = recipe.data
-    return "accuracy" if recipe.model.task == "seq-cls" or (d.label_names and not d.messages_column) else "loss"
+    return "accuracy" if recipe.model.task == "seq-cls" or recipe.has_choices else "loss"
 
 
 def trained_cell(

@@ -2,31 +2,24 @@
 
 A recipe is a YAML file with the sections ``model``, ``adapter``, ``data``, ``training`` and ``monitor``. Every key
 is a pydantic field with a ``description``; unknown keys are errors with a did-you-mean hint, and all problems are
-reported at once. ``--set section.key=value`` overrides are parsed as YAML scalars and applied before validation.
+reported at once. Reading a file, ``--set`` overrides and validation are in :mod:`ia3cli.config.load`.
 
 This module imports no torch or transformers, so ``ia3 validate`` reports schema errors instantly.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from ia3cli.config.families import TASK_NAMES
-from ia3cli.config.wording import format_errors, suggest
-from ia3cli.errors import RecipeError
+from ia3cli.config.paths import resolve_model_path
 
 Task = Literal[TASK_NAMES]  # type: ignore[valid-type]  # seq-cls, causal-lm, seq2seq: the families.TASKS table
 Targets = Literal["auto", "all-linear"] | list[str] | str
 FeedForward = Literal["auto"] | list[str] | str
-
-PKG_PREFIX = "pkg:"
 
 
 class _Section(BaseModel):
@@ -126,7 +119,8 @@ class DataSection(_Section):
 
     path: str = Field(
         description="Hub dataset id, or a local .jsonl/.json/.csv/.parquet file or a folder of them (splits "
-        "are named by file: train.*, validation.*/dev.*, test.*). Relative paths are relative to the recipe."
+        "are named by file: train.*, validation.*/dev.*, test.*). A relative path is found in the working directory, "
+        "else beside the recipe."
     )
     name: str | None = Field(None, description="Dataset configuration name (hub datasets, e.g. `sst2` of `glue`).")
     train_split: str = Field("train", description="Split to train on.")
@@ -345,130 +339,3 @@ SECTIONS: dict[str, type[_Section]] = {
     "training": TrainingSection,
     "monitor": MonitorSection,
 }
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """Split ``section.key=value`` into the key path and the YAML-typed value.
-
-    Raises:
-        RecipeError: when the item has no ``=`` or no dotted key.
-    """
-    if "=" not in item:
-        raise RecipeError(None, f"--set '{item}' is not key=value", "e.g. --set training.learning_rate=1e-3")
-    key, raw = item.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if len(path) != 2:
-        raise RecipeError(key, "--set keys are section.key", "e.g. --set model.quantization=4bit")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return path, value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--set`` overrides to a raw recipe mapping (in place) and return it."""
-    for item in overrides:
-        (section, key), value = parse_override(item)
-        if section not in SECTIONS:
-            hint = suggest(section, list(SECTIONS))
-            raise RecipeError(
-                f"{section}.{key}", f"unknown section '{section}'", hint or f"sections: {', '.join(SECTIONS)}"
-            )
-        target = raw.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise RecipeError(section, "must be a mapping")
-        target[key] = value
-    return raw
-
-
-def _fix_float_strings(raw: dict[str, Any]) -> None:
-    # yaml.safe_load (YAML 1.1) reads `3e-3` as a string; convert such values where a float is expected.
-    for section_name, section in SECTIONS.items():
-        values = raw.get(section_name)
-        if not isinstance(values, dict):
-            continue
-        for key, value in values.items():
-            field = section.model_fields.get(key)
-            if field is not None and isinstance(value, str) and "float" in str(field.annotation):
-                with contextlib.suppress(ValueError):  # not a number: the schema reports it
-                    values[key] = float(value)
-
-
-def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe.
-
-    Relative ``data.path`` values are resolved against the recipe's folder (when that file exists there), so a
-    recipe can name the data shipped beside it.
-
-    Args:
-        path: YAML file.
-        overrides: ``section.key=value`` strings from ``--set``.
-
-    Raises:
-        RecipeError: for a missing or unreadable file, bad YAML, or any schema problem (all listed at once).
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise RecipeError(None, f"recipe file not found: {p}", "check the path; shipped recipes are in recipes/")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise RecipeError(None, f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(None, f"{p}: cannot read: {exc}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise RecipeError(None, f"{p}: a recipe must be a mapping of sections, got {type(raw).__name__}")
-    for section in raw:
-        if section in SECTIONS and raw[section] is None:
-            raw[section] = {}
-    apply_overrides(raw, overrides or [])
-    _fix_float_strings(raw)
-    data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str):
-        local = p.parent / data["path"]
-        if not Path(data["path"]).is_absolute() and not Path(data["path"]).exists() and local.exists():
-            data["path"] = str(local.resolve())
-    recipe = validate_mapping(raw)
-    recipe._source = p.resolve()
-    return recipe
-
-
-def validate_mapping(raw: dict[str, Any]) -> Recipe:
-    """Validate a raw mapping into a :class:`Recipe`.
-
-    Raises:
-        RecipeError: listing every problem.
-    """
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as exc:
-        raise format_errors(exc, Recipe, SECTIONS) from None
-
-
-def dump_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as YAML (every key, defaults included)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-
-
-def resolve_model_path(name: str) -> str:
-    """Turn ``pkg:PACKAGE[/SUBDIR]`` into the directory inside the installed package; other names pass through.
-
-    Raises:
-        RecipeError: when the package is not installed or the folder does not exist.
-    """
-    if not name.startswith(PKG_PREFIX):
-        return name
-    package, _, sub = name[len(PKG_PREFIX) :].partition("/")
-    spec = importlib.util.find_spec(package) if package.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
-        dist = package.replace("_", "-")
-        raise RecipeError("model.name", f"package '{package}' is not installed", f"pip install {dist}")
-    folder = Path(list(spec.submodule_search_locations)[0]) / sub
-    if not folder.is_dir():
-        raise RecipeError("model.name", f"'{sub}' is not a folder inside package '{package}' ({folder})")
-    return str(folder)

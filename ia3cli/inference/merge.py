@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,12 +103,13 @@ def probe_batch(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[dict[s
     """
     import torch
 
-    from ia3cli.data.encoding import check_rows, encode_row
+    from ia3cli.data.checks import check_rows
+    from ia3cli.data.encoding import encode_row
     from ia3cli.data.sources import load_split
-    from ia3cli.scoring.loglik import pad_batch
+    from ia3cli.scoring.loglik import pad_batch, pad_id
 
     d = recipe.data
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     problems: list[str] = []
     for split in dict.fromkeys(s for s in (d.eval_split, d.train_split) if s is not None):
         source = f"{d.path} [{split}]"
@@ -120,7 +122,7 @@ def probe_batch(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[dict[s
             problems.append(exc.message)
             continue
         if feats:
-            return pad_batch(feats, pad_id), source, None
+            return pad_batch(feats, pad), source, None
         problems.append(f"{source}: split is empty")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(min(10, vocab_size - 1), vocab_size, (4, 16), generator=gen)
@@ -190,12 +192,9 @@ def merge(
         Ia3Error: missing run dir or adapter, bad ``--dtype``, non-empty OUT without ``force``.
         RunError: when the merged model does not reproduce the adapter's logits (nothing is written then).
     """
-    import peft
     import torch
-    import transformers
 
-    from ia3cli.config.recipe import load_recipe
-    from ia3cli.tuners import ia3
+    from ia3cli.config.load import load_recipe
 
     run_dir, out = Path(run_dir), Path(out)
     started = time.monotonic()
@@ -208,6 +207,48 @@ def merge(
         raise Ia3Error(f"--dtype: '{dtype}' is not supported", f"use one of {', '.join(CAST_RTOL)}")
     _check_paths(run_dir, out, force)
     recipe = load_recipe(run_dir / "recipe.yaml")
+    merged, tokenizer, probe = fold(run_dir, recipe, stage)
+    if dtype != "float32":
+        merged = merged.to(getattr(torch, dtype))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        merged.save_pretrained(str(tmp), max_shard_size=MAX_SHARD_SIZE)
+        tokenizer.save_pretrained(str(tmp))
+        shutil.copyfile(run_dir / "recipe.yaml", tmp / "recipe.yaml")
+        del merged
+        gc.collect()
+        stage("save", f"{dtype} safetensors, tokenizer and recipe.yaml, into a temporary folder beside {out}")
+        report = _verify_saved(tmp, recipe, run_dir, dtype, probe, stage)
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(_model_card(recipe, run_dir, out, report), encoding="utf-8")
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+@dataclass
+class Probe:
+    """The probe batch a merge is proven on, the adapter's own logits on it, and the float32 merge check."""
+
+    batch: dict[str, Any]
+    reference: Any
+    source: str
+    warning: str | None
+    diff32: float
+    tol32: float
+
+
+def fold(run_dir: Path, recipe: Any, stage: Callable[[str, str], None]) -> tuple[Any, Any, Probe]:
+    """The run's adapter loaded on the float32, unquantised base and folded into its weights, checked in memory.
+
+    Raises:
+        RunError: when the merged model's logits differ from the adapter's beyond the float32 tolerance.
+    """
+    from ia3cli.tuners import ia3
+
     full = recipe.model_copy(
         update={"model": recipe.model.model_copy(update={"quantization": "none", "dtype": "float32"})}
     )
@@ -218,7 +259,6 @@ def merge(
     vectors = sum(1 for name, _ in model.named_parameters() if ".ia3_l." in name)
     batch, source, probe_warning = probe_batch(recipe, tokenizer, model.get_input_embeddings().num_embeddings)
     reference = _logits(model, batch)
-
     merged = model.merge_and_unload()
     del model
     stage("merge", f"{vectors} IA3 vectors folded into the base weights")
@@ -227,60 +267,52 @@ def merge(
     if not diff32 <= tol32:
         raise RunError(
             f"merge check failed: the merged model's logits differ from the adapter's by {diff32:.3e} "
-            f"(tolerance {tol32:.1e}) on {len(reference)} probe rows; nothing was written to {out}",
+            f"(tolerance {tol32:.1e}) on {len(reference)} probe rows; nothing was written",
             "run again with --debug and report it; the run dir is untouched",
         )
     stage("check", f"float32 max |delta logits| {diff32:.1e} <= {tol32:.1e} on {len(reference)} rows of {source}")
-    if dtype != "float32":
-        merged = merged.to(getattr(torch, dtype))
+    return merged, tokenizer, Probe(batch, reference, source, probe_warning, diff32, tol32)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        merged.save_pretrained(str(tmp), max_shard_size=MAX_SHARD_SIZE)
-        tokenizer.save_pretrained(str(tmp))
-        shutil.copyfile(run_dir / "recipe.yaml", tmp / "recipe.yaml")
-        del merged
-        gc.collect()
-        stage("save", f"{dtype} safetensors, tokenizer and recipe.yaml, into a temporary folder beside {out}")
-        # Prove what is on disk: a plain transformers load, no PEFT involved.
-        reloaded = auto_class(recipe.model.task).from_pretrained(
-            str(tmp), dtype=getattr(torch, dtype), trust_remote_code=recipe.model.trust_remote_code
+
+def _verify_saved(
+    tmp: Path, recipe: Any, run_dir: Path, dtype: str, probe: Probe, stage: Callable[[str, str], None]
+) -> dict[str, Any]:
+    """Reload what was saved with plain transformers (no PEFT), compare its logits, and return the merge report."""
+    import peft
+    import torch
+    import transformers
+
+    reloaded = auto_class(recipe.model.task).from_pretrained(
+        str(tmp), dtype=getattr(torch, dtype), trust_remote_code=recipe.model.trust_remote_code
+    )
+    reloaded.eval()
+    reference = probe.reference
+    diff = float((_logits(reloaded, probe.batch) - reference).abs().max())
+    del reloaded
+    tol = tolerance(dtype, reference)
+    if not diff <= tol:
+        raise RunError(
+            f"merge check failed: the saved {dtype} model's logits differ from the adapter's by {diff:.3e} "
+            f"(tolerance {tol:.1e}) on {len(reference)} probe rows; nothing was written",
+            "try --dtype float32 (float16 overflows on some models)" if dtype != "float32" else None,
         )
-        reloaded.eval()
-        diff = float((_logits(reloaded, batch) - reference).abs().max())
-        del reloaded
-        tol = tolerance(dtype, reference)
-        if not diff <= tol:
-            raise RunError(
-                f"merge check failed: the saved {dtype} model's logits differ from the adapter's by {diff:.3e} "
-                f"(tolerance {tol:.1e}) on {len(reference)} probe rows; nothing was written to {out}",
-                "try --dtype float32 (float16 overflows on some models)" if dtype != "float32" else None,
-            )
-        stage("verify", f"reloaded without PEFT: {dtype} max |delta logits| {diff:.1e} <= {tol:.1e}")
-        report = {
-            "base_model": recipe.model.name,
-            "adapter": str(run_dir),
-            "task": recipe.model.task,
-            "trained_quantization": recipe.model.quantization,
-            "dtype": dtype,
-            "max_abs_diff": diff,
-            "tolerance": tol,
-            "float32_max_abs_diff": diff32,
-            "float32_tolerance": tol32,
-            "max_abs_logit": float(reference.abs().max()),
-            "probe_rows": len(reference),
-            "probe_source": source,
-            "probe_warning": probe_warning,
-            "versions": {"ia3cli": __version__, "peft": peft.__version__, "transformers": transformers.__version__},
-        }
-        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(_model_card(recipe, run_dir, out, report), encoding="utf-8")
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return report
+    stage("verify", f"reloaded without PEFT: {dtype} max |delta logits| {diff:.1e} <= {tol:.1e}")
+    return {
+        "base_model": recipe.model.name,
+        "adapter": str(run_dir),
+        "task": recipe.model.task,
+        "trained_quantization": recipe.model.quantization,
+        "dtype": dtype,
+        "max_abs_diff": diff,
+        "tolerance": tol,
+        "float32_max_abs_diff": probe.diff32,
+        "float32_tolerance": probe.tol32,
+        "max_abs_logit": float(reference.abs().max()),
+        "probe_rows": len(reference),
+        "probe_source": probe.source,
+        "probe_warning": probe.warning,
+        "versions": {"ia3cli": __version__, "peft": peft.__version__, "transformers": transformers.__version__},
+    }
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

@@ -29,14 +29,14 @@ jobs by :mod:`ia3cli.inference.rows` in both.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ia3cli import __version__
 from ia3cli.errors import DataError, Ia3Error
-from ia3cli.inference.rows import Job, iter_rows, output_line, row_job
+from ia3cli.inference.rows import Job, iter_rows, make_job, output_line
 from ia3cli.outputs import write_atomic
 
 SIDECAR_SUFFIX = ".predict.json"
@@ -145,100 +145,6 @@ def _write(output: Path, input_path: Path, jobs: list[Job], meta: dict[str, Any]
     write_atomic(output, "".join(line + "\n" for line in lines))
 
 
-def prepare(
-    source: Path | None,
-    input_path: Path,
-    output: Path | None,
-    adapters: Sequence[str],
-    on_error: str,
-    settings: tuple[int, int, float, float],
-) -> tuple[Path, dict[str, Path], dict[str, Any], Path]:
-    """Check the arguments, the adapters and the output before any row is read.
-
-    Args:
-        settings: ``(batch_size, max_new_tokens, temperature, top_p)``.
-
-    Returns:
-        The input path, adapter names -> run dirs, their recipes, and the output path.
-
-    Raises:
-        Ia3Error: naming the bad argument, adapter or output.
-    """
-    from ia3cli.config.recipe import load_recipe
-
-    input_path = Path(input_path)
-    if on_error not in ON_ERROR:
-        raise Ia3Error(f"--on-error: '{on_error}' is not a policy", "use fail or skip")
-    batch_size, max_new_tokens, temperature, top_p = settings
-    if batch_size < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise Ia3Error(
-            "--batch-size and --max-new-tokens must be >= 1, --temperature >= 0, --top-p in (0, 1]",
-            f"got {batch_size}, {max_new_tokens}, {temperature}, {top_p}",
-        )
-    named = resolve_adapters(source, adapters)
-    output = Path(output) if output is not None else default_output(input_path)
-    check_output(output, input_path)
-    recipes = {}
-    for name, run_dir in named.items():
-        if not run_dir.is_dir():
-            raise Ia3Error(f"adapter '{name}': run directory not found: {run_dir}")
-        if not (run_dir / "recipe.yaml").is_file():
-            raise Ia3Error(f"adapter '{name}': {run_dir} has no recipe.yaml (not a finished run dir)")
-        recipes[name] = load_recipe(run_dir / "recipe.yaml")
-
-    return input_path, named, recipes, output
-
-
-def report_errors(
-    errors: list[dict[str, Any]], on_error: str, input_path: Path, output: Path, printer: Callable[[str], None]
-) -> None:
-    """Stop on bad rows (``--on-error fail``), or print the first ones that will be skipped.
-
-    Raises:
-        DataError: listing the bad rows, with ``on_error="fail"``.
-    """
-    if errors and on_error == "fail":
-        shown = "\n  ".join(f"{e['where']}: {e['error']}" for e in errors[:SHOWN_ERRORS])
-        more = f"\n  ... and {len(errors) - SHOWN_ERRORS} more" if len(errors) > SHOWN_ERRORS else ""
-        raise DataError(
-            str(input_path),
-            None,
-            f"{len(errors)} bad row(s), nothing was predicted:\n  {shown}{more}",
-            "fix the rows, or pass --on-error skip to predict the others",
-        )
-    for e in errors[:SHOWN_ERRORS]:
-        printer(f"skipped {input_path}, {e['where']}: {e['error']}")
-    if len(errors) > SHOWN_ERRORS:
-        printer(f"skipped {len(errors) - SHOWN_ERRORS} more bad rows (all listed in {sidecar(output)})")
-
-
-def metadata(
-    input_path: Path,
-    named: dict[str, Path],
-    recipes: dict[str, Any],
-    used: list[str],
-    predicted: int,
-    errors: list[dict[str, Any]],
-    generation: dict[str, Any],
-) -> dict[str, Any]:
-    """The sidecar's content: what was predicted with what, and every bad row."""
-    first = recipes[used[0] if used else next(iter(named))].model
-    base, task = first.name, first.task
-    return {
-        "written_by": "ia3 predict",
-        "ia3cli": __version__,
-        "input": str(input_path),
-        "adapters": {n: str(named[n]) for n in used},
-        "base_model": base,
-        "task": task,
-        "rows": predicted + len(errors),
-        "predicted": predicted,
-        "skipped": len(errors),
-        "errors": errors,
-        "generation": generation,
-    }
-
-
 # --- the run -------------------------------------------------------------------------------------------------------
 
 
@@ -249,7 +155,7 @@ def predict(
     *,
     adapters: Sequence[str] = (),
     adapter_column: str = "adapter",
-    choices_column: str = "choices",
+    choices_column: str | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
@@ -266,7 +172,8 @@ def predict(
         output: Where to write (default ``INPUT_STEM.predictions.jsonl`` beside the input).
         adapters: More adapters as ``NAME=RUN_DIR``.
         adapter_column: Column naming a row's adapter.
-        choices_column: Column with a row's own choices (causal-lm/seq2seq rank classification).
+        choices_column: Column with a row's own choices (causal-lm/seq2seq rank classification); default: the
+            adapter's ``data.choices_column``, else ``choices``.
         batch_size: Rows per forward (sequences, for choices).
         max_new_tokens: Generation length.
         temperature: 0 for greedy generation, else sampling at this temperature.
@@ -278,26 +185,19 @@ def predict(
     Raises:
         Ia3Error: bad arguments, adapters or output; DataError for bad rows with ``on_error="fail"``.
     """
-    input_path, named, recipes, output = prepare(
-        source, input_path, output, adapters, on_error, (batch_size, max_new_tokens, temperature, top_p)
-    )
-    jobs, errors = [], []
-    for where, row, problem in iter_rows(input_path):
-        if row is not None:
-            try:
-                jobs.append(row_job(len(jobs), row, named, recipes, adapter_column, choices_column))
-            except ValueError as exc:
-                problem = str(exc)
-        if problem is not None:
-            errors.append({"where": where, "error": problem})
-    report_errors(errors, on_error, input_path, output, printer)
+    settings = (batch_size, max_new_tokens, temperature, top_p)
+    input_path, named, recipes, output = prepare(source, input_path, output, adapters, on_error, settings)
+    jobs, errors = jobs_from_rows(iter_rows(input_path), named, recipes, adapter_column, choices_column)
+    report_bad_rows(errors, on_error, input_path, output, printer)
 
     from ia3cli.inference import jobs as inference
 
     used = [n for n in named if any(j.adapter == n for j in jobs)]
+    base, task = recipes[next(iter(named))].model.name, recipes[next(iter(named))].model.task
     if jobs:
         mixed = inference.load(named, used)
-        printer(f"predict: {len(jobs)} rows, adapters {', '.join(used)} on {mixed.base_name} ({mixed.task})")
+        base, task = mixed.base_name, mixed.task
+        printer(f"predict: {len(jobs)} rows, adapters {', '.join(used)} on {base} ({task})")
         inference.run(
             mixed,
             jobs,
@@ -309,6 +209,124 @@ def predict(
             printer=printer,
         )
     generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
-    meta = metadata(input_path, named, recipes, used, len(jobs), errors, generation)
+    meta = sidecar_meta(input_path, {n: named[n] for n in used}, base, task, len(jobs), errors, generation)
     _write(output, input_path, jobs, meta)
     return PredictResult(output, len(jobs) + len(errors), len(jobs), errors, used)
+
+
+def prepare(
+    source: Path | None,
+    input_path: Path,
+    output: Path | None,
+    adapters: Sequence[str],
+    on_error: str,
+    settings: tuple[int, int, float, float],
+) -> tuple[Path, dict[str, Path], dict[str, Any], Path]:
+    """Check the arguments (``settings``: batch size, max new tokens, temperature, top-p), adapters and output.
+
+    Returns:
+        The input path, adapter names -> run dirs, their recipes, and the output path.
+
+    Raises:
+        Ia3Error: naming the bad argument, adapter or output; nothing has been read or written.
+    """
+    input_path = Path(input_path)
+    batch_size, max_new_tokens, temperature, top_p = settings
+    if on_error not in ON_ERROR:
+        raise Ia3Error(f"--on-error: '{on_error}' is not a policy", "use fail or skip")
+    if batch_size < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise Ia3Error(
+            "--batch-size and --max-new-tokens must be >= 1, --temperature >= 0, --top-p in (0, 1]",
+            f"got {batch_size}, {max_new_tokens}, {temperature}, {top_p}",
+        )
+    named = resolve_adapters(source, adapters)
+    output = Path(output) if output is not None else default_output(input_path)
+    check_output(output, input_path)
+    return input_path, named, recipes_of(named), output
+
+
+def sidecar_meta(
+    input_path: Path,
+    adapters: dict[str, Path],
+    base: str,
+    task: str,
+    predicted: int,
+    errors: list[dict[str, Any]],
+    generation: dict[str, Any],
+) -> dict[str, Any]:
+    """What the sidecar ``OUTPUT.predict.json`` records (and what marks OUTPUT as an ``ia3 predict`` output)."""
+    return {
+        "written_by": "ia3 predict",
+        "ia3cli": __version__,
+        "input": str(input_path),
+        "adapters": {n: str(p) for n, p in adapters.items()},
+        "base_model": base,
+        "task": task,
+        "rows": predicted + len(errors),
+        "predicted": predicted,
+        "skipped": len(errors),
+        "errors": errors,
+        "generation": generation,
+    }
+
+
+def recipes_of(named: dict[str, Path]) -> dict[str, Any]:
+    """Each adapter's recipe, from its run dir (checked to be a finished run)."""
+    from ia3cli.config.load import load_recipe
+
+    recipes = {}
+    for name, run_dir in named.items():
+        if not run_dir.is_dir():
+            raise Ia3Error(f"adapter '{name}': run directory not found: {run_dir}")
+        if not (run_dir / "recipe.yaml").is_file():
+            raise Ia3Error(f"adapter '{name}': {run_dir} has no recipe.yaml (not a finished run dir)")
+        recipes[name] = load_recipe(run_dir / "recipe.yaml")
+    return recipes
+
+
+def jobs_from_rows(
+    rows: Iterable[tuple[str, dict[str, Any] | None, str | None]],
+    named: dict[str, Path],
+    recipes: dict[str, Any],
+    adapter_column: str,
+    choices_column: str | None,
+    start: int = 0,
+) -> tuple[list[Job], list[dict[str, Any]]]:
+    """The jobs of the valid rows (numbered from ``start``) and ``{"where", "error"}`` for each bad one."""
+    jobs: list[Job] = []
+    errors: list[dict[str, Any]] = []
+    for where, row, problem in rows:
+        if row is not None:
+            name = row.get(adapter_column)
+            try:
+                if name in (None, ""):
+                    if len(named) > 1:
+                        raise ValueError(f"no '{adapter_column}' column and {len(named)} adapters are loaded")
+                    name = next(iter(named))
+                if not isinstance(name, str) or name not in named:
+                    raise ValueError(f"unknown adapter {name!r} (loaded: {', '.join(named)})")
+                jobs.append(make_job(start + len(jobs), row, name, recipes[name], choices_column))
+            except ValueError as exc:
+                problem = str(exc)
+        if problem is not None:
+            errors.append({"where": where, "error": problem})
+    return jobs, errors
+
+
+def report_bad_rows(
+    errors: list[dict[str, Any]], on_error: str, input_path: Path, output: Path, printer: Callable[[str], None]
+) -> None:
+    """``fail``: raise with the first bad rows (nothing is written); ``skip``: print them."""
+    if errors and on_error == "fail":
+        shown = "\n  ".join(f"{e['where']}: {e['error']}" for e in errors[:SHOWN_ERRORS])
+        more = f"\n  ... and {len(errors) - SHOWN_ERRORS} more" if len(errors) > SHOWN_ERRORS else ""
+        raise DataError(
+            str(input_path),
+            None,
+            f"{len(errors)} bad row(s), nothing was predicted:\n  {shown}{more}",
+            "fix the rows, or pass --on-error skip to predict the others",
+        )
+    for e in errors[:SHOWN_ERRORS]:
+        printer(f"skipped {input_path}, {e['where']}: {e['error']}")
+    if len(errors) > SHOWN_ERRORS:
+        printer(f"skipped {len(errors) - SHOWN_ERRORS} more bad rows (all listed in {sidecar(output)})")

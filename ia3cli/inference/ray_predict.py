@@ -18,7 +18,7 @@ reproducible but differs from a single-process run.
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import json
 import os
 import pickle
@@ -29,7 +29,7 @@ from typing import Any
 
 from ia3cli.errors import Ia3Error
 from ia3cli.inference import predict as single
-from ia3cli.inference.rows import iter_rows, output_line, row_job
+from ia3cli.inference.rows import iter_rows, output_line
 from ia3cli.outputs import file_mode
 
 BLOCK_ROWS = 1024  # rows per block Ray Data moves between the reader, the actors and the driver
@@ -97,45 +97,37 @@ class Predictor:
     """
 
     def __init__(self, named: dict[str, Path], used: list[str], options: dict[str, Any]) -> None:
-        from ia3cli.config.recipe import load_recipe
         from ia3cli.inference import jobs
 
-        self.named, self.options = named, dict(options)
-        self.recipes = {n: load_recipe(Path(p) / "recipe.yaml") for n, p in named.items()}
+        self.named, self.options = {n: Path(p) for n, p in named.items()}, dict(options)
+        self.recipes = single.recipes_of(self.named)
         self.mixed = jobs.load(named, used)
 
-    def __call__(self, block: dict[str, Any]) -> dict[str, list[str | None]]:
+    def __call__(self, block: dict[str, Any]) -> dict[str, list[str]]:
         from ia3cli.inference import jobs
 
         o = self.options
-        todo, lines = [], [None] * len(block["where"])
-        for i, (data, problem) in enumerate(zip(block["row"], block["problem"], strict=True)):
-            if data is None or problem is not None:
-                continue
-            with contextlib.suppress(ValueError):  # a bad row: the driver found and reported it already
-                job = row_job(i, pickle.loads(data), self.named, self.recipes, o["adapter_column"], o["choices_column"])
-                todo.append(job)
+        rows = [
+            (where, None if data is None else pickle.loads(data), problem)
+            for where, data, problem in zip(block["where"], block["row"], block["problem"], strict=True)
+        ]
+        # bad rows: the driver found and reported them already; the good ones come back in input order
+        todo, _ = single.jobs_from_rows(rows, self.named, self.recipes, o["adapter_column"], o["choices_column"])
         run = {k: o[k] for k in ("batch_size", "max_new_tokens", "temperature", "top_p", "seed")}
         jobs.run(self.mixed, todo, **run, printer=lambda _: None)
-        for job in todo:
-            lines[job.index] = output_line(job)
-        return {"line": lines}
+        return {"line": [output_line(job) for job in sorted(todo, key=lambda j: j.index)]}
 
 
 def _scan(
-    input_path: Path, named: dict[str, Path], recipes: dict[str, Any], columns: tuple[str, str]
+    input_path: Path, named: dict[str, Path], recipes: dict[str, Any], columns: tuple[str, str | None]
 ) -> tuple[int, list[dict[str, Any]], list[str]]:
-    """One pass over the rows on the driver: how many are good, the bad ones, and the adapters used."""
+    """One pass over the rows on the driver, a block at a time: how many are good, the bad ones, the adapters used."""
     good, errors, seen = 0, [], set()
-    for where, row, problem in iter_rows(input_path):
-        if row is not None:
-            try:
-                seen.add(row_job(good, row, named, recipes, *columns).adapter)
-                good += 1
-            except ValueError as exc:
-                problem = str(exc)
-        if problem is not None:
-            errors.append({"where": where, "error": problem})
+    rows = iter_rows(input_path)
+    while block := list(itertools.islice(rows, BLOCK_ROWS)):
+        jobs, bad = single.jobs_from_rows(block, named, recipes, *columns)
+        good, seen = good + len(jobs), seen | {job.adapter for job in jobs}
+        errors += bad
     return good, errors, [n for n in named if n in seen]
 
 
@@ -159,7 +151,7 @@ def predict_on_ray(
     ray_address: str | None = None,
     adapters: Sequence[str] = (),
     adapter_column: str = "adapter",
-    choices_column: str = "choices",
+    choices_column: str | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
@@ -180,9 +172,12 @@ def predict_on_ray(
     settings = (batch_size, max_new_tokens, temperature, top_p)
     input_path, named, recipes, output = single.prepare(source, input_path, output, adapters, on_error, settings)
     good, errors, used = _scan(input_path, named, recipes, (adapter_column, choices_column))
-    single.report_errors(errors, on_error, input_path, output, printer)
+    single.report_bad_rows(errors, on_error, input_path, output, printer)
     generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
-    meta = single.metadata(input_path, named, recipes, used, good, errors, generation)
+    model = recipes[used[0] if used else next(iter(named))].model
+    meta = single.sidecar_meta(
+        input_path, {n: named[n] for n in used}, model.name, model.task, good, errors, generation
+    )
     options = {"adapter_column": adapter_column, "choices_column": choices_column, **generation}
     options["batch_size"] = batch_size
     lines = (

@@ -1,8 +1,5 @@
-"""Rows for ``ia3 predict``: reading input files row by row, and turning a row into a job for its adapter.
-
-Shared by the single-process run (:mod:`ia3cli.inference.predict`) and the Ray one
-(:mod:`ia3cli.inference.ray_predict`), so both read, refuse and write a row the same way.
-"""
+"""The input side of ``ia3 predict``: rows read from ``.jsonl``/``.json``/``.csv``/``.parquet`` files, and each
+valid row turned into a :class:`Job` for its adapter's recipe (bad rows are reported with the reason)."""
 
 from __future__ import annotations
 
@@ -31,9 +28,6 @@ class Job:
     messages: list[dict] | None = None
     choices: list[str] | None = None
     result: dict[str, Any] = field(default_factory=dict)
-
-
-# --- reading -------------------------------------------------------------------------------------------------------
 
 
 def iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
@@ -108,7 +102,7 @@ def _choices(value: Any) -> list[str] | None:
     return None
 
 
-def make_job(index: int, row: dict[str, Any], adapter: str, recipe: Any, choices_column: str) -> Job:
+def make_job(index: int, row: dict[str, Any], adapter: str, recipe: Any, choices_column: str | None = None) -> Job:
     """The job of a valid row for its adapter's recipe.
 
     Raises:
@@ -134,44 +128,28 @@ def make_job(index: int, row: dict[str, Any], adapter: str, recipe: Any, choices
         raise ValueError(f"cannot fill data.prompt_template of adapter '{adapter}': {exc}") from None
     if row.get(d.text_column) is None and not d.prompt_template:
         raise ValueError(f"column '{d.text_column}' is empty")
+    if row.get(d.text_column) is not None and not isinstance(row[d.text_column], str):
+        raise ValueError(f"column '{d.text_column}' must be a string, got {type(row[d.text_column]).__name__}")
     if task == "seq-cls":
         pair = None
         if d.text_pair_column:
             if row.get(d.text_pair_column) is None:
                 raise ValueError(f"missing column '{d.text_pair_column}' (data.text_pair_column of '{adapter}')")
-            pair = str(row[d.text_pair_column])
+            if not isinstance(row[d.text_pair_column], str):
+                raise ValueError(f"column '{d.text_pair_column}' must be a string")
+            pair = row[d.text_pair_column]
         return Job(index, row, adapter, "classify", text=text, pair=pair)
-    if row.get(choices_column) is not None:
-        choices = _choices(row[choices_column])
+    column = choices_column or d.choices_column or "choices"
+    if row.get(column) is not None:
+        choices = _choices(row[column])
         if choices is None:
-            raise ValueError(f"column '{choices_column}' must be a list of at least two non-empty strings")
+            raise ValueError(f"column '{column}' must be a list of at least two non-empty strings")
         return Job(index, row, adapter, "choose", text=text, choices=choices)
-    if d.label_names and not d.target_column:
+    if d.choices_column:
+        raise ValueError(f"missing column '{column}' (the choices of adapter '{adapter}', data.choices_column)")
+    if recipe.has_choices:
         return Job(index, row, adapter, "choose", text=text, choices=list(d.label_names))
     return Job(index, row, adapter, "generate", text=text)
-
-
-def row_job(
-    index: int,
-    row: dict[str, Any],
-    adapters: dict[str, Any],
-    recipes: dict[str, Any],
-    adapter_column: str,
-    choices_column: str,
-) -> Job:
-    """The job of a parsed row: its adapter (``adapter_column``, or the only one) and :func:`make_job`.
-
-    Raises:
-        ValueError: with the reason the row cannot be predicted.
-    """
-    name = row.get(adapter_column)
-    if name in (None, ""):
-        if len(adapters) > 1:
-            raise ValueError(f"no '{adapter_column}' column and {len(adapters)} adapters are loaded")
-        name = next(iter(adapters))
-    if not isinstance(name, str) or name not in adapters:
-        raise ValueError(f"unknown adapter {name!r} (loaded: {', '.join(adapters)})")
-    return make_job(index, row, name, recipes[name], choices_column)
 
 
 def output_line(job: Job) -> str:

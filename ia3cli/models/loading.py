@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ia3cli.config.families import HEAD_MODULES, TASKS, infer_task
+from ia3cli.config.paths import looks_local
 from ia3cli.config.recipe import ModelSection, Recipe
-from ia3cli.env import cache_dir, hub_offline
+from ia3cli.env import hub_offline
 from ia3cli.errors import Ia3Error, RecipeError
+from ia3cli.models.cache import announce, gguf_root, mark
 
 if TYPE_CHECKING:
     import torch
@@ -58,10 +60,6 @@ def _source_kwargs(model: ModelSection) -> dict[str, Any]:
     return kwargs
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or os.sep in name.replace("/", "")
-
-
 def load_config(model: ModelSection) -> PretrainedConfig:
     """Load the ``AutoConfig`` of ``model.name`` (hub id, local directory or ``pkg:`` name).
 
@@ -92,7 +90,7 @@ def load_config(model: ModelSection) -> PretrainedConfig:
                 "model.name", f"{path} has no config.json", "point at the folder written by save_pretrained()"
             )
         name = str(path)
-    elif _looks_local(model.name):
+    elif looks_local(model.name):
         raise RecipeError("model.name", f"directory not found: {model.name}", "check the path (or use a hub id)")
     try:
         return AutoConfig.from_pretrained(name, **_source_kwargs(model))
@@ -273,7 +271,7 @@ def dequantized_gguf(model: ModelSection) -> Path:
     src = Path(model.path) / model.gguf_file  # type: ignore[operator]
     stat = src.stat()
     key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{model.task}".encode()).hexdigest()[:16]
-    dest = cache_dir() / "gguf" / f"{src.stem}-{key}"
+    dest = gguf_root() / f"{src.stem}-{key}"
     if (dest / "config.json").is_file():
         return dest
     full = auto_class(model.task).from_pretrained(
@@ -285,7 +283,12 @@ def dequantized_gguf(model: ModelSection) -> Path:
         del full.config.quantization_config
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     full.save_pretrained(str(tmp))
-    tmp.replace(dest) if not dest.exists() else shutil.rmtree(tmp)
+    mark(tmp, src)
+    if dest.exists():  # another process finished first
+        shutil.rmtree(tmp)
+    else:
+        tmp.replace(dest)
+        announce(dest, src)
     return dest
 
 

@@ -11,7 +11,8 @@ Endpoints (``model`` is an adapter name, or the base model's own name for the ba
   as server-sent events (``data: {...}`` chunks, then ``data: [DONE]``); ``temperature`` 0 is greedy; ``stop``,
   ``seed`` and vLLM's ``ignore_eos`` are honoured.
 - ``POST /v1/classify``: ``{"model", "input": str | [str] | [{column: value}]}`` -> label and probabilities per
-  input, for seq-cls adapters (their head) and choice adapters (rank classification over ``data.label_names``).
+  input, for seq-cls adapters (their head) and choice adapters (rank classification over ``data.label_names``, or
+  each input's own list in the ``data.choices_column`` field).
 - ``GET /v1/models``; ``POST /adapters {"name", "path"}`` (the path must resolve inside the adapter directory);
   ``DELETE /adapters/{name}``; ``GET /health``; ``GET /metrics`` (Prometheus text format).
 
@@ -38,12 +39,11 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ia3cli.errors import Ia3Error
@@ -51,50 +51,11 @@ from ia3cli.serving.adapter_pool import AdapterNotFound, AdapterPool, first_run
 from ia3cli.serving.batcher import Batcher, ClassifyItem
 from ia3cli.serving.completions import ApiError, check_key, error_body, from_ia3, respond
 from ia3cli.serving.prometheus import Metrics
+from ia3cli.serving.requests import AdapterRequest, ChatRequest, ClassifyRequest, CompletionRequest
+from ia3cli.serving.settings import DEFAULTS
 
 if TYPE_CHECKING:
     from ia3cli.tuners.mixed import MixedIA3
-
-
-MAX_INPUTS = 256  # prompts or inputs in one request (each is a row of a batch)
-
-# --- request bodies ------------------------------------------------------------------------------------------------
-
-
-class _Sampling(BaseModel):
-    model: str
-    max_tokens: int = Field(16, ge=1, description="Tokens to generate at most.")
-    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: Literal[1] = 1
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    ignore_eos: bool = Field(False, description="Generate max_tokens whatever comes (vLLM's extension).")
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class ClassifyRequest(BaseModel):
-    model: str
-    input: str | Annotated[list[str | dict[str, Any]], Field(min_length=1, max_length=MAX_INPUTS)]
-
-
-class AdapterRequest(BaseModel):
-    name: str
-    path: str
 
 
 # --- the app -------------------------------------------------------------------------------------------------------
@@ -118,9 +79,9 @@ class Server:
         mixed: MixedIA3,
         root: Path,
         *,
-        max_adapters: int = 64,
-        max_batch_size: int = 32,
-        max_wait_ms: float = 10.0,
+        max_adapters: int = DEFAULTS.max_adapters,
+        max_batch_size: int = DEFAULTS.max_batch_size,
+        max_wait_ms: float = DEFAULTS.max_wait_ms,
         api_key: str | None = None,
         loaded: dict[str, Path] | None = None,
     ) -> None:
@@ -201,8 +162,23 @@ def build_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="ia3 serve", lifespan=lifespan)
     app.state.server = server
-
     app.add_middleware(_Measure, metrics=server.metrics)
+    _error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "base": server.mixed.base_name, "adapters_loaded": len(server.pool.lru)}
+
+    async def authorised(request: Request) -> None:
+        check_key(server.api_key, request.headers.get("authorization", ""))
+
+    app.include_router(_admin_routes(server), dependencies=[Depends(authorised)])
+    app.include_router(_model_routes(server), dependencies=[Depends(authorised)])
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error as an OpenAI-shaped body: ours, the request validation's (422) and Starlette's (404, 405)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -219,14 +195,10 @@ def build_app(server: Server) -> FastAPI:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
 
-    async def authorised(request: Request) -> None:
-        check_key(server.api_key, request.headers.get("authorization", ""))
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "base": server.mixed.base_name, "adapters_loaded": len(server.pool.lru)}
-
-    api = APIRouter(dependencies=[Depends(authorised)])
+def _admin_routes(server: Server) -> APIRouter:
+    """``/metrics``, ``/v1/models`` and registering or removing adapters at run time."""
+    api = APIRouter()
 
     @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:
@@ -256,6 +228,13 @@ def build_app(server: Server) -> FastAPI:
             raise from_ia3(exc) from None
         return {"name": name, "deleted": True}
 
+    return api
+
+
+def _model_routes(server: Server) -> APIRouter:
+    """The OpenAI-compatible model endpoints: ``/v1/classify``, ``/v1/completions``, ``/v1/chat/completions``."""
+    api = APIRouter()
+
     @api.post("/v1/classify")
     async def classify(body: ClassifyRequest) -> dict[str, Any]:
         adapter = server.adapter_of(body.model)
@@ -270,9 +249,8 @@ def build_app(server: Server) -> FastAPI:
             result = await item.future
         except Ia3Error as exc:
             raise from_ia3(exc) from None
-        labels = result["labels"]
         data = []
-        for i, probs in enumerate(result["probabilities"]):
+        for i, (labels, probs) in enumerate(zip(result["labels"], result["probabilities"], strict=True)):
             best = max(range(len(probs)), key=probs.__getitem__)
             data.append({"index": i, "label": labels[best], "probabilities": dict(zip(labels, probs, strict=True))})
         return {"object": "list", "model": body.model, "data": data}
@@ -298,8 +276,7 @@ def build_app(server: Server) -> FastAPI:
         ids = [server.encode(text, body.max_tokens, special=False)]
         return await respond(server.mixed, server.batcher, request, body, adapter, ids, chat=True)
 
-    app.include_router(api)
-    return app
+    return api
 
 
 # --- the command ---------------------------------------------------------------------------------------------------
@@ -348,11 +325,11 @@ def bind(host: str, port: int) -> socket.socket:
 def run(
     path: Path,
     *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_adapters: int = 64,
-    max_batch_size: int = 32,
-    max_wait_ms: float = 10.0,
+    host: str = DEFAULTS.host,
+    port: int = DEFAULTS.port,
+    max_adapters: int = DEFAULTS.max_adapters,
+    max_batch_size: int = DEFAULTS.max_batch_size,
+    max_wait_ms: float = DEFAULTS.max_wait_ms,
     api_key: str | None = None,
     printer: Callable[[str], None] = print,
 ) -> None:

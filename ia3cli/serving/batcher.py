@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ia3cli.scoring.loglik import pad_id
 from ia3cli.serving.adapter_pool import AdapterPool, BadInput
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ def generate(mixed: MixedIA3, rows: list[Row], metrics: Metrics) -> None:
     model, tok = mixed.model, mixed.tokenizer
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = {tok.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     width = max(len(r.prompt_ids) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -154,9 +155,18 @@ def choice_labels(recipe: Recipe, mixed: MixedIA3) -> list[str] | None:
     if recipe.model.task == "seq-cls":
         id2label = getattr(mixed.model.config, "id2label", None) or {}
         return list(d.label_names or [id2label.get(i, f"LABEL_{i}") for i in range(recipe.num_labels)])
-    if d.label_names and d.messages_column is None:
-        return list(d.label_names)
+    if recipe.has_choices:
+        return list(d.label_names or [])  # per-row choices (data.choices_column): see row_labels
     return None
+
+
+def row_labels(recipe: Recipe, mixed: MixedIA3, row: dict[str, Any]) -> list[str]:
+    """The classes one input is ranked over: its own choices (``data.choices_column``), else the adapter's."""
+    from ia3cli.data.encoding import row_choices
+
+    if recipe.model.task != "seq-cls" and recipe.data.choices_column:
+        return row_choices(row, recipe.data)
+    return choice_labels(recipe, mixed) or []
 
 
 def classify(mixed: MixedIA3, items: list[ClassifyItem], recipes: dict[str | None, Recipe]) -> None:
@@ -170,10 +180,10 @@ def classify(mixed: MixedIA3, items: list[ClassifyItem], recipes: dict[str | Non
 
     from ia3cli.data.encoding import prompt_text
     from ia3cli.scoring.evaluation import choice_features
-    from ia3cli.scoring.loglik import IGNORE_INDEX, pad_batch
+    from ia3cli.scoring.loglik import pad_batch, sequence_logprobs
 
     tok = mixed.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     feats: list[dict[str, Any]] = []
     names: list[str | None] = []
     for item in items:
@@ -188,31 +198,23 @@ def classify(mixed: MixedIA3, items: list[ClassifyItem], recipes: dict[str | Non
                 for f in choice_features(row, recipe, tok):
                     feats.append(f)
                     names.append(item.adapter)
-    batch = pad_batch(feats, pad)
-    with torch.inference_mode(), mixed.select(names):
+    with torch.inference_mode():
         if mixed.task == "seq-cls":
-            scores = mixed.model(**batch).logits.float()
+            with mixed.select(names):
+                scores = mixed.model(**pad_batch(feats, pad)).logits.float()
         else:
-            seq2seq = mixed.task == "seq2seq"
-            labels = batch["labels"] if seq2seq else batch.pop("labels")
-            logits = mixed.model(**batch).logits.float()
-            if not seq2seq:
-                logits, labels = logits[:, :-1], labels[:, 1:]
-            mask = labels != IGNORE_INDEX
-            logp = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-            scores = (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+            select = lambda idx: mixed.select([names[i] for i in idx])  # noqa: E731
+            scored = sequence_logprobs(mixed.model, feats, pad, max(len(feats), 1), select=select)
+            scores = torch.tensor([total / max(count, 1) for total, count in scored])
     start = 0
     for item in items:
-        labels = choice_labels(recipes[item.adapter], mixed) or []
-        n_labels = len(labels)
-        probs = []
-        for _ in item.rows:
-            if mixed.task == "seq-cls":
-                probs.append(torch.softmax(scores[start], -1).tolist())
-                start += 1
-            else:
-                probs.append(torch.softmax(scores[start : start + n_labels], -1).tolist())
-                start += n_labels
+        recipe, labels, probs = recipes[item.adapter], [], []
+        for row in item.rows:
+            labels.append(row_labels(recipe, mixed, row))
+            width = 1 if mixed.task == "seq-cls" else len(labels[-1])
+            row_scores = scores[start] if mixed.task == "seq-cls" else scores[start : start + width]
+            probs.append(torch.softmax(row_scores, -1).tolist())
+            start += width
         item.resolve({"labels": labels, "probabilities": probs})
 
 
@@ -359,7 +361,13 @@ class Batcher:
             item.resolve(error=BadInput(f"model '{name}' is not a classifier (no seq-cls head, no data.label_names)"))
             return False
         item.rows = [r if isinstance(r, dict) else {recipe.data.text_column: r} for r in item.rows]
-        for row in item.rows:
+        column = recipe.data.choices_column if recipe.model.task != "seq-cls" else None
+        for i, row in enumerate(item.rows):
+            value = row.get(column) if column else None
+            if column and not (isinstance(value, list) and len(value) >= 2 and all(isinstance(c, str) for c in value)):
+                why = f"input {i} needs a list of at least 2 choices in field '{column}' (data.choices_column)"
+                item.resolve(error=BadInput(f"{why} of model '{name}'"))
+                return False
             try:
                 prompt_text(row, recipe.data)
             except (KeyError, IndexError) as exc:
