@@ -7,13 +7,14 @@ from typing import Annotated
 
 import typer
 
-from ia3cli.cli.common import DebugOpt, errors, quiet_libraries
+from ia3cli.cli.common import DebugOpt, DeviceOpt, errors, quiet_libraries
 from ia3cli.serving.settings import DEFAULTS as SERVE
 
 SERVE_EXAMPLES = (
     "ia3 serve runs/                       # every run dir in runs/ is an adapter, by folder name",
     "ia3 serve runs/quickstart --port 8080",
     "ia3 serve adapters/ --max-adapters 1000 --max-batch-size 64 --api-key $KEY",
+    "ia3 serve runs/ --device cuda:1        # a base with model.device_map: auto spreads over the GPUs",
     'curl localhost:8000/v1/completions -d \'{"model": "my-run", "prompt": "Hi", "max_tokens": 8}\'',
 )
 
@@ -38,6 +39,7 @@ def serve(
         str | None,
         typer.Option("--api-key", envvar="IA3_API_KEY", help="Require Authorization: Bearer KEY (env IA3_API_KEY)."),
     ] = None,
+    device: DeviceOpt = "auto",
     debug: DebugOpt = False,
 ) -> None:
     """Serve a base model and its IA3 adapters over an OpenAI-compatible HTTP API, batching across adapters."""
@@ -54,4 +56,5 @@ def serve(
             max_wait_ms=max_wait_ms,
             api_key=api_key,
             printer=typer.echo,
+            device=device,
         )

@@ -34,6 +34,8 @@ from typing import Any
 from ia3cli import __version__
 from ia3cli.errors import DataError, Ia3Error
 from ia3cli.inference.rows import Job, make_job, read_rows
+from ia3cli.models.device import input_device
+from ia3cli.models.device import resolve as resolve_device
 from ia3cli.outputs import write_atomic
 
 SIDECAR_SUFFIX = ".predict.json"
@@ -160,6 +162,7 @@ def predict(
     seed: int = 0,
     on_error: str = "fail",
     printer: Callable[[str], None] = print,
+    device: str = "auto",
 ) -> PredictResult:
     """Predict every row of ``input_path`` with its adapter and write JSON lines (see the module docstring).
 
@@ -178,6 +181,7 @@ def predict(
         seed: Seed for sampling.
         on_error: ``fail`` (stop on bad rows, write nothing) or ``skip`` (leave them out, report them).
         printer: Receives progress and error lines.
+        device: Where the model runs (``--device``; see :mod:`ia3cli.models.device`).
 
     Raises:
         Ia3Error: bad arguments, adapters or output; DataError for bad rows with ``on_error="fail"``.
@@ -190,6 +194,7 @@ def predict(
             "--batch-size and --max-new-tokens must be >= 1, --temperature >= 0, --top-p in (0, 1]",
             f"got {batch_size}, {max_new_tokens}, {temperature}, {top_p}",
         )
+    resolve_device(device)  # a device that is not there fails before anything is read
     named = resolve_adapters(source, adapters)
     output = Path(output) if output is not None else default_output(input_path)
     check_output(output, input_path)
@@ -202,9 +207,10 @@ def predict(
     used = [n for n in named if any(j.adapter == n for j in jobs)]
     base, task = recipes[next(iter(named))].model.name, recipes[next(iter(named))].model.task
     if jobs:
-        mixed = inference.load(named, used)
+        mixed = inference.load(named, used, device=device)
         base, task = mixed.base_name, mixed.task
-        printer(f"predict: {len(jobs)} rows, adapters {', '.join(used)} on {base} ({task})")
+        on = input_device(mixed.model)
+        printer(f"predict: {len(jobs)} rows, adapters {', '.join(used)} on {base} ({task}), {on}")
         inference.run(
             mixed,
             jobs,

@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ia3cli.errors import Ia3Error
+from ia3cli.models.device import input_device
 from ia3cli.serving.adapter_pool import AdapterNotFound, AdapterPool, is_run_dir
 from ia3cli.serving.batcher import Batcher, ClassifyItem
 from ia3cli.serving.completions import ApiError, error_body, from_ia3, respond
@@ -286,16 +287,19 @@ def _model_routes(server: Server) -> APIRouter:
 # --- the command ---------------------------------------------------------------------------------------------------
 
 
-def load(path: Path, quantization: str | None = None) -> tuple[MixedIA3, Path, dict[str, Path]]:
+def load(path: Path, quantization: str | None = None, device: str = "auto") -> tuple[MixedIA3, Path, dict[str, Path]]:
     """The base model and the adapter directory for ``ia3 serve PATH`` (a run dir, or a folder of run dirs).
 
-    The base is the one the first run dir (by name) was trained on; that adapter is loaded with it.
+    The base is the one the first run dir (by name) was trained on, loaded on ``device`` (``--device``); that
+    adapter is loaded with it.
 
     Raises:
         Ia3Error: when PATH is missing or holds no run dir.
     """
+    from ia3cli.models.device import resolve
     from ia3cli.tuners.mixed import MixedIA3
 
+    resolve(device)  # a device that is not there fails before the model loads
     path = Path(path)
     if not path.is_dir():
         raise Ia3Error(f"{path}: adapter directory not found", "pass a run dir or a folder of run dirs")
@@ -309,7 +313,7 @@ def load(path: Path, quantization: str | None = None) -> tuple[MixedIA3, Path, d
                 "train one with `ia3 train RECIPE` and put its output_dir there",
             )
         first = runs[0]
-    mixed = MixedIA3.from_run(first, quantization=quantization)
+    mixed = MixedIA3.from_run(first, quantization=quantization, device=device)
     return mixed, path, {first.name: first.resolve()}
 
 
@@ -341,8 +345,9 @@ def run(
     max_wait_ms: float = DEFAULTS.max_wait_ms,
     api_key: str | None = None,
     printer: Callable[[str], None] = print,
+    device: str = "auto",
 ) -> None:
-    """Load the base and the first adapter, bind, and serve until interrupted.
+    """Load the base and the first adapter on ``device``, bind, and serve until interrupted.
 
     Raises:
         Ia3Error: for a bad adapter directory or an address that cannot be bound.
@@ -351,7 +356,7 @@ def run(
 
     if max_adapters < 1 or max_batch_size < 1 or max_wait_ms < 0:
         raise Ia3Error("--max-adapters and --max-batch-size must be >= 1, --max-wait-ms >= 0")
-    mixed, root, loaded = load(path)
+    mixed, root, loaded = load(path, device=device)
     server = Server(
         mixed,
         root,
@@ -363,7 +368,8 @@ def run(
     )
     sock = bind(host, port)
     where = sock.getsockname()
-    printer(f"serving {mixed.base_name} ({mixed.task}) with adapters from {root} on http://{host}:{where[1]}")
+    on = input_device(mixed.model)
+    printer(f"serving {mixed.base_name} ({mixed.task}, {on}) with adapters from {root} on http://{host}:{where[1]}")
     printer(f"  adapters: {', '.join(server.pool.known()[:5])}{' ...' if len(server.pool.known()) > 5 else ''}")
     config = uvicorn.Config(build_app(server), log_level="warning", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
