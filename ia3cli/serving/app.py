@@ -49,7 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ia3cli.errors import Ia3Error
 from ia3cli.models.device import input_device
 from ia3cli.serving.adapter_pool import AdapterNotFound, AdapterPool, is_run_dir
-from ia3cli.serving.batcher import Batcher, ClassifyItem
+from ia3cli.serving.batcher import DEGRADED_AFTER, Batcher, ClassifyItem
 from ia3cli.serving.completions import ApiError, error_body, from_ia3, respond
 from ia3cli.serving.prometheus import Metrics
 from ia3cli.serving.requests import AdapterRequest, ChatRequest, ClassifyRequest, CompletionRequest
@@ -167,8 +167,12 @@ def build_app(server: Server) -> FastAPI:
     _error_handlers(app)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "base": server.mixed.base_name, "adapters_loaded": len(server.pool.lru)}
+    async def health() -> JSONResponse:
+        body = {"status": "ok", "base": server.mixed.base_name, "adapters_loaded": len(server.pool.lru)}
+        failing = server.batcher.failures_in_a_row
+        if failing >= DEGRADED_AFTER:  # the model itself fails: tell the load balancer
+            body |= {"status": "degraded", "failed_batches_in_a_row": failing, "last_error": server.batcher.last_error}
+        return JSONResponse(body, status_code=503 if body["status"] == "degraded" else 200)
 
     async def authorised(request: Request) -> None:
         if server.api_key is None:
