@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from ia3cli.cli.app import app
-from ia3cli.config.recipe import validate_mapping
+from ia3cli.config.load import validate_mapping
 from ia3cli.errors import Ia3Error, RecipeError
 from ia3cli.models import device as devices
 from ia3cli.models import loading as modeling
