@@ -221,3 +221,39 @@ def test_eval_and_merge_run_on_the_device_asked_for(tiny_model, tmp_path: Path) 
     merged = runner.invoke(app, ["merge", str(run), str(tmp_path / "merged"), "--device", "cpu"])
     assert merged.exit_code == 0, merged.output
     assert json.loads((tmp_path / "merged" / "merge_report.json").read_text())["device"] == "cpu"
+
+
+# --- bench/gpu.py on a machine without CUDA -----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of the GPU benchmark")
+def test_the_gpu_benchmark_says_cuda_is_required_and_writes_nothing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    result_file = root / "bench" / "results" / "gpu.json"
+    before = result_file.stat().st_mtime_ns if result_file.exists() else None
+    done = subprocess.run(
+        [sys.executable, str(root / "bench" / "gpu.py")], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "needs a CUDA device" in done.stdout
+    assert (result_file.stat().st_mtime_ns if result_file.exists() else None) == before
+
+
+def test_the_gpu_benchmark_model_has_llama_3_2_1b_shapes() -> None:
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_gpu", bench / "gpu.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+    with torch.device("meta"):
+        model = modeling.auto_class("causal-lm").from_config(module.llama_1b_config())
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(1.236e9, rel=0.01)  # Llama-3.2-1B: 1.24B
