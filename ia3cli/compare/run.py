@@ -249,15 +249,13 @@ def run(
         resume: Reuse OUT's finished cells; refused when OUT compared another recipe or settings.
         overwrite: Replace an earlier comparison in OUT.
         lora_r: LoRA rank (default: the recipe's ``adapter.lora_r``); alpha is always ``adapter.lora_alpha``.
-        lora_targets: ``attention`` (query/value), ``all-linear``, or a list of suffixes (default: the recipe's
-            ``adapter.lora_targets``).
+        lora_targets: ``attention`` (query/value), ``all-linear``, or suffixes (default: ``adapter.lora_targets``).
         lr: Per-method learning rates replacing the defaults.
         icl_k: Demonstrations per prompt for ``icl`` (default: as many as fit).
         sweep: Pick each trained cell's learning rate on rows carved from its own training sample.
         printer: Receives progress lines and the table.
         verbose: Pass each training run's own lines to ``printer`` too.
-        device: Where the zero-shot and icl cells run (``--device``); trained cells train where the Trainer
-            does (the GPU when there is one).
+        device: Where the zero-shot and icl cells run (``--device``); trained cells train where the Trainer does.
 
     Raises:
         RecipeError: unknown or inapplicable method, N larger than the data, no eval split, bad ``--lr``.
@@ -265,8 +263,7 @@ def run(
     """
     from ia3cli.training import preflight
 
-    resolve_device(device)  # a device that is not there fails before anything is written
-    methods, rows, seed_list = _grid(recipe, methods, rows, seeds)
+    methods, rows, seed_list = _grid(recipe, methods, rows, seeds, device)
     out = Path(out).expanduser()
     lora = lora_settings(recipe, lora_r, lora_targets)
     settings = {"lora": lora, "icl_k": icl_k, "sweep": sweep, "rates": dict(lr or {}), "min_steps": MIN_STEPS}
@@ -306,9 +303,10 @@ def run(
 
 
 def _grid(
-    recipe: Recipe, methods: Sequence[str] | None, rows: Sequence[int], seeds: int | Sequence[int]
+    recipe: Recipe, methods: Sequence[str] | None, rows: Sequence[int], seeds: int | Sequence[int], device: str
 ) -> tuple[list[str], list[int], list[int]]:
-    """The methods, sizes N and seeds compared, checked."""
+    """The methods, sizes N and seeds compared, checked (and the device they run on, before anything is written)."""
+    resolve_device(device)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     sizes = sorted({int(n) for n in rows})
     if not sizes or sizes[0] < 1 or not seed_list:
