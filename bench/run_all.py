@@ -24,9 +24,12 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"  # --quick: bench/_work/results-quick (smoke numbers never replace real ones)
 # Cheapest first; the heavy training benchmarks last.
-BENCHMARKS = ["startup", "adapter_size", "floor", "memory", "monitor_cost", "mixed", "throughput", "fewshot", "serve"]
-# Run only when named (hours on 2 cores); their results still go into the table.
-LONG = ["fewshot_causal"]
+BENCHMARKS = [
+    "startup", "adapter_size", "floor", "memory", "monitor_cost", "mixed", "throughput", "fewshot", "serve",
+    "serve_latency",
+]  # fmt: skip
+# Run only when named (hours on 2 cores; gpu.py needs CUDA); their results still go into the table.
+LONG = ["fewshot_causal", "gpu"]
 
 
 def table(results: Path) -> str:
