@@ -257,3 +257,15 @@ def test_the_gpu_benchmark_model_has_llama_3_2_1b_shapes() -> None:
     with torch.device("meta"):
         model = modeling.auto_class("causal-lm").from_config(module.llama_1b_config())
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(1.236e9, rel=0.01)  # Llama-3.2-1B: 1.24B
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a CUDA GPU")
+def test_fp16_training_without_a_gpu_is_refused_before_anything_is_written(tiny_model, tmp_path: Path) -> None:
+    from tests.conftest import write_recipe
+
+    out = tmp_path / "run"
+    raw = tiny_recipe(tiny_model("llama", "causal-lm"), "causal-lm", out, training={"precision": "fp16"})
+    result = runner.invoke(app, ["train", str(write_recipe(tmp_path / "r.yaml", raw))])
+    assert result.exit_code == 2, result.output
+    assert "training.precision: fp16 mixed precision needs a CUDA GPU" in result.output
+    assert "Traceback" not in result.output and not out.exists()
