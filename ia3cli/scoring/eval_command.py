@@ -61,7 +61,7 @@ def _load_recipe(kind: str, target: str, recipe_path: Path | None, overrides: li
     return load_recipe(recipe_path, overrides)
 
 
-def _load_model(kind: str, target: str, recipe: Recipe, full_precision: bool, device: str) -> tuple[Any, Any]:
+def _load_model(kind: str, target: str, recipe: Recipe, full_precision: bool, device: str = "auto") -> tuple[Any, Any]:
     from ia3cli.models import loading as modeling
     from ia3cli.tuners import ia3
 
