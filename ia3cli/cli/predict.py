@@ -7,13 +7,14 @@ from typing import Annotated
 
 import typer
 
-from ia3cli.cli.common import DebugOpt, RayAddressOpt, RayOpt, check_ray, errors, quiet_libraries
+from ia3cli.cli.common import DebugOpt, DeviceOpt, RayAddressOpt, RayOpt, check_ray, errors, quiet_libraries
 
 PREDICT_EXAMPLES = (
     "ia3 predict runs/quickstart --input rows.jsonl --output preds.jsonl",
     "ia3 predict runs/ --input tickets.csv      # every run dir in runs/; rows pick one in column 'adapter'",
     "ia3 predict runs/a --adapter b=runs/b --input rows.parquet --on-error skip",
     "ia3 predict runs/chat --input prompts.jsonl --max-new-tokens 64 --temperature 0.7 --top-p 0.9 --seed 1",
+    "ia3 predict runs/ --input rows.jsonl --device cpu      # default: the GPU when there is one",
     "ia3 predict runs/ --input big.parquet --ray --workers 4     # Ray Data: 4 actors, streamed, same output",
 )
 
@@ -62,6 +63,7 @@ def predict(
         int | None, typer.Option("--workers", help="With --ray: actors, each with the base (default 1).")
     ] = None,
     ray_address: RayAddressOpt = None,
+    device: DeviceOpt = "auto",
     debug: DebugOpt = False,
 ) -> None:
     """Predict a file of rows with one or many adapters (mixed in every batch); output keeps the input order."""
@@ -90,6 +92,7 @@ def predict(
             seed=seed,
             on_error=on_error,
             printer=lambda line: typer.echo(line, err=True),
+            device=device,
         )
         skipped = f", skipped {len(result.errors)} bad rows" if result.errors else ""
         typer.echo(f"{result.predicted} predictions written to {result.output}{skipped}")

@@ -7,13 +7,14 @@ from typing import Annotated
 
 import typer
 
-from ia3cli.cli.common import DebugOpt, RayAddressOpt, RayOpt, check_ray, errors, quiet_libraries
+from ia3cli.cli.common import DebugOpt, DeviceOpt, RayAddressOpt, RayOpt, check_ray, errors, quiet_libraries
 from ia3cli.serving.settings import DEFAULTS as SERVE
 
 SERVE_EXAMPLES = (
     "ia3 serve runs/                       # every run dir in runs/ is an adapter, by folder name",
     "ia3 serve runs/quickstart --port 8080",
     "ia3 serve adapters/ --max-adapters 1000 --max-batch-size 64 --api-key $KEY",
+    "ia3 serve runs/ --device cuda:1        # a base with model.device_map: auto spreads over the GPUs",
     'curl localhost:8000/v1/completions -d \'{"model": "my-run", "prompt": "Hi", "max_tokens": 8}\'',
     "ia3 serve adapters/ --ray --replicas 2     # a local Ray cluster; each adapter goes to the replica holding it",
     "ia3 serve /shared/adapters --ray --ray-address auto --min-replicas 1 --max-replicas 8 --host 0.0.0.0",
@@ -48,6 +49,7 @@ def serve(
     max_replicas: Annotated[int | None, typer.Option("--max-replicas", help="... up to this many replicas.")] = None,
     replica_cpus: Annotated[float, typer.Option("--replica-cpus", help="With --ray: CPUs each replica takes.")] = 1.0,
     ray_address: RayAddressOpt = None,
+    device: DeviceOpt = "auto",
     debug: DebugOpt = False,
 ) -> None:
     """Serve a base model and its IA3 adapters over an OpenAI-compatible HTTP API, batching across adapters."""
@@ -59,7 +61,7 @@ def serve(
         if not ray:
             from ia3cli.serving import app as serving
 
-            serving.run(adapters, host=host, port=port, api_key=api_key, printer=typer.echo, **options)
+            serving.run(adapters, host=host, port=port, api_key=api_key, printer=typer.echo, device=device, **options)
             return
         from ia3cli.serving import ray_deploy
 
@@ -73,4 +75,5 @@ def serve(
             host=host,
             port=port,
             api_key=api_key,
+            device=device,
         )

@@ -9,6 +9,7 @@ This module imports no torch or transformers, so ``ia3 validate`` reports schema
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,13 @@ class ModelSection(_Section):
         None,
         description="GGUF file inside `name` to load, dequantised to `dtype` (with 4/8-bit quantization it is "
         "dequantised once into a cache folder, then quantised by bitsandbytes).",
+    )
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str] | None = Field(
+        None,
+        description="Inference with `--device auto` (eval, predict, serve, compare, merge): spread the base over "
+        "the GPUs as accelerate's big-model inference does: `auto`/`balanced`, `sequential`, or a map of module "
+        "name -> GPU index, `cpu` or `disk`. Default and with an explicit `--device`: the whole base on one device. "
+        "Training ignores it.",
     )
     _resolved: tuple[str, str] | None = PrivateAttr(None)
 
@@ -217,7 +225,14 @@ class TrainingSection(_Section):
         description="`adamw`, or `adafactor` as in T-Few (no relative step, no parameter scaling; set "
         "learning_rate, e.g. 3e-3).",
     )
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Mixed precision of the Trainer (TrainingArguments bf16/fp16): `auto` is bf16 on a GPU that "
+        "supports it, else fp32. The IA3 vectors stay float32 whatever this and model.dtype say.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Trade compute for activation memory (the frozen base's inputs are made to require grad)."
+    )
     group_by_length: bool = Field(True, description="Batch rows of similar length together (less padding).")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for data loading.")
 
@@ -291,6 +306,11 @@ class Recipe(_Section):
                     f"task '{m.task}' needs target_column, label_names, choices_column or messages_column",
                 )
             )
+        for module, where in (m.device_map if isinstance(m.device_map, dict) else {}).items():
+            gpu = isinstance(where, int) and where >= 0
+            if not gpu and not re.fullmatch(r"cpu|disk|mps|cuda(:\d+)?", str(where)):
+                why = f"'{module}' maps to {where!r}: use a GPU index (0, 1, ...), 'cpu' or 'disk'"
+                problems.append(("model.device_map", why))
         if m.task == "seq2seq" and d.messages_column is not None:
             problems.append(("data.messages_column", "chat messages are for causal-lm only"))
         if d.choices_column is not None and (m.task == "seq-cls" or d.label_names):

@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ia3cli.scoring.loglik import length_batches, model_device, pad_id
+from ia3cli.models.device import to_inputs
+from ia3cli.scoring.loglik import length_batches, pad_id
 
 if TYPE_CHECKING:
     import torch
@@ -27,15 +28,15 @@ if TYPE_CHECKING:
     from ia3cli.tuners.mixed import MixedIA3
 
 
-def load(named: dict[str, Path], used: Sequence[str]) -> MixedIA3:
-    """The base of the first used adapter, with every used adapter registered under its name.
+def load(named: dict[str, Path], used: Sequence[str], device: str | None = None) -> MixedIA3:
+    """The base of the first used adapter on ``device``, with every used adapter registered under its name.
 
     Raises:
         Ia3Error: naming an adapter that cannot join the others (another base, task or targets) or is broken.
     """
     from ia3cli.tuners.mixed import MixedIA3
 
-    mixed = MixedIA3.from_run(named[used[0]], name=used[0])
+    mixed = MixedIA3.from_run(named[used[0]], name=used[0], device=device)
     for name in used[1:]:
         mixed.add(name, named[name])
     return mixed
@@ -111,7 +112,7 @@ def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: Progr
     ]
     for idx in length_batches(len(feats), [len(f) for f in feats], batch_size):
         batch = _pad([feats[i] for i in idx], pad_id(mixed.tokenizer), left=False)
-        batch = {k: v.to(model_device(model)) for k, v in batch.items()}
+        batch = to_inputs(batch, model)
         with mixed.select([jobs[i].adapter for i in idx]):
             probs = model(**batch).logits.float().softmax(-1).cpu()
         for i, p in zip(idx, probs, strict=True):
@@ -175,7 +176,7 @@ def _generate(mixed: MixedIA3, jobs: list[Job], batch_size: int, gen: dict[str, 
     feats = [_prompt_ids(mixed, j) for j in jobs]
     for idx in length_batches(len(feats), [len(f) for f in feats], batch_size):
         batch = _pad([feats[i] for i in idx], pad_id(mixed.tokenizer), left=decoder_only)
-        batch = {k: v.to(model_device(model)) for k, v in batch.items()}
+        batch = to_inputs(batch, model)
         with mixed.select([jobs[i].adapter for i in idx]):
             out = model.generate(**batch, **gen, pad_token_id=pad_id(mixed.tokenizer))
         if decoder_only:

@@ -37,6 +37,8 @@ from typing import Any
 from ia3cli import __version__
 from ia3cli.errors import DataError, Ia3Error
 from ia3cli.inference.rows import Job, iter_rows, make_job, output_line
+from ia3cli.models.device import input_device
+from ia3cli.models.device import resolve as resolve_device
 from ia3cli.outputs import write_atomic
 
 SIDECAR_SUFFIX = ".predict.json"
@@ -163,6 +165,7 @@ def predict(
     seed: int = 0,
     on_error: str = "fail",
     printer: Callable[[str], None] = print,
+    device: str = "auto",
 ) -> PredictResult:
     """Predict every row of ``input_path`` with its adapter and write JSON lines (see the module docstring).
 
@@ -181,10 +184,12 @@ def predict(
         seed: Seed for sampling.
         on_error: ``fail`` (stop on bad rows, write nothing) or ``skip`` (leave them out, report them).
         printer: Receives progress and error lines.
+        device: Where the model runs (``--device``; see :mod:`ia3cli.models.device`).
 
     Raises:
         Ia3Error: bad arguments, adapters or output; DataError for bad rows with ``on_error="fail"``.
     """
+    resolve_device(device)  # a device that is not there fails before anything is read
     settings = (batch_size, max_new_tokens, temperature, top_p)
     input_path, named, recipes, output = prepare(source, input_path, output, adapters, on_error, settings)
     jobs, errors = jobs_from_rows(iter_rows(input_path), named, recipes, adapter_column, choices_column)
@@ -195,9 +200,10 @@ def predict(
     used = [n for n in named if any(j.adapter == n for j in jobs)]
     base, task = recipes[next(iter(named))].model.name, recipes[next(iter(named))].model.task
     if jobs:
-        mixed = inference.load(named, used)
+        mixed = inference.load(named, used, device=device)
         base, task = mixed.base_name, mixed.task
-        printer(f"predict: {len(jobs)} rows, adapters {', '.join(used)} on {base} ({task})")
+        on = input_device(mixed.model)
+        printer(f"predict: {len(jobs)} rows, adapters {', '.join(used)} on {base} ({task}), {on}")
         inference.run(
             mixed,
             jobs,

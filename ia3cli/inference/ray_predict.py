@@ -101,7 +101,7 @@ class Predictor:
 
         self.named, self.options = {n: Path(p) for n, p in named.items()}, dict(options)
         self.recipes = single.recipes_of(self.named)
-        self.mixed = jobs.load(named, used)
+        self.mixed = jobs.load(self.named, used, device=options.get("device"))
 
     def __call__(self, block: dict[str, Any]) -> dict[str, list[str]]:
         from ia3cli.inference import jobs
@@ -159,10 +159,12 @@ def predict_on_ray(
     seed: int = 0,
     on_error: str = "fail",
     printer: Callable[[str], None] = print,
+    device: str = "auto",
 ) -> single.PredictResult:
     """``ia3 predict`` on Ray (see the module docstring); the arguments are those of
     :func:`ia3cli.inference.predict.predict`, plus ``workers`` (actors), ``worker_cpus`` (CPUs each) and
-    ``ray_address`` (a cluster to join; default: the one this process is connected to, else a new local one).
+    ``ray_address`` (a cluster to join; default: the one this process is connected to, else a new local one);
+    ``device`` is where each worker loads the base (a worker gets no GPU from Ray, so ``auto`` is its CPU).
 
     Raises:
         Ia3Error: as ``ia3 predict``; for a bad ``workers``; for a cluster that cannot be reached.
@@ -178,7 +180,7 @@ def predict_on_ray(
     meta = single.sidecar_meta(
         input_path, {n: named[n] for n in used}, model.name, model.task, good, errors, generation
     )
-    options = {"adapter_column": adapter_column, "choices_column": choices_column, **generation}
+    options = {"adapter_column": adapter_column, "choices_column": choices_column, "device": device, **generation}
     options["batch_size"] = batch_size
     lines = (
         _on_ray(input_path, named, used, options, (workers, worker_cpus, ray_address), good, printer) if good else []

@@ -47,8 +47,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ia3cli.errors import Ia3Error
+from ia3cli.models.device import input_device
 from ia3cli.serving.adapter_pool import AdapterNotFound, AdapterPool, first_run
-from ia3cli.serving.batcher import Batcher, ClassifyItem
+from ia3cli.serving.batcher import DEGRADED_AFTER, Batcher, ClassifyItem
 from ia3cli.serving.completions import ApiError, check_key, error_body, from_ia3, respond
 from ia3cli.serving.prometheus import Metrics
 from ia3cli.serving.requests import AdapterRequest, ChatRequest, ClassifyRequest, CompletionRequest
@@ -166,8 +167,12 @@ def build_app(server: Server) -> FastAPI:
     _error_handlers(app)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "base": server.mixed.base_name, "adapters_loaded": len(server.pool.lru)}
+    async def health() -> JSONResponse:
+        body = {"status": "ok", "base": server.mixed.base_name, "adapters_loaded": len(server.pool.lru)}
+        failing = server.batcher.failures_in_a_row
+        if failing >= DEGRADED_AFTER:  # the model itself fails: tell the load balancer
+            body |= {"status": "degraded", "failed_batches_in_a_row": failing, "last_error": server.batcher.last_error}
+        return JSONResponse(body, status_code=503 if body["status"] == "degraded" else 200)
 
     async def authorised(request: Request) -> None:
         check_key(server.api_key, request.headers.get("authorization", ""))
@@ -282,19 +287,22 @@ def _model_routes(server: Server) -> APIRouter:
 # --- the command ---------------------------------------------------------------------------------------------------
 
 
-def load(path: Path, quantization: str | None = None) -> tuple[MixedIA3, Path, dict[str, Path]]:
+def load(path: Path, quantization: str | None = None, device: str = "auto") -> tuple[MixedIA3, Path, dict[str, Path]]:
     """The base model and the adapter directory for ``ia3 serve PATH`` (a run dir, or a folder of run dirs).
 
-    The base is the one the first run dir (by name) was trained on; that adapter is loaded with it.
+    The base is the one the first run dir (by name) was trained on, loaded on ``device`` (``--device``); that
+    adapter is loaded with it.
 
     Raises:
         Ia3Error: when PATH is missing or holds no run dir.
     """
+    from ia3cli.models.device import resolve
     from ia3cli.tuners.mixed import MixedIA3
 
+    resolve(device)  # a device that is not there fails before the model loads
     path = Path(path)
     first = first_run(path)
-    mixed = MixedIA3.from_run(first, quantization=quantization)
+    mixed = MixedIA3.from_run(first, quantization=quantization, device=device)
     return mixed, path, {first.name: first.resolve()}
 
 
@@ -332,8 +340,9 @@ def run(
     max_wait_ms: float = DEFAULTS.max_wait_ms,
     api_key: str | None = None,
     printer: Callable[[str], None] = print,
+    device: str = "auto",
 ) -> None:
-    """Load the base and the first adapter, bind, and serve until interrupted.
+    """Load the base and the first adapter on ``device``, bind, and serve until interrupted.
 
     Raises:
         Ia3Error: for a bad adapter directory or an address that cannot be bound.
@@ -341,7 +350,7 @@ def run(
     import uvicorn
 
     check_options(max_adapters, max_batch_size, max_wait_ms)
-    mixed, root, loaded = load(path)
+    mixed, root, loaded = load(path, device=device)
     server = Server(
         mixed,
         root,
@@ -353,7 +362,8 @@ def run(
     )
     sock = bind(host, port)
     where = sock.getsockname()
-    printer(f"serving {mixed.base_name} ({mixed.task}) with adapters from {root} on http://{host}:{where[1]}")
+    on = input_device(mixed.model)
+    printer(f"serving {mixed.base_name} ({mixed.task}, {on}) with adapters from {root} on http://{host}:{where[1]}")
     printer(f"  adapters: {', '.join(server.pool.known()[:5])}{' ...' if len(server.pool.known()) > 5 else ''}")
     config = uvicorn.Config(build_app(server), log_level="warning", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

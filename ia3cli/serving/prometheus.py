@@ -20,6 +20,7 @@ METRICS: dict[str, tuple[str, str, tuple[float, ...]]] = {
     "ia3_batch_rows": ("histogram", "Rows per model batch.", (1, 2, 4, 8, 16, 32, 64, 128, 256)),
     "ia3_batch_adapters": ("histogram", "Distinct adapters per model batch.", (1, 2, 4, 8, 16, 32, 64, 128, 256)),
     "ia3_tokens_generated_total": ("counter", "Completion tokens generated.", ()),
+    "ia3_batches_failed_total": ("counter", "Model batches that raised (their requests got HTTP 500), by kind.", ()),
     "ia3_rows_cancelled_total": ("counter", "Rows dropped mid-generation (client gone or stop string).", ()),
     "ia3_active_rows": ("gauge", "Rows of the generation batch now running.", ()),
     "ia3_queue_rows": ("gauge", "Rows waiting for a batch.", ()),

@@ -48,12 +48,8 @@ QUIET = {"log_level": "WARNING"}  # no access log line per request, as `ia3 serv
 FRESH_S = 3.0  # a replica not heard from for this long is left out of /health and /metrics
 SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "query_string", "headers")
 # the errors of a replica that died or cannot be reached: the request may be retried (HTTP 503)
-UNAVAILABLE = (
-    ray.exceptions.RayActorError,
-    ray.exceptions.ActorUnavailableError,
-    serve.exceptions.BackPressureError,
-    serve.exceptions.DeploymentUnavailableError,
-)
+UNAVAILABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+UNAVAILABLE += (serve.exceptions.BackPressureError, serve.exceptions.DeploymentUnavailableError)
 
 
 class AdapterRouter(MultiplexMixin, RequestRouter):
@@ -115,7 +111,8 @@ class Replica:
     def __init__(self, path: str, options: dict[str, Any], board: Any) -> None:
         from ia3cli.serving import app as serving
 
-        mixed, root, loaded = serving.load(Path(path))
+        options = dict(options)  # the Server's keywords, and the device (--device) the base loads on
+        mixed, root, loaded = serving.load(Path(path), device=options.pop("device", "auto"))
         self.server = serving.Server(mixed, root, loaded=loaded, **options)
         self.app = serving.build_app(self.server)
         self.board = board
@@ -321,6 +318,7 @@ def deploy(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
+    device: str = "auto",
 ) -> str:
     """Start Ray Serve on the connected cluster and run the router and the replicas; the URL they answer on.
 
@@ -352,7 +350,7 @@ def deploy(
     )
     serve.start(http_options={"host": host, "port": port})
     try:
-        replicas = replica.bind(str(root), {**server_options, "api_key": api_key}, board)
+        replicas = replica.bind(str(root), {**server_options, "api_key": api_key, "device": device}, board)
         serve.run(router.bind(replicas, board, api_key, str(root)), name=APP_NAME)
     except RuntimeError as exc:
         raise Ia3Error(f"the Ray Serve deployment did not start: {exc}", "see the replica logs above") from None

@@ -46,7 +46,10 @@ def training_arguments(recipe: Recipe, out: Path) -> Any:
     """Map ``recipe.training`` to ``transformers.TrainingArguments`` (the one place this happens)."""
     from transformers import TrainingArguments
 
+    from ia3cli.models.device import precision_flags
+
     t = recipe.training
+    precision = precision_flags(t.precision)
     evaluate = recipe.data.eval_split is not None and t.eval_strategy != "no"
     metric = recipe.metric
     return TrainingArguments(
@@ -81,11 +84,12 @@ def training_arguments(recipe: Recipe, out: Path) -> Any:
         dataloader_pin_memory=_has_accelerator(),
         label_names=["labels"],  # PEFT wraps forward(**kwargs): the Trainer cannot infer label names itself
         remove_unused_columns=False,  # rows are already reduced to model inputs
+        **precision,  # autocast of the matmuls; the IA3 vectors stay float32
         ddp_find_unused_parameters=False,  # every IA3 vector is used in every step
         disable_tqdm=True,  # ia3cli.training.logbook draws the one progress bar
         # Without a GPU, Accelerate runs one process per launcher rank only when told to use the CPU (gloo);
-        # otherwise each rank would train alone on all the data.
-        use_cpu=world_size() > 1 and not _has_accelerator(),
+        # otherwise each rank would train alone on all the data. bf16 autocast on the CPU needs it too.
+        use_cpu=(world_size() > 1 or precision["bf16"]) and not _has_accelerator(),
     )
 
 

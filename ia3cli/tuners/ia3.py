@@ -71,14 +71,14 @@ def load_run_tokenizer(run_dir: str | Path, recipe: Recipe) -> PreTrainedTokeniz
 
 
 def load_run_model(
-    run_dir: str | Path, recipe: Recipe, *, is_trainable: bool = False
+    run_dir: str | Path, recipe: Recipe, *, is_trainable: bool = False, device: str | None = None
 ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """Rebuild the base as ``recipe`` says (the run's, or a copy with another ``model`` section) and load the run's
-    adapter; the tokenizer saved in the run dir is preferred over the base's."""
+    """Rebuild the base as ``recipe`` says (the run's, or a copy with another ``model`` section) on ``device`` and
+    load the run's adapter; the tokenizer saved in the run dir is preferred over the base's."""
     from peft import PeftModel
 
     tokenizer = load_run_tokenizer(run_dir, recipe)
-    base = load_recipe_base(recipe, tokenizer)
+    base = load_recipe_base(recipe, tokenizer, device)
     model = PeftModel.from_pretrained(base, str(run_dir), is_trainable=is_trainable)
     return model, tokenizer
 
