@@ -87,12 +87,13 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ia3cli.config.recipe import load_recipe
+    from ia3cli.config.load import load_recipe
     from ia3cli.data.sources import load_split
     from ia3cli.errors import RunError
     from ia3cli.inference.export import export
     from ia3cli.inference.merge import fold
-    from ia3cli.scoring.evaluation import evaluate, run_eval
+    from ia3cli.scoring.eval_command import run_eval
+    from ia3cli.scoring.evaluation import evaluate
 
     run_dir = args.run or train(WORK / "export" / "qs-run")
     recipe = load_recipe(run_dir / "recipe.yaml")
@@ -100,8 +101,7 @@ def main() -> None:
         run_metrics = run_eval(
             str(run_dir), recipe_path=None, data=None, split=None, overrides=[], full_precision=False
         )
-    folded = fold(run_dir, recipe, lambda tag, text: print(tag, text))
-    merged, tokenizer = folded.merged, folded.tokenizer
+    merged, tokenizer, probe = fold(run_dir, recipe, lambda tag, text: print(tag, text))
     rows = list(load_split(recipe.data, recipe.data.eval_split))
     ids = prompts(recipe, tokenizer, rows[:PROMPTS])
     merged_metrics = evaluate(merged, tokenizer, recipe, rows)
@@ -166,7 +166,7 @@ def main() -> None:
             "source_gguf": {"file": source.name, "mib": source.stat().st_size / 2**20},
             "run_eval": {"accuracy": run_metrics["accuracy"], "seconds": t_eval.s},
             "merged_accuracy": merged_metrics["accuracy"],
-            "merge_max_abs_diff": folded.diff32,
+            "merge_max_abs_diff": probe.diff32,
             "exports": results,
             "llama_cpp": "not run: llama-cpp-python must be compiled from source, not possible offline on 2 cores",
             "accuracy_within_one_row": within_one_row,

@@ -101,7 +101,7 @@ def runs(bases: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[st
 def adapter_logits(run_dir: Path, full_precision: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The PEFT adapter model's logits on three sentences (not the export's probe rows); ``full_precision``: on the
     float32 base even for a 4-bit run."""
-    from ia3cli.config.recipe import load_recipe
+    from ia3cli.config.load import load_recipe
     from ia3cli.tuners.ia3 import load_run_model
 
     recipe = load_recipe(run_dir / "recipe.yaml")

@@ -191,13 +191,23 @@ def default_type(source_type: str, columns_scaled: bool) -> str:
     return name
 
 
+def adapter_vectors(run_dir: Path) -> dict[str, bool]:
+    """The IA3 vectors saved in a run dir, each mapped to whether it is a feed-forward vector: PEFT keeps those as
+    ``(1, in_features)``, any other as ``(out_features, 1)``."""
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "adapter_model.safetensors"), framework="np") as f:
+        names = f.keys()  # a safe_open handle is not iterable
+        return {name: f.get_slice(name).get_shape()[0] == 1 for name in names if ".ia3_l" in name}
+
+
 def adapted_parameters(vectors: dict[str, bool], tensors: dict[str, Any]) -> dict[str, bool]:
     """The merged model's parameters a fold changed, from the adapter's ``...<module>.ia3_l.<adapter>`` names
     (mapped to whether the vector is feed-forward): each adapted module's weight, and its bias unless the vector
     scaled the module's input (feed-forward); each mapped to whether its columns (not rows) were scaled."""
     adapted = {}
     for name, feedforward in vectors.items():
-        module = name.split(".ia3_l.")[0].removeprefix("base_model.model.")
+        module = name.split(".ia3_l")[0].removeprefix("base_model.model.")
         adapted[f"{module}.weight"] = feedforward
         if not feedforward and f"{module}.bias" in tensors:
             adapted[f"{module}.bias"] = False
@@ -210,6 +220,17 @@ def compare(expected: torch.Tensor, got: torch.Tensor, mask: torch.Tensor) -> tu
     diff = float((got - expected).abs()[real].max())
     agree = float((got.argmax(-1) == expected.argmax(-1))[real].float().mean())
     return diff, agree
+
+
+def _forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 logits of ``model`` on the probe batch, on the CPU."""
+    import torch
+
+    from ia3cli.models.device import to_inputs
+
+    inputs = to_inputs({k: batch[k] for k in ("input_ids", "attention_mask")}, model)
+    with torch.no_grad():
+        return model(**inputs).logits.float().cpu()
 
 
 def _reload_logits(path: Path, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -249,7 +270,7 @@ def export(
         Ia3Error: bad run dir, task, method or family, bad ``--type``, an OUT ia3cli did not write.
         RunError: when the exported file does not reproduce the merged model (nothing is written then).
     """
-    from ia3cli.config.recipe import load_recipe
+    from ia3cli.config.load import load_recipe
     from ia3cli.inference import gguf_write, merge, ollama
     from ia3cli.models.loading import load_config
     from ia3cli.outputs import write_atomic
@@ -269,27 +290,33 @@ def export(
     _check_run(recipe, run_dir)
     gguf_write.gguf_arch(load_config(recipe.model))  # refuse other families before loading any weights
 
-    folded = merge.fold(run_dir, recipe, stage)
-    report = _write_and_prove(folded, recipe, run_dir, out, type_name, stage)
+    merged, tokenizer, probe = merge.fold(run_dir, recipe, stage)
+    report = _write_and_prove(merged, probe, recipe, run_dir, out, type_name, stage)
     files = outputs(out)
     write_atomic(files["report"], json.dumps(report, indent=2) + "\n")
-    write_atomic(files["modelfile"], ollama.modelfile(out.name, folded.tokenizer))
+    write_atomic(files["modelfile"], ollama.modelfile(out.name, tokenizer))
     return report
 
 
 def _write_and_prove(
-    folded: Any, recipe: Any, run_dir: Path, out: Path, type_name: str | None, stage: Callable[[str, str], None]
+    merged: Any,
+    probe: Any,
+    recipe: Any,
+    run_dir: Path,
+    out: Path,
+    type_name: str | None,
+    stage: Callable[[str, str], None],
 ) -> dict[str, Any]:
     """Write the GGUF to a temporary sibling of OUT, prove it against the merged model, rename it to OUT."""
-    from ia3cli.inference import gguf_write, merge
+    from ia3cli.inference import gguf_write
     from ia3cli.outputs import file_mode
 
     source = source_gguf(recipe)
-    tensors = _state_dict(folded.merged)
-    adapted = adapted_parameters(folded.vectors, tensors)
-    expected = merge.logits(folded.merged, folded.batch)
-    config = folded.merged.config
-    folded.merged = None
+    tensors = _state_dict(merged)
+    adapted = adapted_parameters(adapter_vectors(run_dir), tensors)
+    expected = _forward(merged, probe.batch)
+    config = merged.config
+    del merged
     gc.collect()
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.tmp-", suffix=".gguf")
@@ -304,7 +331,7 @@ def _write_and_prove(
             what = f"{sum(counts.values())} tensors of the merged model written"
         del tensors
         stage("write", f"{what} ({', '.join(f'{k} x{v}' for k, v in sorted(counts.items()))})")
-        diff, agree = compare(expected, _reload_logits(tmp, folded.batch), folded.batch["attention_mask"])
+        diff, agree = compare(expected, _reload_logits(tmp, probe.batch), probe.batch["attention_mask"])
         worst = max([QUANTISABLE.get(k, FALLBACK_TYPE) for k in counts], key=lambda k: RTOL[k], default="f32")
         tol = RTOL[worst] * max(1.0, float(expected.abs().max()))
         if not diff <= tol:
@@ -327,10 +354,10 @@ def _write_and_prove(
             "tolerance_type": worst,
             "greedy_agreement": agree,
             "max_abs_logit": float(expected.abs().max()),
-            "merge_max_abs_diff": folded.diff32,
+            "merge_max_abs_diff": probe.diff32,
             "probe_rows": len(expected),
-            "probe_source": folded.source,
-            "probe_warning": folded.probe_warning,
+            "probe_source": probe.source,
+            "probe_warning": probe.warning,
             "modelfile": outputs(out)["modelfile"].name,
             "bytes": tmp.stat().st_size,
             "versions": _versions(),
