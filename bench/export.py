@@ -139,7 +139,7 @@ def main() -> None:
     rows_table = [
         [
             "export",
-            f"{r['type']}: max |dlogits| {r['prompt_max_abs_diff']:.3f}, argmax {r['argmax_agreement']:.1%}, "
+            f"{r['type']}: max abs dlogits {r['prompt_max_abs_diff']:.3f}, argmax {r['argmax_agreement']:.1%}, "
             f"same 8-token generations {r['identical_generations']:.0%}, accuracy {r['rank_accuracy']:.2f}, "
             f"{r['mib']:.1f} MiB",
             f"eval of the run {run_metrics['accuracy']:.2f}",
