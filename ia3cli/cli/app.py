@@ -248,7 +248,7 @@ def merge(
 
 @app.command(
     epilog=examples(
-        "ia3 export runs/quickstart-causal qs.gguf            # GGUF base: adapted tensors keep the source's type",
+        "ia3 export runs/quickstart-causal qs.gguf            # GGUF base: replaced tensors keep the source's types",
         "ia3 export runs/quickstart-causal qs-q8.gguf --type q8_0",
         "ia3 export runs/llama-4bit out/llama.gguf --type f16  # Hugging Face base, trained in 4-bit",
         "ollama create qs -f qs.Modelfile && ollama run qs",
@@ -263,8 +263,9 @@ def export(
         str | None,
         typer.Option(
             "--type",
-            help="f32, f16, bf16, q8_0, q4_1 or q4_0 for the folded weights (default: the source GGUF's type, "
-            "else q8_0).",
+            help="f32, f16, bf16, q8_0, q4_1 or q4_0 for the folded weights (default: each source tensor's type, "
+            "but q8_0 for 4-bit ones whose columns are scaled, or when the source type cannot be written; q8_0 for a "
+            "Hugging Face base).",
             show_default=False,
         ),
     ] = None,

@@ -9,7 +9,7 @@ scales the rows of its projection (and its bias), a feed-forward vector the colu
    with all metadata and the tokenizer, except the tensors of the adapted layers: those are taken from the merged
    model (that is: dequantised, scaled), put back in the file's row order (llama.cpp interleaves the Q/K rows of
    each head for its rotary embedding, so a ``k_proj`` vector is interleaved with them) and quantised to
-   ``--type``, by default the source tensor's own type when the ``gguf`` package can quantise it, else q8_0.
+   ``--type``, by default the source tensor's own type, or q8_0 (:func:`default_type`).
 3. **A Hugging Face base** of the Llama family (llama, mistral, qwen2): the whole merged model is written, with the
    architecture metadata and the tokenizer (:mod:`ia3cli.inference.gguf_write`), every 2-D weight in ``--type`` (default
    q8_0).
