@@ -4,7 +4,7 @@
     python bench/export.py --run runs/quickstart-causal   # an existing run of recipes/quickstart-causal.yaml
 
 The run (recipes/quickstart-causal.yaml: SmolLM2-135M-Instruct read from its Q4_1 GGUF, IA3 on k/v/down) is exported
-to q8_0, f16 and the default type (the source's own, q4_1). For each file, against the merged float32 model
+to q8_0, f16 and the default (k/v in the source's q4_1, ffn_down in q8_0). For each file, against the merged model
 (``ia3cli.inference.merge.fold``, the model ``ia3 merge`` saves):
 
 - the export's own proof (max |delta logits| on its 8 probe rows) and the file size;
