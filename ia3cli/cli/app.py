@@ -58,9 +58,9 @@ def train(
 
         loaded = load_recipe(recipe, set_ or [])
         if nproc and nproc > 1:
-            from ia3cli.cli.launch import relaunch
+            from ia3cli.cli.launch import preempted_status, relaunch
 
-            raise typer.Exit(relaunch(nproc, sys.argv[1:]))
+            raise typer.Exit(preempted_status(relaunch(nproc, sys.argv[1:]), loaded.training.output_dir))
         quiet_libraries(debug or verbose)
         from ia3cli.env import is_main_process
         from ia3cli.report.console import Console
@@ -114,8 +114,9 @@ def validate(
         typer.echo(f"  model   {loaded.model.name} ({plan.model_type}, {loaded.model.task})")
         typer.echo(f"  targets {plan.target_modules}  feed-forward {plan.feedforward_modules}")
         typer.echo(f"  IA3 parameters {plan.ia3_params:,}")
+        typer.echo(f"  {checks.memory}")
         typer.echo("  data    " + ", ".join(f"{s}: {n} rows" for s, n in report.splits.items()))
-        for w in [*plan.warnings, *checks.warnings]:
+        for w in [*plan.warnings, *checks.warnings, *checks.memory_warnings]:
             typer.echo(f"  warning: {w}")
 
 

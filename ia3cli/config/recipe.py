@@ -226,6 +226,21 @@ class TrainingSection(_Section):
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     group_by_length: bool = Field(True, description="Batch rows of similar length together (less padding).")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for data loading.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under several processes: `ddp` (a full copy of the base on every rank) or `fsdp` (the frozen "
+        "base sharded across ranks with FSDP2 at load time; the IA3 vectors stay whole, in float32, and are averaged "
+        "like DDP's). Use `fsdp` for a base that does not fit one device.",
+    )
+    fsdp_sharding: Literal["full_shard", "shard_grad_op"] = Field(
+        "full_shard",
+        description="`distributed: fsdp`: `full_shard` frees each block's gathered weights after its forward and "
+        "gathers them again for the backward (least memory); `shard_grad_op` keeps them until the backward is done "
+        "(less traffic, one block's full weights more per rank).",
+    )
+    fsdp_cpu_offload: bool = Field(
+        False, description="`distributed: fsdp`: keep the shards in CPU memory, copied to the device block by block."
+    )
 
     @field_validator("eval_strategy", "save_strategy", mode="before")
     @classmethod
@@ -309,6 +324,8 @@ class Recipe(_Section):
             )  # fmt: skip
         if self.adapter.method == "head" and m.task != "seq-cls":
             problems.append(("adapter.method", f"'head' trains a classification head: seq-cls only, not '{m.task}'"))
+        if t.distributed == "fsdp":
+            problems += _fsdp_problems(self)
         if self.adapter.method == "full" and m.quantization != "none":
             problems.append(("adapter.method", f"'full' cannot train a {m.quantization} base; set quantization: none"))
         if t.metric is not None:
@@ -336,6 +353,27 @@ class Recipe(_Section):
         if self.training.metric:
             return self.training.metric.removeprefix("eval_")
         return "accuracy" if self.model.task == "seq-cls" else "loss"
+
+
+def _fsdp_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """Combinations ``training.distributed: fsdp`` cannot train."""
+    m, method = recipe.model, recipe.adapter.method
+    problems: list[tuple[str, str]] = []
+    if m.gguf_file:
+        problems.append(
+            ("training.distributed", "'fsdp' cannot shard a GGUF base (model.gguf_file): every rank would dequantise "
+             "the whole file; save it once with `ia3 merge` or transformers as safetensors, or use 'ddp'")
+        )  # fmt: skip
+    if m.quantization != "none":
+        problems.append(
+            ("training.distributed", f"'fsdp' cannot shard a {m.quantization} base: transformers' FSDP2 loading "
+             "makes bitsandbytes weights plain DTensors that lose their quantisation state; set model.quantization: "
+             "none with model.dtype: bfloat16, or use 'ddp'")
+        )  # fmt: skip
+    if method == "full":
+        problems.append(("training.distributed", "'fsdp' shards a frozen base, and adapter.method 'full' trains every "
+                         "weight; use 'ddp'"))  # fmt: skip
+    return problems
 
 
 SECTIONS: dict[str, type[_Section]] = {

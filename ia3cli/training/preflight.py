@@ -11,6 +11,7 @@ import yaml
 
 from ia3cli.config.recipe import Recipe, TrainingSection
 from ia3cli.errors import RecipeError
+from ia3cli.training import distributed
 
 MIN_STEPS = 50  # fewer optimiser steps than this barely move IA3 vectors from 1 (T-Few trains 1000 at batch 8)
 
@@ -22,6 +23,8 @@ class Preflight:
     plan: object  # ia3cli.models.targets.TargetPlan
     data: object  # ia3cli.data.encoding.DataReport
     warnings: list[str] = field(default_factory=list)
+    memory: str = ""  # the estimated memory per rank (ia3cli.training.distributed.memory_lines)
+    memory_warnings: list[str] = field(default_factory=list)
 
 
 def optimizer_steps(training: TrainingSection, train_rows: int, world_size: int = 1) -> int:
@@ -113,4 +116,5 @@ def run(recipe: Recipe) -> Preflight:
     check_init_from(recipe, plan)
     report = data.check(recipe)
     warnings = [w for w in [budget_warning(recipe.training, len(report.train))] if w]
-    return Preflight(plan=plan, data=report, warnings=warnings)
+    memory, memory_warnings = distributed.memory_lines(recipe, plan.ia3_params)
+    return Preflight(plan=plan, data=report, warnings=warnings, memory=memory, memory_warnings=memory_warnings)

@@ -27,9 +27,10 @@ from typing import Any
 from ia3cli import __version__
 from ia3cli.config.recipe import Recipe, dump_recipe
 from ia3cli.env import is_main_process, world_size
-from ia3cli.errors import Ia3Error, RunError
+from ia3cli.errors import Ia3Error, Preempted, RunError
 from ia3cli.outputs import RUN_MARKER, publish_dir, remove_output, write_atomic
 from ia3cli.report.console import Console
+from ia3cli.training import distributed
 
 RUN_FILES = ("recipe.yaml", "run.json")
 
@@ -138,6 +139,8 @@ def run_info(recipe: Recipe, plan: Any) -> dict[str, Any]:
         "base_model": recipe.model.name,
         "quantization": recipe.model.quantization,
         "world_size": world_size(),
+        "distributed": recipe.training.distributed if world_size() > 1 else None,
+        "status": "running",  # then "finished", or "preempted" (a checkpoint to --resume from)
         "model_type": plan.model_type,
         "groups": plan.groups,  # module -> IA3 group, as the health monitor and `ia3 report` group the vectors
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -188,6 +191,7 @@ def training_arguments(recipe: Recipe, out: Path) -> Any:
         # Without a GPU, Accelerate runs one process per launcher rank only when told to use the CPU (gloo);
         # otherwise each rank would train alone on all the data.
         use_cpu=world_size() > 1 and not _has_accelerator(),
+        **distributed.trainer_arguments(recipe),
     )
 
 
@@ -244,13 +248,16 @@ def run(
     from accelerate import PartialState
 
     from ia3cli.training import preflight
+    from ia3cli.training.preemption import PreemptionWatch
 
     console = console or Console(enabled=is_main_process(), sink=printer)
     say = console.line if is_main_process() else (lambda _msg: None)
     checks = preflight.run(recipe)
     plan = checks.plan
     say(f"pre-flight ok: {_split_summary(checks.data)}; {_method_summary(recipe, plan)}")
-    for warning in checks.warnings:
+    if recipe.training.distributed == "fsdp" or checks.memory_warnings:
+        say(checks.memory)
+    for warning in [*checks.warnings, *checks.memory_warnings]:
         say(f"warning: {warning}")
 
     out = Path(recipe.training.output_dir)
@@ -263,13 +270,28 @@ def run(
         # The other ranks start only once rank 0 has claimed the run dir (or they wait there until the launcher
         # stops them after rank 0's refusal): none of them ever sees it half-made or looks for checkpoints early.
         PartialState().wait_for_everyone()
-        return _train(recipe, checks, out, args, resume=resume, console=console, verbose=verbose, draw=report)
+        watch = PreemptionWatch()  # from here on SIGTERM / SIGUSR1 stop the run after a step, with a checkpoint
+        try:
+            return _train(
+                recipe, checks, out, args, watch, resume=resume, console=console, verbose=verbose, draw=report
+            )
+        finally:
+            watch.close()
     except OSError as exc:
         raise RunError(f"{out}: {exc.strerror or exc} while training", "free disk space or fix permissions") from None
 
 
 def _train(
-    recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, console: Console, verbose: bool, draw: bool
+    recipe: Recipe,
+    checks: Any,
+    out: Path,
+    args: Any,
+    watch: Any,
+    *,
+    resume: bool,
+    console: Console,
+    verbose: bool,
+    draw: bool,
 ) -> RunResult:
     from transformers import Trainer, set_seed
 
@@ -317,6 +339,7 @@ def _train(
     callbacks = _callbacks(recipe, out, say, monitor if ia3 else None)  # the monitor watches IA3 vectors
     if isinstance(train_ds, fewshot.RowDataset):
         callbacks.append(fewshot.TemplateEpochs(train_ds))
+    callbacks.append(watch)
     metrics_fn = evaluation.trainer_metrics(recipe.num_labels) if recipe.model.task == "seq-cls" else None
     t = recipe.training
     extra = {"objective": t.objective, "weights": (t.lm_weight, t.ln_weight, t.ul_weight)} if few else {}
@@ -331,12 +354,16 @@ def _train(
         callbacks=callbacks,
         **extra,
     )
+    distributed.allow_checkpoints(trainer, recipe)
     install(trainer, logbook, verbose=verbose)  # one progress bar instead of the Trainer's dicts and tqdm bars
     checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
     if resume:
         say(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint found: starting from step 0")
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
+    health = monitor.health if ia3 else {"status": f"not monitored (adapter.method: {recipe.adapter.method})"}
+    if watch.stopped_at is not None:
+        _stop_preempted(recipe, out, watch, health)
     if monitor.failed:  # health.json is already written (the monitor's on_train_end)
         raise RunError(
             f"training stopped: {monitor.summary_line()}",
@@ -362,7 +389,6 @@ def _train(
             "ia3_params": counts["ia3"],
         }
     )
-    health = monitor.health if ia3 else {"status": f"not monitored (adapter.method: {recipe.adapter.method})"}
     health_line = monitor.summary_line() if ia3 else f"health: {health['status']}"
     if is_main_process():
         staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
@@ -373,7 +399,34 @@ def _train(
         publish_dir(staging, out)
         if draw and ia3 and _write_report(out, say):  # the report draws the IA3 vectors
             write_atomic(out / "README.md", model_card(recipe, plan, metrics, counts, health, report="report.png"))
+        update_run_info(out, status="finished")
     return RunResult(output_dir=out, metrics=metrics, health=health, health_line=health_line)
+
+
+def update_run_info(out: Path, **fields: Any) -> None:
+    """Rewrite ``run.json`` with ``fields`` changed (its status: running, finished, preempted)."""
+    info = json.loads((out / RUN_MARKER).read_text(encoding="utf-8"))
+    write_atomic(out / RUN_MARKER, json.dumps({**info, **fields}, indent=2) + "\n")
+
+
+def _stop_preempted(recipe: Recipe, out: Path, watch: Any, health: dict[str, Any]) -> None:
+    """After a preemption checkpoint: ``health.json`` and ``run.json`` say so, then :class:`Preempted` is raised.
+
+    Raises:
+        Preempted: always (exit status 75).
+    """
+    from ia3cli.training import health as health_rules
+
+    checkpoint = out / "checkpoints" / f"checkpoint-{watch.stopped_at}"
+    facts = {"signal": watch.received, "step": watch.stopped_at, "checkpoint": str(checkpoint)}
+    if is_main_process():
+        health_rules.write(out / "health.json", {**health, "status": "preempted", "preempted": facts})
+        update_run_info(out, status="preempted", preempted=facts)
+    source = recipe.source or "RECIPE"
+    raise Preempted(
+        f"{watch.received} received: training stopped after step {watch.stopped_at}, checkpoint {checkpoint}",
+        f"continue with the same command plus --resume, e.g. ia3 train {source} --resume",
+    )
 
 
 def _method_summary(recipe: Recipe, plan: Any) -> str:
