@@ -1,4 +1,4 @@
-"""CUDA paths: 4-bit NF4 training with bfloat16 compute, then eval and merge. Skipped without a CUDA device."""
+"""CUDA paths: 4-bit NF4 training with bfloat16 compute, then eval and merge; FSDP over several GPUs. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -64,3 +64,34 @@ def test_4bit_training_with_the_tfew_objective(tiny_model, tmp_path: Path) -> No
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 6 and 0.0 <= metrics["eval_accuracy"] <= 1.0
     assert json.loads((out / "health.json").read_text())["status"] in ("ok", "warning")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP shards across ranks: needs two GPUs")
+def test_fsdp_over_every_gpu_equals_one_gpu(tiny_model, tmp_path: Path) -> None:
+    """``training.distributed: fsdp`` on NCCL with a bfloat16 base: one global batch split over the GPUs gives the
+    vectors of one GPU (bfloat16 weights, float32 vectors: a looser tolerance than the CPU test's)."""
+    import sys
+
+    from tests.test_distributed import _cli, _max_diff
+
+    gpus = torch.cuda.device_count()
+    model_dir = tiny_model("llama", "causal-lm")
+
+    def recipe(out: Path, batch_size: int, distributed: str) -> dict:
+        return tiny_recipe(
+            model_dir, "causal-lm", out,
+            model={"dtype": "bfloat16"},
+            data={"train_samples": 8 * gpus, "eval_split": None},
+            training={"max_steps": 3, "batch_size": batch_size, "group_by_length": False, "distributed": distributed},
+        )  # fmt: skip
+
+    out = tmp_path / "fsdp"
+    path = write_recipe(tmp_path / "fsdp.yaml", recipe(out, 8, "fsdp"))
+    run = _cli(sys.executable, "-m", "ia3cli", "train", str(path), "--nproc", str(gpus))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"memory per rank (fsdp over {gpus} ranks)" in run.stdout
+    one = runner.invoke(
+        app, ["train", str(write_recipe(tmp_path / "one.yaml", recipe(tmp_path / "one", 8 * gpus, "ddp")))]
+    )
+    assert one.exit_code == 0, one.output
+    assert _max_diff(out, tmp_path / "one") < 1e-3

@@ -32,8 +32,9 @@ app = typer.Typer(
         "ia3 train recipes/quickstart.yaml",
         "ia3 train recipes/quickstart.yaml --set training.epochs=1 --set training.output_dir=runs/try",
         "ia3 train recipes/quickstart-causal.yaml --set model.quantization=4bit",
-        "ia3 train recipe.yaml --resume        # continue after a crash or kill",
+        "ia3 train recipe.yaml --resume        # continue after a crash, a kill or a preemption (exit 75)",
         "torchrun --nproc_per_node 2 -m ia3cli train recipe.yaml",
+        "ia3 train recipe.yaml --nproc 8 --set training.distributed=fsdp   # shard a base too big for one GPU",
     )
 )
 def train(
@@ -51,7 +52,7 @@ def train(
 
     The console shows one progress bar (step, epoch, loss, learning rate, health), a line per evaluation and the
     health monitor's checks; every logged step goes to OUTPUT_DIR/logs/train_log.jsonl, and OUTPUT_DIR/report.png
-    draws the run.
+    draws the run. On SIGTERM or SIGUSR1 it saves a checkpoint after the current step and exits 75 (preempted).
     """
     with errors(debug):
         from ia3cli.config.recipe import load_recipe
