@@ -1,4 +1,4 @@
-"""CUDA paths: 4-bit NF4 training with bfloat16 compute, then eval and merge; FSDP over several GPUs. Skipped without CUDA."""
+"""CUDA paths: 4-bit NF4 training with bfloat16 compute, eval and merge; FSDP over several GPUs. Skipped on CPU."""
 
 from __future__ import annotations
 
