@@ -130,6 +130,8 @@ def test_the_launcher_names_a_preempted_run(tmp_path: Path) -> None:
         ({"model": {"quantization": "4bit"}}, ["4bit", "model.quantization: none", "ddp"]),
         ({"model": {"quantization": "8bit"}}, ["8bit"]),
         ({"adapter": {"method": "full"}}, ["'full'", "ddp"]),
+        ({"model": {"task": "seq-cls"}}, ["model.task: seq-cls", "ddp"]),
+        ({"adapter": {"modules_to_save": ["lm_head"]}}, ["adapter.modules_to_save"]),
     ],
 )
 def test_fsdp_refuses_what_it_cannot_shard(tmp_path: Path, change: dict, words: list[str]) -> None:

@@ -370,6 +370,10 @@ def _fsdp_problems(recipe: Recipe) -> list[tuple[str, str]]:
              "makes bitsandbytes weights plain DTensors that lose their quantisation state; set model.quantization: "
              "none with model.dtype: bfloat16, or use 'ddp'")
         )  # fmt: skip
+    if m.task == "seq-cls" or recipe.adapter.modules_to_save:
+        key = "model.task: seq-cls" if m.task == "seq-cls" else "adapter.modules_to_save"
+        problems.append(("training.distributed", f"'fsdp' cannot train whole modules ({key}): PEFT trains a copy of "
+                         "each, and a sharded module cannot be copied; use 'ddp'"))  # fmt: skip
     if method == "full":
         problems.append(("training.distributed", "'fsdp' shards a frozen base, and adapter.method 'full' trains every "
                          "weight; use 'ddp'"))  # fmt: skip

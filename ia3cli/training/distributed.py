@@ -7,7 +7,7 @@ averages their gradients once per optimiser step. The health monitor measures it
 end of each backward pass, after those averaging hooks ran, so it sees the full, averaged gradients.
 
 Checkpoints: transformers refuses to checkpoint the optimiser of a model sharded at load time, because in general its
-state would be sharded too. Here the optimiser only holds the IA3 vectors (and a ``seq-cls`` head), which are plain
+state would be sharded too. Here the optimiser only holds the IA3 vectors (or LoRA matrices), which are plain
 tensors, identical on every rank, so rank 0's ``optimizer.pt`` is the whole state, exactly as under DDP, and
 ``--resume`` restores it on every rank. :func:`trainer_arguments` and :func:`allow_checkpoints` get past that check;
 :func:`check_trainable_replicated` makes sure the premise holds before training starts.
