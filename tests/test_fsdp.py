@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from ia3cli.cli.app import app
 from tests.conftest import ROOT, auto_model, tiny_recipe, write_recipe
 from tests.test_distributed import _cli, _max_diff, _single_process
 from tests.test_resume import SLOW_STEPS
@@ -95,6 +97,14 @@ def test_fsdp_on_two_ranks_equals_one_process(tiny_model, tmp_path: Path, kind: 
     norms = [(k, a[k], b[k]) for a, b in zip(ours, theirs, strict=True) for k in a if k.startswith("ia3/grad_norm_")]
     assert len(norms) == 9, norms  # 3 steps x k, v, ff
     assert all(abs(x - y) <= 1e-5 * max(abs(y), 1e-3) for _, x, y in norms), norms
+    if kind == "llama":  # ia3 eval and ia3 merge take the run dir as they take any other
+        evaluated = CliRunner().invoke(app, ["eval", str(out), "--split", "validation", "--json"])
+        assert evaluated.exit_code == 0, evaluated.output
+        assert json.loads(evaluated.output)["rows"] == 16
+        merged = CliRunner().invoke(app, ["merge", str(out), str(tmp_path / "merged")])
+        assert merged.exit_code == 0, merged.output
+        report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+        assert report["max_abs_diff"] <= report["tolerance"]
 
 
 def _start(recipe: Path, out: Path, slow: Path, *args: str) -> subprocess.Popen:
