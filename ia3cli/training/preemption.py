@@ -21,12 +21,20 @@ wait a grace period. :class:`PreemptionWatch` turns that into a clean stop:
 
 from __future__ import annotations
 
+import json
 import signal
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ia3cli.env import is_main_process
 from ia3cli.errors import Preempted
+from ia3cli.outputs import write_atomic
+from ia3cli.training import health as health_rules
+
+if TYPE_CHECKING:
+    from ia3cli.config.recipe import Recipe
 
 PREEMPTED_EXIT = Preempted.exit_code
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -82,3 +90,27 @@ def _any_process(flag: bool, model: Any) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value.item() > 0
+
+
+def update_run_info(out: Path, **fields: Any) -> None:
+    """Rewrite ``run.json`` with ``fields`` changed (its status: running, finished, preempted)."""
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    write_atomic(out / "run.json", json.dumps({**info, **fields}, indent=2) + "\n")
+
+
+def stop(recipe: Recipe, out: Path, watch: Any, health: dict[str, Any]) -> None:
+    """After a preemption checkpoint: ``health.json`` and ``run.json`` say so, then :class:`Preempted` is raised.
+
+    Raises:
+        Preempted: always (exit status 75).
+    """
+    checkpoint = out / "checkpoints" / f"checkpoint-{watch.stopped_at}"
+    facts = {"signal": watch.received, "step": watch.stopped_at, "checkpoint": str(checkpoint)}
+    if is_main_process():
+        health_rules.write(out / "health.json", {**health, "status": "preempted", "preempted": facts})
+        update_run_info(out, status="preempted", preempted=facts)
+    source = recipe.source or "RECIPE"
+    raise Preempted(
+        f"{watch.received} received: training stopped after step {watch.stopped_at}, checkpoint {checkpoint}",
+        f"continue with the same command plus --resume, e.g. ia3 train {source} --resume",
+    )

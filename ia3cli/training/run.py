@@ -27,7 +27,7 @@ from typing import Any
 from ia3cli import __version__
 from ia3cli.config.recipe import Recipe, dump_recipe
 from ia3cli.env import is_main_process, world_size
-from ia3cli.errors import Ia3Error, Preempted, RunError
+from ia3cli.errors import Ia3Error, RunError
 from ia3cli.outputs import RUN_MARKER, publish_dir, remove_output, write_atomic
 from ia3cli.report.console import Console
 from ia3cli.training import distributed
@@ -247,8 +247,7 @@ def run(
     """
     from accelerate import PartialState
 
-    from ia3cli.training import preflight
-    from ia3cli.training.preemption import PreemptionWatch
+    from ia3cli.training import preemption, preflight
 
     console = console or Console(enabled=is_main_process(), sink=printer)
     say = console.line if is_main_process() else (lambda _msg: None)
@@ -270,7 +269,8 @@ def run(
         # The other ranks start only once rank 0 has claimed the run dir (or they wait there until the launcher
         # stops them after rank 0's refusal): none of them ever sees it half-made or looks for checkpoints early.
         PartialState().wait_for_everyone()
-        watch = PreemptionWatch()  # from here on SIGTERM / SIGUSR1 stop the run after a step, with a checkpoint
+        # from here on SIGTERM / SIGUSR1 stop the run after an optimiser step, with a checkpoint
+        watch = preemption.PreemptionWatch()
         try:
             return _train(
                 recipe, checks, out, args, watch, resume=resume, console=console, verbose=verbose, draw=report
@@ -298,7 +298,7 @@ def _train(
     from ia3cli.data import encoding as data
     from ia3cli.models import loading as modeling
     from ia3cli.scoring import evaluation
-    from ia3cli.training import fewshot
+    from ia3cli.training import fewshot, preemption
     from ia3cli.training.logbook import LOG_NAME, TrainLogbook, install
     from ia3cli.training.monitor import GradNormMonitor
     from ia3cli.tuners import ia3
@@ -363,7 +363,7 @@ def _train(
 
     health = monitor.health if ia3 else {"status": f"not monitored (adapter.method: {recipe.adapter.method})"}
     if watch.stopped_at is not None:
-        _stop_preempted(recipe, out, watch, health)
+        preemption.stop(recipe, out, watch, health)
     if monitor.failed:  # health.json is already written (the monitor's on_train_end)
         raise RunError(
             f"training stopped: {monitor.summary_line()}",
@@ -399,34 +399,8 @@ def _train(
         publish_dir(staging, out)
         if draw and ia3 and _write_report(out, say):  # the report draws the IA3 vectors
             write_atomic(out / "README.md", model_card(recipe, plan, metrics, counts, health, report="report.png"))
-        update_run_info(out, status="finished")
+        preemption.update_run_info(out, status="finished")
     return RunResult(output_dir=out, metrics=metrics, health=health, health_line=health_line)
-
-
-def update_run_info(out: Path, **fields: Any) -> None:
-    """Rewrite ``run.json`` with ``fields`` changed (its status: running, finished, preempted)."""
-    info = json.loads((out / RUN_MARKER).read_text(encoding="utf-8"))
-    write_atomic(out / RUN_MARKER, json.dumps({**info, **fields}, indent=2) + "\n")
-
-
-def _stop_preempted(recipe: Recipe, out: Path, watch: Any, health: dict[str, Any]) -> None:
-    """After a preemption checkpoint: ``health.json`` and ``run.json`` say so, then :class:`Preempted` is raised.
-
-    Raises:
-        Preempted: always (exit status 75).
-    """
-    from ia3cli.training import health as health_rules
-
-    checkpoint = out / "checkpoints" / f"checkpoint-{watch.stopped_at}"
-    facts = {"signal": watch.received, "step": watch.stopped_at, "checkpoint": str(checkpoint)}
-    if is_main_process():
-        health_rules.write(out / "health.json", {**health, "status": "preempted", "preempted": facts})
-        update_run_info(out, status="preempted", preempted=facts)
-    source = recipe.source or "RECIPE"
-    raise Preempted(
-        f"{watch.received} received: training stopped after step {watch.stopped_at}, checkpoint {checkpoint}",
-        f"continue with the same command plus --resume, e.g. ia3 train {source} --resume",
-    )
 
 
 def _method_summary(recipe: Recipe, plan: Any) -> str:
