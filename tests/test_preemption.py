@@ -65,7 +65,7 @@ def _wait(found, proc: subprocess.Popen, what: str, seconds: float = 180):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_a_signal_checkpoints_stops_with_75_and_resume_equals_an_uninterrupted_run(
     tiny_model, tmp_path: Path, sig: signal.Signals
 ) -> None:
@@ -133,6 +133,7 @@ def test_the_launcher_names_a_preempted_run(tmp_path: Path) -> None:
         ({"model": {"task": "seq-cls"}}, ["model.task: seq-cls", "ddp"]),
         ({"adapter": {"modules_to_save": ["lm_head"]}}, ["adapter.modules_to_save"]),
     ],
+    ids=["gguf", "4bit", "8bit", "full", "seq-cls", "modules_to_save"],
 )
 def test_fsdp_refuses_what_it_cannot_shard(tmp_path: Path, change: dict, words: list[str]) -> None:
     raw = tiny_recipe(tmp_path, "causal-lm", tmp_path / "out", training={"distributed": "fsdp"})
