@@ -54,6 +54,8 @@ def test_memory_per_rank_of_a_70b_llama_is_within_10_percent_of_the_hand_count(l
     assert abs(ddp.total - hand_ddp) / hand_ddp < 0.10, (ddp, hand_ddp)
     print(fsdp.line(), ddp.line(), f"by hand: fsdp {hand_fsdp / GB:.1f} GB, ddp {hand_ddp / GB:.1f} GB", sep="\n")
     assert "fsdp over 8 ranks" in fsdp.line() and "GiB" in fsdp.line()
+    gathered = _recipe(llama_70b, tmp_path, distributed="fsdp", fsdp_sharding="shard_grad_op")
+    assert sharding.estimate(meta, gathered, world=8, fsdp=True).weights == ddp.weights  # every block whole at once
     # gradient checkpointing keeps one tensor per layer instead of the whole layer's activations
     checkpointed = sharding.estimate(meta, _recipe(llama_70b, tmp_path, gradient_checkpointing=True), world=8,
                                      fsdp=True)  # fmt: skip
@@ -85,3 +87,15 @@ def test_the_plan_shards_each_block(tiny_model) -> None:
         meta = build_meta_model(AutoConfig.from_pretrained(tiny_model(kind, task)), task)
         assert sharding.shard_plan(meta) == dict.fromkeys(blocks, "free_full_weight")
         assert set(sharding.shard_plan(meta, "shard_grad_op").values()) == {"keep_full_weight"}
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_cpu_offload_without_a_gpu_is_refused_naming_the_key(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    from ia3cli.errors import RecipeError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    raw = tiny_recipe(tiny_model("llama", "causal-lm"), "causal-lm", tmp_path / "out")
+    raw["training"].update(distributed="fsdp", fsdp_cpu_offload=True)
+    recipe = validate_mapping(raw)
+    with pytest.raises(RecipeError, match="training.fsdp_cpu_offload: .*no GPU"):
+        sharding.distributed_config(recipe, load_config(recipe.model))

@@ -235,8 +235,9 @@ class TrainingSection(_Section):
     fsdp_sharding: Literal["full_shard", "shard_grad_op"] = Field(
         "full_shard",
         description="`distributed: fsdp`: `full_shard` frees each block's gathered weights after its forward and "
-        "gathers them again for the backward (least memory); `shard_grad_op` keeps them until the backward is done "
-        "(less traffic, one block's full weights more per rank).",
+        "gathers them again for its backward (a block or two in full at a time); `shard_grad_op` keeps them until "
+        "its backward: less traffic, but between forward and backward every block is whole, so the peak is the "
+        "whole base, as with DDP (the base is sharded only outside the training step).",
     )
     fsdp_cpu_offload: bool = Field(
         False, description="`distributed: fsdp`: keep the shards in CPU memory, copied to the device block by block."

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ia3cli.env import world_size
+from ia3cli.errors import RecipeError
 from ia3cli.models.loading import build_meta_model
 
 if TYPE_CHECKING:
@@ -66,11 +67,22 @@ def shard_plan(meta_model: torch.nn.Module, sharding: str = "full_shard") -> dic
 
 
 def distributed_config(recipe: Recipe, config: PretrainedConfig) -> Any:
-    """The ``DistributedConfig`` that shards the base over every rank, or ``None`` when it loads whole."""
+    """The ``DistributedConfig`` that shards the base over every rank, or ``None`` when it loads whole.
+
+    Raises:
+        RecipeError: for ``training.fsdp_cpu_offload`` without a GPU (FSDP2 offloads from an accelerator).
+    """
     if not sharded(recipe):
         return None
+    import torch
     from transformers.distributed import DistributedConfig
 
+    if recipe.training.fsdp_cpu_offload and not torch.cuda.is_available():
+        raise RecipeError(
+            "training.fsdp_cpu_offload",
+            "moves shards from a GPU to CPU memory, and there is no GPU here",
+            "set it to false: on the CPU the shards are in CPU memory already",
+        )
     meta = build_meta_model(config, recipe.model.task, recipe.num_labels)
     return DistributedConfig(
         fsdp_size=world_size(),
@@ -146,8 +158,9 @@ def estimate(
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else str(getattr(config, "dtype", "float32"))
     dtype_bytes = DTYPE_BYTES.get(dtype.removeprefix("torch."), 4)
     weights, largest_block = _weight_bytes(meta_model, dtype_bytes, recipe.model.quantization)
-    if fsdp and world > 1:
-        # the shards, plus the block being computed and the next one, prefetched, gathered in full
+    if fsdp and world > 1 and recipe.training.fsdp_sharding == "full_shard":
+        # the shards, plus the block being computed and the next one, prefetched, gathered in full (shard_grad_op
+        # keeps every block gathered from its forward to its backward: the whole base at the turn)
         weights = weights / world + 2 * largest_block
     t, s = recipe.training, recipe.data.max_length
     b = t.batch_size
