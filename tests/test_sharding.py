@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from ia3cli.config.recipe import validate_mapping
 from ia3cli.models import sharding
@@ -89,7 +90,7 @@ def test_the_plan_shards_each_block(tiny_model) -> None:
         assert set(sharding.shard_plan(meta, "shard_grad_op").values()) == {"keep_full_weight"}
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without a GPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
 def test_cpu_offload_without_a_gpu_is_refused_naming_the_key(tiny_model, tmp_path: Path, monkeypatch) -> None:
     from ia3cli.errors import RecipeError
 
