@@ -1,16 +1,21 @@
 """``ia3 train``: the training story, top to bottom.
 
-1. Pre-flight (shared with ``ia3 validate``): targets resolved on a meta-device model, every data row checked.
+1. Pre-flight (shared with ``ia3 validate``): targets resolved on a meta-device model, every data row checked, the
+   memory per rank estimated.
 2. The run directory is claimed: refused when it holds another run (``--overwrite``), reused with ``--resume``.
-   ``recipe.yaml`` (resolved, overrides applied) and ``run.json`` (versions, world size) are written first.
-3. Tokenizer + base model (full precision, 4-bit or 8-bit) wrapped with IA3; the trainable-parameter line.
+   ``recipe.yaml`` (resolved, overrides applied) and ``run.json`` (versions, world size, status) are written first.
+3. Tokenizer + base model (full precision, 4-bit or 8-bit; sharded across ranks with ``training.distributed:
+   fsdp``) wrapped with IA3; the trainable-parameter line.
 4. Tokenized splits with a dynamic-padding collator; one function maps the recipe to ``TrainingArguments``.
-5. ``Trainer.train`` with the health monitor; checkpoints under ``OUTPUT_DIR/checkpoints``.
+5. ``Trainer.train`` with the health monitor and the preemption watch; checkpoints under ``OUTPUT_DIR/checkpoints``.
+   On SIGTERM / SIGUSR1 the run checkpoints after the current step and stops with exit status 75
+   (:mod:`ia3cli.training.preemption`).
 6. Final evaluation, then the adapter, tokenizer, ``metrics.json``, ``health.json`` and a model card, each written
-   to a temporary name and renamed, so a kill never leaves a truncated file behind.
+   to a temporary name and renamed, so a kill never leaves a truncated file behind; ``run.json`` says ``finished``.
 
 Works unchanged under ``torchrun`` / ``accelerate launch`` (``ia3 train --nproc N`` calls torchrun): rank 0 claims
-the run directory while the other ranks wait, and only rank 0 writes files and prints.
+the run directory while the other ranks wait, and only rank 0 writes files and prints. DDP or FSDP:
+:mod:`ia3cli.training.distributed`.
 """
 
 from __future__ import annotations
