@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +45,8 @@ class PreemptionWatch(TrainerCallback):
     """Record SIGTERM / SIGUSR1 and stop training after the current optimiser step, with a checkpoint.
 
     Create it before the model loads (a signal during loading then stops at the first step) and call :meth:`close`
-    when the run ends, which puts the previous handlers back.
+    when the run ends, which puts the previous handlers back. Created outside the main thread it installs nothing
+    (Python lets only the main thread set signal handlers) and never stops a run.
 
     Attributes:
         received: The name of the first signal received (``"SIGTERM"``), else ``None``.
@@ -54,7 +56,9 @@ class PreemptionWatch(TrainerCallback):
     def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
         self.received: str | None = None
         self.stopped_at: int | None = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+        # only the main thread may set handlers; a run started from another thread keeps the process's own
+        main = threading.current_thread() is threading.main_thread()
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals} if main else {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is None:
