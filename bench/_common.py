@@ -95,8 +95,8 @@ def quickstart_mapping(output_dir: Path, **sections: dict[str, Any]) -> dict[str
 
 
 def quickstart_recipe(output_dir: Path, **sections: dict[str, Any]) -> Any:
-    """The quick-start recipe validated through ``ia3cli.config.recipe.validate_mapping``."""
-    from ia3cli.config.recipe import validate_mapping
+    """The quick-start recipe validated through ``ia3cli.config.load.validate_mapping``."""
+    from ia3cli.config.load import validate_mapping
 
     return validate_mapping(quickstart_mapping(output_dir, **sections))
 
@@ -170,7 +170,7 @@ def llama_100m_dir() -> Path:
 
 def causal_recipe(model_dir: Path, output_dir: Path, **model: Any) -> Any:
     """A minimal causal-lm recipe over the shipped sentiment data for a local model folder."""
-    from ia3cli.config.recipe import validate_mapping
+    from ia3cli.config.load import validate_mapping
 
     return validate_mapping(
         {

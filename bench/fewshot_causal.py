@@ -55,7 +55,7 @@ OUT = WORK / ("fewshot-causal-quick" if QUICK else "fewshot-causal")
 
 
 def recipe_for(task: str) -> Any:
-    from ia3cli.config.recipe import load_recipe
+    from ia3cli.config.load import load_recipe
 
     quick = ["training.max_steps=4", "data.eval_samples=8"] if QUICK else []
     return load_recipe(RECIPE, [*TASKS[task], *quick, f"training.output_dir={OUT / 'unused'}"])

@@ -36,7 +36,7 @@ def make_runs(n: int) -> dict[str, object]:
     import torch
     from peft import IA3Config, get_peft_model
 
-    from ia3cli.config.recipe import dump_recipe, validate_mapping
+    from ia3cli.config.load import dump_recipe, validate_mapping
     from ia3cli.models import loading as modeling
 
     root = WORK / f"mixed-{n}"
@@ -83,7 +83,7 @@ def measure(n: int, texts: list[str]) -> tuple[dict, list[list[str]]]:
     """Time base / mixed / peft-switch over ``texts`` with ``n`` adapters; the result and its table rows."""
     import torch
 
-    from ia3cli.config.recipe import load_recipe
+    from ia3cli.config.load import load_recipe
     from ia3cli.tuners.ia3 import load_run_model
     from ia3cli.tuners.mixed import MixedIA3
 

@@ -1,6 +1,6 @@
 """Run the ia3cli benchmarks and collect their results into bench/results/README.md.
 
-    python bench/run_all.py                   # everything (about 17 minutes on 2 cores, 1 torch thread)
+    python bench/run_all.py                   # everything (about 30 minutes on 2 cores, 1 torch thread)
     python bench/run_all.py --quick           # smoke run (~3 min): fewer repeats and steps; numbers are not meaningful,
                                               # written to bench/_work/results-quick
     python bench/run_all.py floor startup     # a subset, by script name
@@ -24,9 +24,12 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"  # --quick: bench/_work/results-quick (smoke numbers never replace real ones)
 # Cheapest first; the heavy training benchmarks last.
-BENCHMARKS = ["startup", "adapter_size", "floor", "memory", "monitor_cost", "mixed", "throughput", "fewshot", "serve"]
-# Run only when named (hours on 2 cores); their results still go into the table.
-LONG = ["fewshot_causal"]
+BENCHMARKS = [
+    "startup", "adapter_size", "floor", "memory", "monitor_cost", "mixed", "throughput", "fewshot", "serve",
+    "serve_latency", "scale",
+]  # fmt: skip
+# Run only when named (hours on 2 cores; gpu.py needs CUDA); their results still go into the table.
+LONG = ["fewshot_causal", "gpu"]
 
 
 def table(results: Path) -> str:
@@ -76,7 +79,7 @@ def main() -> None:
     text = (
         "# ia3cli benchmarks\n\n"
         f"Machine: {machine_line(results)}.\n\n"
-        "Reproduce: `make bench` (all but fewshot_causal, ~17 min on 2 cores) or `python bench/run_all.py NAME...`; "
+        "Reproduce: `make bench` (all but fewshot_causal, ~30 min on 2 cores) or `python bench/run_all.py NAME...`; "
         "raw numbers and "
         "settings in `bench/results/<name>.json`.\n\n" + table(results) + "\n"
     )

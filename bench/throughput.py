@@ -34,7 +34,7 @@ def baseline(out: str) -> dict:
     from peft import IA3Config, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
-    from ia3cli.config.recipe import resolve_model_path
+    from ia3cli.config.paths import resolve_model_path
 
     model_path = resolve_model_path(MODEL_NAME)
     tokenizer = AutoTokenizer.from_pretrained(model_path)

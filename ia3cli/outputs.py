@@ -33,14 +33,15 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary sibling, ``fsync`` and ``os.replace``: old or new, never half."""
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Write a file (text as UTF-8, or bytes) through a temporary sibling, ``fsync`` and ``os.replace``: old or new,
+    never half. The only way ia3cli writes a file of its own."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content.encode("utf-8") if isinstance(content, str) else content)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, file_mode())
@@ -126,3 +127,13 @@ def remove_output(path: Path, marker: str, *, key: str, flag: str, keep: tuple[P
     path = Path(path).expanduser()
     if path.is_dir():
         shutil.rmtree(path)
+
+
+def human_bytes(n: int | None) -> str:
+    """``12.3 KB``-style size (decimal units)."""
+    if n is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"

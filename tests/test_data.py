@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ia3cli.config.recipe import DataSection, Recipe, validate_mapping
+from ia3cli.config.load import validate_mapping
+from ia3cli.config.recipe import DataSection, Recipe
+from ia3cli.data import checks
 from ia3cli.data import encoding as data
 from ia3cli.data import sources as loading
 from ia3cli.errors import DataError, RecipeError
@@ -181,21 +183,21 @@ def test_check_names_the_first_bad_row(tmp_path: Path, keys: dict, bad: dict, wo
     file = write_jsonl(tmp_path / "rows.jsonl", [good, {**good, **bad}, {**good, **bad}])
     task = "seq-cls" if not keys.get("target_column") and not keys.get("messages_column") else "causal-lm"
     with pytest.raises(DataError, match=words.replace("(", r"\(")) as err:
-        data.check(recipe(task, path=str(file), **keys))
+        checks.check(recipe(task, path=str(file), **keys))
     assert (err.value.file, err.value.row) == (f"{file} [train]", 2)
 
 
 def test_check_counts_labels_by_id_or_name(tmp_path: Path) -> None:
     rows = [{"text": "a", "label": 1}, {"text": "b", "label": "negative"}, {"text": "c", "label": 1.0}]
     file = write_jsonl(tmp_path / "rows.jsonl", rows)
-    report = data.check(recipe("seq-cls", path=str(file), label_names=LABELS))
+    report = checks.check(recipe("seq-cls", path=str(file), label_names=LABELS))
     assert (report.splits, report.label_counts, report.columns) == ({"train": 3}, {"1": 2, "0": 1}, ["text", "label"])
 
 
 def test_missing_column_lists_those_present_and_the_template_using_it(tmp_path: Path) -> None:
     file = write_jsonl(tmp_path / "rows.jsonl", [{"review": "x", "label": 0}])
     with pytest.raises(DataError, match="missing column 'text'") as err:
-        data.check(recipe(path=str(file), prompt_template=PROMPT))
+        checks.check(recipe(path=str(file), prompt_template=PROMPT))
     assert err.value.row is None
     assert err.value.hint == "columns present: review, label (used by data.prompt_template)"
 
@@ -204,23 +206,23 @@ def test_empty_files_and_splits_are_refused(tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match="file is empty") as err:
-        data.check(recipe("seq-cls", path=str(empty)))
+        checks.check(recipe("seq-cls", path=str(empty)))
     assert err.value.file == str(empty)
     blank = tmp_path / "blank.jsonl"
     blank.write_text("\n\n")
     with pytest.raises(DataError, match="split is empty") as err:
-        data.check(recipe("seq-cls", path=str(blank)))
+        checks.check(recipe("seq-cls", path=str(blank)))
     assert err.value.file == f"{blank} [train]"
     rows = write_jsonl(tmp_path / "rows.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
     with pytest.raises(DataError, match="split is empty") as err:
-        data.check(recipe("seq-cls", path=str(rows), train_split="train[2:]"))
+        checks.check(recipe("seq-cls", path=str(rows), train_split="train[2:]"))
     assert err.value.file == f"{rows} [train[2:]]"
 
 
 @pytest.mark.parametrize("template", ["Review: {text", "Review: {text!z}", "Review: }"])
 def test_malformed_prompt_template_names_the_key(template: str) -> None:
     with pytest.raises(RecipeError) as err:
-        data.check(recipe(prompt_template=template))
+        checks.check(recipe(prompt_template=template))
     assert err.value.key == "data.prompt_template" and "not a valid format string" in str(err.value)
 
 

@@ -12,19 +12,17 @@ import transformers as tf
 from typer.testing import CliRunner
 
 from ia3cli.cli.app import app
-from ia3cli.config.recipe import load_recipe, validate_mapping
+from ia3cli.config.load import load_recipe, validate_mapping
 from ia3cli.data.encoding import encode_causal, encode_row
 from ia3cli.errors import Ia3Error, RecipeError
 from ia3cli.inference.merge import merge
 from ia3cli.models import loading as modeling
+from ia3cli.scoring.eval_command import _load_model, render, run_eval
 from ia3cli.scoring.evaluation import (
-    _load_model,
     after_training,
     choice_features,
     classification_metrics,
     rank_classify,
-    render,
-    run_eval,
     score_choices,
 )
 from ia3cli.scoring.loglik import shared_prefix_length
@@ -265,13 +263,25 @@ def test_rank_classify_matches_a_hand_computation(tiny_model) -> None:
 
 def test_split_data_and_set_overrides(tmp_path: Path, tiny_model) -> None:
     run_dir = make_run(tmp_path, tiny_model("bert", "seq-cls"), "seq-cls")
+    own = evaluate(run_dir, split="train")
     on_train = evaluate(run_dir, split="train", overrides=["data.eval_samples=5"])
     assert (on_train["split"], on_train["rows"]) == ("train", 5)
-    assert (run_dir / "eval-train.json").is_file()
-
     data = write_rows(tmp_path / "rows.jsonl")
     on_file = evaluate(run_dir, data=str(data), split="train")
     assert on_file["rows"] == 6 and on_file["data"] == str(data)
+
+    # each result is named by what it evaluated: the run's own rows keep eval-train.json, other rows get their own
+    saved = {p.name: json.loads(p.read_text()) for p in run_dir.glob("eval-train*.json")}
+    assert len(saved) == 3 and saved["eval-train.json"]["rows"] == own["rows"]
+    assert sorted(r["rows"] for r in saved.values()) == sorted([5, 6, own["rows"]])
+    again = evaluate(run_dir, data=str(data), split="train")  # the same evaluation refreshes its own file
+    assert again["rows"] == 6 and len(list(run_dir.glob("eval-train*.json"))) == 3
+
+    mine = run_dir / "eval-validation.json"  # a file of the user's with an eval's name is never replaced
+    mine.write_text("my notes\n")
+    with pytest.raises(Ia3Error, match="not this evaluation's result"):
+        evaluate(run_dir)
+    assert mine.read_text() == "my notes\n"
 
 
 def test_eval_errors_name_the_problem(tmp_path: Path, tiny_model) -> None:

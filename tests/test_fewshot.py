@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from ia3cli.cli.app import app
 from ia3cli.config.recipe import TrainingSection
-from ia3cli.training.preflight import budget_warning, optimizer_steps
+from ia3cli.training.budget import budget_warning, optimizer_steps
 from tests.conftest import SENTIMENT, tiny_recipe, write_recipe
 
 runner = CliRunner()
@@ -90,8 +90,13 @@ def test_lm_objective_on_label_names_reports_accuracy_at_each_evaluation(tiny_mo
     assert result.exit_code == 0, result.output
     evals = _log_evals(out)
     assert [e["step"] for e in evals] == [2, 4] and all("eval_accuracy" in e for e in evals)
-    # eval_loss of the lm objective is the cross-entropy of the correct verbaliser, as without choice batches
-    assert json.loads((out / "metrics.json").read_text())["eval_loss"] > 0
+    # eval_loss of the lm objective is the cross-entropy of the correct verbaliser, as without choice batches:
+    # `ia3 eval` computes it independently (token-weighted over the 16 rows, which are one evaluation batch)
+    from ia3cli.scoring.eval_command import run_eval
+
+    evaluated = run_eval(str(out), recipe_path=None, data=None, split=None, overrides=[], full_precision=False)
+    trained = json.loads((out / "metrics.json").read_text())
+    assert trained["eval_loss"] == pytest.approx(evaluated["loss"], rel=1e-4) and evaluated["loss"] > 0
 
 
 @pytest.mark.parametrize(
@@ -117,7 +122,7 @@ def test_bad_choice_rows_are_named_by_number(tiny_model, tmp_path: Path, row: di
 
 
 def test_templates_are_drawn_per_row_and_epoch_and_reproducibly() -> None:
-    from ia3cli.training.fewshot import RowDataset
+    from ia3cli.training.row_data import RowDataset
 
     templates = ["A {text}", "B {text}", "C {text}"]
     ds = RowDataset([{"text": str(i)} for i in range(60)], lambda row, t: {"t": t}, templates=templates, seed=1)
@@ -134,10 +139,10 @@ def test_templates_are_drawn_per_row_and_epoch_and_reproducibly() -> None:
 
 
 def test_training_with_several_templates_sees_each_of_them(tiny_model, tmp_path: Path) -> None:
-    from ia3cli.training import fewshot
+    from ia3cli.training import row_data
 
     seen: list[str | None] = []
-    draw = fewshot.RowDataset.template
+    draw = row_data.RowDataset.template
 
     def spy(self, index: int) -> str | None:
         seen.append(draw(self, index))
@@ -149,7 +154,7 @@ def test_training_with_several_templates_sees_each_of_them(tiny_model, tmp_path:
         data={"prompt_templates": templates, "prompt_template": None}, training={"max_steps": 8},
     )  # fmt: skip
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(fewshot.RowDataset, "template", spy)
+    monkey.setattr(row_data.RowDataset, "template", spy)
     try:
         result = _train(tmp_path, recipe)
     finally:
@@ -165,7 +170,7 @@ def test_adafactor_is_the_papers_setting(tiny_model, tmp_path: Path) -> None:
     from transformers import Trainer
     from transformers.optimization import Adafactor
 
-    from ia3cli.config.recipe import validate_mapping
+    from ia3cli.config.load import validate_mapping
     from ia3cli.models import targets
     from ia3cli.training.run import training_arguments
     from ia3cli.tuners import ia3

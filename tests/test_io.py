@@ -48,6 +48,19 @@ def test_train_resume_refuses_a_folder_that_is_not_a_run(tiny_model, tmp_path: P
     assert _snapshot(mine) == before
 
 
+def test_train_refuses_resume_with_overwrite_and_keeps_the_checkpoints(tiny_model, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (run / RUN_MARKER).write_text("{}\n")
+    (run / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}\n')
+    before = _snapshot(run)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model("llama", "causal-lm"), "causal-lm", run))
+    result = runner.invoke(app, ["train", str(recipe), "--resume", "--overwrite"])
+    assert result.exit_code == 2, result.output
+    assert "--resume and --overwrite together" in result.output and "Traceback" not in result.output
+    assert _snapshot(run) == before
+
+
 @pytest.mark.parametrize("where", ["working-dir", "home", "recipe-folder", "data-folder"])
 def test_overwrite_refuses_protected_folders_even_when_they_look_like_runs(
     tiny_model, tmp_path: Path, monkeypatch, where: str

@@ -15,7 +15,7 @@ import transformers as tf
 from typer.testing import CliRunner
 
 from ia3cli.cli.app import app
-from ia3cli.config.recipe import load_recipe, validate_mapping
+from ia3cli.config.load import load_recipe, validate_mapping
 from ia3cli.errors import Ia3Error, RunError
 from ia3cli.inference.merge import merge
 from ia3cli.tuners import ia3
@@ -271,7 +271,7 @@ def test_run_trained_by_ia3_train_merges(tmp_path: Path, tiny_model) -> None:
     report = merge(tmp_path / "run", tmp_path / "merged")
     assert report["max_abs_diff"] <= 1e-4 and report["probe_rows"] == 8
 
-    from ia3cli.scoring.evaluation import run_eval
+    from ia3cli.scoring.eval_command import run_eval
 
     args = {"recipe_path": None, "data": None, "split": None, "overrides": [], "full_precision": False}
     on_run, on_merged = run_eval(str(tmp_path / "run"), **args), run_eval(str(tmp_path / "merged"), **args)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ia3cli.config.recipe import dump_recipe, load_recipe
+from ia3cli.config.load import dump_recipe, load_recipe
 from ia3cli.errors import Ia3Error
 from ia3cli.models import loading as modeling
 from ia3cli.tuners import ia3
@@ -289,7 +289,7 @@ REAL = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "gguf_file", "task"), REAL)
 def test_real_weights_mixed_batch_matches_peft(tmp_path: Path, name: str, gguf_file: str | None, task: str) -> None:
-    from ia3cli.config.recipe import resolve_model_path
+    from ia3cli.config.paths import resolve_model_path
 
     model_dir = Path(resolve_model_path(name))
     model = {"name": name, "gguf_file": gguf_file}

@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ia3cli.config.recipe import ModelSection, load_recipe, validate_mapping
+from ia3cli.config.load import load_recipe, validate_mapping
+from ia3cli.config.recipe import ModelSection
 from ia3cli.errors import RecipeError
 from ia3cli.models import loading as modeling
-from ia3cli.scoring.evaluation import run_eval
+from ia3cli.scoring.eval_command import run_eval
 from ia3cli.training import preflight
-from ia3cli.training.run import model_card
+from ia3cli.training.model_card import model_card
 from ia3cli.tuners import ia3
 from tests.conftest import make_run, make_tokenizer, tiny_recipe, write_recipe
 

@@ -31,7 +31,8 @@ from transformers import (
 
 from ia3cli.config.recipe import MonitorSection
 from ia3cli.models import targets
-from ia3cli.training.monitor import GradNormMonitor, ia3_parameters, layer_label
+from ia3cli.training.monitor import GradNormMonitor
+from ia3cli.training.vectors import ia3_parameters, layer_label
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

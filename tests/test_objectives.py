@@ -101,12 +101,12 @@ def test_unlikelihood_is_zero_without_wrong_choices() -> None:
 
 
 def _tiny_choice_batch(tiny_model, task: str, tmp_path: Path):
-    from ia3cli.config.recipe import validate_mapping
-    from ia3cli.data.encoding import choice_label, sample
-    from ia3cli.data.sources import load_split
+    from ia3cli.config.load import validate_mapping
+    from ia3cli.data.encoding import choice_label
+    from ia3cli.data.sources import load_split, sample
     from ia3cli.models import targets
     from ia3cli.scoring.evaluation import choice_features
-    from ia3cli.training import fewshot
+    from ia3cli.training import row_data
     from ia3cli.tuners import ia3
 
     kind = "llama" if task == "causal-lm" else "t5"
@@ -117,7 +117,7 @@ def _tiny_choice_batch(tiny_model, task: str, tmp_path: Path):
     model, tokenizer = ia3.build(recipe, plan)
     rows = list(sample(load_split(recipe.data, "train"), 4, 0))
     feats = [{"choices": choice_features(r, recipe, tokenizer), "label": choice_label(r, recipe.data)} for r in rows]
-    batch = fewshot.ChoiceCollator(lambda f: f, tokenizer.pad_token_id)(feats)
+    batch = row_data.ChoiceCollator(lambda f: f, tokenizer.pad_token_id)(feats)
     return recipe, model, tokenizer, rows, batch
 
 

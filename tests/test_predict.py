@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from ia3cli.cli.app import app
-from ia3cli.config.recipe import load_recipe
+from ia3cli.config.load import load_recipe
 from ia3cli.errors import DataError, Ia3Error
 from ia3cli.inference.jobs import softmax
 from ia3cli.inference.predict import predict, sidecar

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from ia3cli.cli.app import app
 from ia3cli.cli.launch import preempted_status
-from ia3cli.config.recipe import validate_mapping
+from ia3cli.config.load import validate_mapping
 from ia3cli.errors import RecipeError
 from tests.conftest import ROOT, tiny_recipe, write_recipe
 from tests.test_distributed import _max_diff

@@ -69,7 +69,7 @@ def test_icl_on_a_bpe_tokenizer_keeps_every_demonstration_and_runs_them_once() -
     import torch
 
     from ia3cli.compare.cells import read_jsonl
-    from ia3cli.config.recipe import load_recipe
+    from ia3cli.config.load import load_recipe
     from ia3cli.data import icl
     from ia3cli.data.encoding import encode_causal, prompt_text
     from ia3cli.models import loading as modeling

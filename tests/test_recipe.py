@@ -8,16 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ia3cli.config.recipe import (
-    SECTIONS,
-    Recipe,
-    apply_overrides,
-    dump_recipe,
-    load_recipe,
-    parse_override,
-    resolve_model_path,
-    validate_mapping,
-)
+from ia3cli.config.load import apply_overrides, dump_recipe, load_recipe, parse_override, validate_mapping
+from ia3cli.config.paths import resolve_model_path
+from ia3cli.config.recipe import SECTIONS, Recipe
 from ia3cli.errors import RecipeError
 
 MINIMAL = {"model": {"name": "some/model"}, "data": {"path": "some/data"}}
@@ -220,6 +213,33 @@ def test_load_recipe_applies_overrides_and_resolves_data_beside_the_recipe(tmp_p
     assert r.training.learning_rate == 5e-3
     assert r.model.quantization == "4bit"
     assert Path(r.data.path) == (tmp_path / "data.jsonl").resolve()
+
+
+def test_one_rule_for_relative_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inputs (model.name, data.path, adapter.init_from): the working directory, else beside the recipe.
+    Outputs (training.output_dir): the working directory."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    for folder in ("base", "data", "earlier-run"):
+        (project / folder).mkdir(parents=True)
+    elsewhere.mkdir()
+    raw = {
+        "model": {"name": "base"},
+        "adapter": {"init_from": "earlier-run"},
+        "data": {"path": "data"},
+        "training": {"output_dir": "runs/x"},
+    }
+    path = project / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(elsewhere)
+    r = load_recipe(path)
+    assert r.model.name == str((project / "base").resolve())
+    assert r.adapter.init_from == str((project / "earlier-run").resolve())
+    assert r.data.path == str((project / "data").resolve())
+    assert r.training.output_dir == "runs/x"
+    (elsewhere / "data").mkdir()  # the working directory comes first
+    assert load_recipe(path).data.path == "data"
+    hub = load_recipe(path, ["model.name=org/model"])  # a hub id is never taken for a path
+    assert hub.model.name == "org/model"
 
 
 def test_bare_no_in_yaml_means_the_strategy_no(tmp_path: Path) -> None:

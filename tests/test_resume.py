@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from ia3cli.cli.app import app
-from ia3cli.config.recipe import dump_recipe, validate_mapping
+from ia3cli.config.load import dump_recipe, validate_mapping
 from ia3cli.outputs import write_atomic
-from ia3cli.training.run import latest_checkpoint
+from ia3cli.training.rundir import latest_checkpoint
 from tests.conftest import ROOT, tiny_recipe, write_recipe
 
 runner = CliRunner()

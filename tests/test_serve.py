@@ -25,7 +25,7 @@ import torch
 import uvicorn
 from safetensors.torch import load_file, save_file
 
-from ia3cli.config.recipe import load_recipe
+from ia3cli.config.load import load_recipe
 from ia3cli.scoring.evaluation import score_choices
 from ia3cli.serving import app as serve
 from ia3cli.tuners import ia3

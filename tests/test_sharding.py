@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ia3cli.config.recipe import validate_mapping
+from ia3cli.config.load import validate_mapping
 from ia3cli.models import sharding
 from ia3cli.models.loading import build_meta_model, load_config
 from ia3cli.training import distributed

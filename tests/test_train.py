@@ -87,7 +87,7 @@ def test_train_writes_a_loadable_peft_adapter(tiny_model, tmp_path: Path, kind: 
 
 
 def test_printed_parameter_count_equals_the_plan(tiny_model, tmp_path: Path) -> None:
-    from ia3cli.config.recipe import validate_mapping
+    from ia3cli.config.load import validate_mapping
     from ia3cli.models import targets
 
     recipe = tiny_recipe(tiny_model("llama", "causal-lm"), "causal-lm", tmp_path / "run")

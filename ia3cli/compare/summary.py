@@ -7,10 +7,13 @@ stands for every N.
 
 from __future__ import annotations
 
+import io
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ia3cli.outputs import human_bytes, write_atomic
 
 TOLERANCE = 0.01  # "as good as": within this much of the best mean (or the best's standard error, if larger)
 
@@ -31,16 +34,6 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float]:
 
 def _first(cells: Sequence[dict[str, Any]], method: str, key: str) -> Any:
     return next((c.get(key) for c in cells if c["method"] == method and c.get(key) is not None), None)
-
-
-def human_bytes(n: int | None) -> str:
-    """``12.3 KB``-style size (decimal units)."""
-    if n is None:
-        return "-"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def table(cells: Sequence[dict[str, Any]], methods: Sequence[str], rows: Sequence[int], metric: str) -> str:
@@ -125,9 +118,8 @@ def plot(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(path)
+    write_atomic(path, buffer.getvalue())
     return path

@@ -2,31 +2,25 @@
 
 A recipe is a YAML file with the sections ``model``, ``adapter``, ``data``, ``training`` and ``monitor``. Every key
 is a pydantic field with a ``description``; unknown keys are errors with a did-you-mean hint, and all problems are
-reported at once. ``--set section.key=value`` overrides are parsed as YAML scalars and applied before validation.
+reported at once. Reading a file, ``--set`` overrides and validation are in :mod:`ia3cli.config.load`.
 
 This module imports no torch or transformers, so ``ia3 validate`` reports schema errors instantly.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from ia3cli.config.families import TASK_NAMES
-from ia3cli.config.wording import format_errors, suggest
-from ia3cli.errors import RecipeError
+from ia3cli.config.paths import resolve_model_path
 
 Task = Literal[TASK_NAMES]  # type: ignore[valid-type]  # seq-cls, causal-lm, seq2seq: the families.TASKS table
 Targets = Literal["auto", "all-linear"] | list[str] | str
 FeedForward = Literal["auto"] | list[str] | str
-
-PKG_PREFIX = "pkg:"
 
 
 class _Section(BaseModel):
@@ -63,6 +57,13 @@ class ModelSection(_Section):
         None,
         description="GGUF file inside `name` to load, dequantised to `dtype` (with 4/8-bit quantization it is "
         "dequantised once into a cache folder, then quantised by bitsandbytes).",
+    )
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str] | None = Field(
+        None,
+        description="Inference with `--device auto` (eval, predict, serve, compare, merge): spread the base over "
+        "the GPUs as accelerate's big-model inference does: `auto`/`balanced`, `sequential`, or a map of module "
+        "name -> GPU index, `cpu` or `disk`. Default and with an explicit `--device`: the whole base on one device. "
+        "Training ignores it.",
     )
     _resolved: tuple[str, str] | None = PrivateAttr(None)
 
@@ -126,7 +127,8 @@ class DataSection(_Section):
 
     path: str = Field(
         description="Hub dataset id, or a local .jsonl/.json/.csv/.parquet file or a folder of them (splits "
-        "are named by file: train.*, validation.*/dev.*, test.*). Relative paths are relative to the recipe."
+        "are named by file: train.*, validation.*/dev.*, test.*). A relative path is found in the working directory, "
+        "else beside the recipe."
     )
     name: str | None = Field(None, description="Dataset configuration name (hub datasets, e.g. `sst2` of `glue`).")
     train_split: str = Field("train", description="Split to train on.")
@@ -223,7 +225,14 @@ class TrainingSection(_Section):
         description="`adamw`, or `adafactor` as in T-Few (no relative step, no parameter scaling; set "
         "learning_rate, e.g. 3e-3).",
     )
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Mixed precision of the Trainer (TrainingArguments bf16/fp16): `auto` is bf16 on a GPU that "
+        "supports it, else fp32. The IA3 vectors stay float32 whatever this and model.dtype say.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Trade compute for activation memory (the frozen base's inputs are made to require grad)."
+    )
     group_by_length: bool = Field(True, description="Batch rows of similar length together (less padding).")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for data loading.")
     distributed: Literal["ddp", "fsdp"] = Field(
@@ -313,6 +322,11 @@ class Recipe(_Section):
                     f"task '{m.task}' needs target_column, label_names, choices_column or messages_column",
                 )
             )
+        for module, where in (m.device_map if isinstance(m.device_map, dict) else {}).items():
+            gpu = isinstance(where, int) and where >= 0
+            if not gpu and not re.fullmatch(r"cpu|disk|mps|cuda(:\d+)?", str(where)):
+                why = f"'{module}' maps to {where!r}: use a GPU index (0, 1, ...), 'cpu' or 'disk'"
+                problems.append(("model.device_map", why))
         if m.task == "seq2seq" and d.messages_column is not None:
             problems.append(("data.messages_column", "chat messages are for causal-lm only"))
         if d.choices_column is not None and (m.task == "seq-cls" or d.label_names):
@@ -357,28 +371,24 @@ class Recipe(_Section):
 
 
 def _fsdp_problems(recipe: Recipe) -> list[tuple[str, str]]:
-    """Combinations ``training.distributed: fsdp`` cannot train."""
-    m, method = recipe.model, recipe.adapter.method
-    problems: list[tuple[str, str]] = []
+    """Combinations ``training.distributed: fsdp`` cannot train: (key, why), the key always training.distributed."""
+    m, why = recipe.model, []
     if m.gguf_file:
-        problems.append(
-            ("training.distributed", "'fsdp' cannot shard a GGUF base (model.gguf_file): every rank would dequantise "
-             "the whole file; save it once with `ia3 merge` or transformers as safetensors, or use 'ddp'")
-        )  # fmt: skip
+        why.append(
+            "a GGUF base (model.gguf_file): every rank would dequantise the whole file; save it once as "
+            "safetensors (transformers' save_pretrained)"
+        )
     if m.quantization != "none":
-        problems.append(
-            ("training.distributed", f"'fsdp' cannot shard a {m.quantization} base: transformers' FSDP2 loading "
-             "makes bitsandbytes weights plain DTensors that lose their quantisation state; set model.quantization: "
-             "none with model.dtype: bfloat16, or use 'ddp'")
-        )  # fmt: skip
+        why.append(
+            f"a {m.quantization} base: transformers' FSDP2 loading makes bitsandbytes weights plain "
+            "DTensors that lose their quantisation state; set model.quantization: none, dtype bfloat16"
+        )
     if m.task == "seq-cls" or recipe.adapter.modules_to_save:
         key = "model.task: seq-cls" if m.task == "seq-cls" else "adapter.modules_to_save"
-        problems.append(("training.distributed", f"'fsdp' cannot train whole modules ({key}): PEFT trains a copy of "
-                         "each, and a sharded module cannot be copied; use 'ddp'"))  # fmt: skip
-    if method == "full":
-        problems.append(("training.distributed", "'fsdp' shards a frozen base, and adapter.method 'full' trains every "
-                         "weight; use 'ddp'"))  # fmt: skip
-    return problems
+        why.append(f"whole modules ({key}): PEFT trains a copy of each, and a sharded module cannot be copied")
+    if recipe.adapter.method == "full":
+        why.append("adapter.method 'full': it trains every weight, there is no frozen base to shard")
+    return [("training.distributed", f"'fsdp' cannot shard {w}; or use 'ddp'") for w in why]
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -388,130 +398,3 @@ SECTIONS: dict[str, type[_Section]] = {
     "training": TrainingSection,
     "monitor": MonitorSection,
 }
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """Split ``section.key=value`` into the key path and the YAML-typed value.
-
-    Raises:
-        RecipeError: when the item has no ``=`` or no dotted key.
-    """
-    if "=" not in item:
-        raise RecipeError(None, f"--set '{item}' is not key=value", "e.g. --set training.learning_rate=1e-3")
-    key, raw = item.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if len(path) != 2:
-        raise RecipeError(key, "--set keys are section.key", "e.g. --set model.quantization=4bit")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return path, value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--set`` overrides to a raw recipe mapping (in place) and return it."""
-    for item in overrides:
-        (section, key), value = parse_override(item)
-        if section not in SECTIONS:
-            hint = suggest(section, list(SECTIONS))
-            raise RecipeError(
-                f"{section}.{key}", f"unknown section '{section}'", hint or f"sections: {', '.join(SECTIONS)}"
-            )
-        target = raw.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise RecipeError(section, "must be a mapping")
-        target[key] = value
-    return raw
-
-
-def _fix_float_strings(raw: dict[str, Any]) -> None:
-    # yaml.safe_load (YAML 1.1) reads `3e-3` as a string; convert such values where a float is expected.
-    for section_name, section in SECTIONS.items():
-        values = raw.get(section_name)
-        if not isinstance(values, dict):
-            continue
-        for key, value in values.items():
-            field = section.model_fields.get(key)
-            if field is not None and isinstance(value, str) and "float" in str(field.annotation):
-                with contextlib.suppress(ValueError):  # not a number: the schema reports it
-                    values[key] = float(value)
-
-
-def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe.
-
-    Relative ``data.path`` values are resolved against the recipe's folder (when that file exists there), so a
-    recipe can name the data shipped beside it.
-
-    Args:
-        path: YAML file.
-        overrides: ``section.key=value`` strings from ``--set``.
-
-    Raises:
-        RecipeError: for a missing or unreadable file, bad YAML, or any schema problem (all listed at once).
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise RecipeError(None, f"recipe file not found: {p}", "check the path; shipped recipes are in recipes/")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise RecipeError(None, f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(None, f"{p}: cannot read: {exc}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise RecipeError(None, f"{p}: a recipe must be a mapping of sections, got {type(raw).__name__}")
-    for section in raw:
-        if section in SECTIONS and raw[section] is None:
-            raw[section] = {}
-    apply_overrides(raw, overrides or [])
-    _fix_float_strings(raw)
-    data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str):
-        local = p.parent / data["path"]
-        if not Path(data["path"]).is_absolute() and not Path(data["path"]).exists() and local.exists():
-            data["path"] = str(local.resolve())
-    recipe = validate_mapping(raw)
-    recipe._source = p.resolve()
-    return recipe
-
-
-def validate_mapping(raw: dict[str, Any]) -> Recipe:
-    """Validate a raw mapping into a :class:`Recipe`.
-
-    Raises:
-        RecipeError: listing every problem.
-    """
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as exc:
-        raise format_errors(exc, Recipe, SECTIONS) from None
-
-
-def dump_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as YAML (every key, defaults included)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-
-
-def resolve_model_path(name: str) -> str:
-    """Turn ``pkg:PACKAGE[/SUBDIR]`` into the directory inside the installed package; other names pass through.
-
-    Raises:
-        RecipeError: when the package is not installed or the folder does not exist.
-    """
-    if not name.startswith(PKG_PREFIX):
-        return name
-    package, _, sub = name[len(PKG_PREFIX) :].partition("/")
-    spec = importlib.util.find_spec(package) if package.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
-        dist = package.replace("_", "-")
-        raise RecipeError("model.name", f"package '{package}' is not installed", f"pip install {dist}")
-    folder = Path(list(spec.submodule_search_locations)[0]) / sub
-    if not folder.is_dir():
-        raise RecipeError("model.name", f"'{sub}' is not a folder inside package '{package}' ({folder})")
-    return str(folder)

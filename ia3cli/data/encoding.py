@@ -1,7 +1,5 @@
-"""Data: load the splits, check every row, build model inputs, pad per batch.
-
-``check`` runs before any weights are loaded (it is part of ``ia3 validate``): it loads the splits, confirms the
-named columns exist and reports the first bad row by number. ``build`` turns rows into token ids for the task:
+"""Encoding: rows into model inputs for the task (the splits are loaded by :mod:`ia3cli.data.sources` and checked
+by :mod:`ia3cli.data.checks`). ``build`` turns rows into token ids:
 
 - ``seq-cls``: text (and text pair) -> ``input_ids``; the label (id or name) -> ``labels``.
 - ``causal-lm``: ``prompt_template`` (or the text column) + target (``target_column`` or the label's name) + EOS;
@@ -14,61 +12,19 @@ Rows are never padded here: the collator pads each batch to its longest row.
 
 from __future__ import annotations
 
-import string
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ia3cli.config.recipe import DataSection, Recipe
-from ia3cli.data.sources import load_split
-from ia3cli.errors import DataError, RecipeError
+from ia3cli.data.sources import load_splits
+from ia3cli.errors import DataError
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
+    from ia3cli.data.checks import DataReport
+
 IGNORE_INDEX = -100
-
-
-@dataclass
-class DataReport:
-    """What ``check`` found: split sizes and columns, and the checked splits themselves (reused by ``build``)."""
-
-    source: str
-    splits: dict[str, int] = field(default_factory=dict)
-    columns: list[str] = field(default_factory=list)
-    label_counts: dict[str, int] = field(default_factory=dict)
-    train: Any = field(default=None, repr=False)
-    eval: Any = field(default=None, repr=False)
-
-
-def sample(ds: Dataset, n: int | None, seed: int) -> Dataset:
-    """``n`` rows drawn with ``seed`` (all rows when ``n`` is None); training and ``ia3 eval`` draw the same ones."""
-    if n is None or n >= len(ds):
-        return ds
-    return ds.shuffle(seed=seed).select(range(n))
-
-
-def load_splits(recipe: Recipe) -> tuple[Dataset, Dataset | None]:
-    """Train and eval splits, subsampled to ``train_samples``/``eval_samples`` with the recipe's seed."""
-    d, seed = recipe.data, recipe.training.seed
-    train = sample(load_split(d, d.train_split), d.train_samples, seed)
-    evals = sample(load_split(d, d.eval_split), d.eval_samples, seed) if d.eval_split else None
-    return train, evals
-
-
-def _template_fields(template: str, key: str = "data.prompt_template") -> list[str]:
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise RecipeError(key, f"is not a valid format string: {exc}") from None
-    for _, name, _, conversion in parts:
-        if conversion not in (None, "r", "s", "a"):
-            raise RecipeError(
-                key,
-                f"is not a valid format string: unknown conversion '!{conversion}' after {{{name}}}",
-                "use {column}, {column!r} or {column!s}",
-            )
-    return [name for _, name, _, _ in parts if name]
 
 
 def label_id(value: Any, data: DataSection, num_labels: int) -> int | None:
@@ -82,82 +38,6 @@ def label_id(value: Any, data: DataSection, num_labels: int) -> int | None:
     if isinstance(value, float) and value.is_integer() and 0 <= value < num_labels:
         return int(value)
     return None
-
-
-def _needs_label(recipe: Recipe) -> bool:
-    d = recipe.data
-    return recipe.model.task == "seq-cls" or (d.target_column is None and d.messages_column is None)
-
-
-def required_columns(recipe: Recipe) -> list[str]:
-    """Columns every row must have for this recipe."""
-    d = recipe.data
-    if d.messages_column:
-        return [d.messages_column]
-    templates = [t for t in [d.prompt_template, *(d.prompt_templates or [])] if t]
-    cols = [f for t in templates for f in _template_fields(t)] if templates else [d.text_column]
-    if d.choices_column:
-        cols.append(d.choices_column)
-    if recipe.model.task == "seq-cls" and d.text_pair_column:
-        cols.append(d.text_pair_column)
-    if _needs_label(recipe):
-        cols.append(d.label_column)
-    elif d.target_column:
-        cols.append(d.target_column)
-    return list(dict.fromkeys(cols))
-
-
-def check_rows(ds: Dataset, recipe: Recipe, source: str) -> dict[str, int]:
-    """Check every row of a split; returns label counts.
-
-    Raises:
-        DataError: naming the first bad row (1-based) and column.
-    """
-    d = recipe.data
-    cols = required_columns(recipe)
-    missing = [c for c in cols if c not in ds.column_names]
-    if missing:
-        key = next(
-            (
-                k
-                for k, templates in (
-                    ("data.prompt_template", [d.prompt_template]),
-                    ("data.prompt_templates", d.prompt_templates),
-                )
-                if any(t and missing[0] in _template_fields(t) for t in templates or [])
-            ),
-            None,
-        )
-        hint = f"columns present: {', '.join(ds.column_names)}" + (f" (used by {key})" if key else "")
-        raise DataError(source, None, f"missing column '{missing[0]}'", hint)
-    counts: dict[str, int] = {}
-    n_labels = recipe.num_labels
-    for i, row in enumerate(ds, 1):
-        if d.messages_column:
-            _check_messages(row[d.messages_column], source, i)
-            continue
-        if d.choices_column:
-            _check_choices(row, d, source, i)
-        for c in cols:
-            v = row[c]
-            if c == d.choices_column:
-                continue
-            if c == d.label_column and _needs_label(recipe) and d.choices_column:
-                counts[str(choice_label(row, d))] = counts.get(str(choice_label(row, d)), 0) + 1
-            elif c == d.label_column and _needs_label(recipe):
-                lid = label_id(v, d, n_labels)
-                if lid is None:
-                    names = f" or one of {d.label_names}" if d.label_names else ""
-                    raise DataError(
-                        source,
-                        i,
-                        f"label {v!r} in column '{c}' is not a class id 0..{n_labels - 1}{names}",
-                        "fix the row, or set model.num_labels / data.label_names",
-                    )
-                counts[str(lid)] = counts.get(str(lid), 0) + 1
-            elif v is None or (isinstance(v, str) and not v.strip()):
-                raise DataError(source, i, f"column '{c}' is empty", "fill it in or drop the row")
-    return counts
 
 
 def row_choices(row: dict[str, Any], data: DataSection) -> list[str]:
@@ -174,61 +54,6 @@ def choice_label(row: dict[str, Any], data: DataSection) -> int | None:
     if isinstance(value, str):
         return choices.index(value) if value in choices else None
     return label_id(value, data, len(choices))
-
-
-def _check_choices(row: dict[str, Any], data: DataSection, source: str, i: int) -> None:
-    value = row[data.choices_column]
-    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(c, str) and c.strip() for c in value):
-        raise DataError(
-            source,
-            i,
-            f"column '{data.choices_column}' must be a list of at least 2 non-empty strings",
-            f"got {value!r}",
-        )
-    if choice_label(row, data) is None:
-        raise DataError(
-            source,
-            i,
-            f"label {row[data.label_column]!r} is neither an index 0..{len(value) - 1} into "
-            f"'{data.choices_column}' nor one of its strings",
-            "fix the row",
-        )
-
-
-def _check_messages(messages: Any, source: str, row: int) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(source, row, "messages must be a non-empty list of {role, content}")
-    for m in messages:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(source, row, "each message needs 'role' and 'content'")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(source, row, "no assistant message to learn from")
-
-
-def check(recipe: Recipe) -> DataReport:
-    """Pre-flight: load the splits and check every row (no model weights needed).
-
-    Raises:
-        DataError, RecipeError: naming the file, row or key at fault.
-    """
-    d = recipe.data
-    if d.prompt_template:
-        _template_fields(d.prompt_template)
-    for template in d.prompt_templates or []:
-        _template_fields(template, "data.prompt_templates")
-    train, evals = load_splits(recipe)
-    report = DataReport(source=d.path, train=train, eval=evals)
-    for split, ds in ((d.train_split, train), (d.eval_split, evals)):
-        if ds is None:
-            continue
-        if len(ds) == 0:
-            raise DataError(f"{d.path} [{split}]", None, "split is empty")
-        counts = check_rows(ds, recipe, f"{d.path} [{split}]")
-        report.splits[split] = len(ds)
-        for k, v in counts.items():
-            report.label_counts[k] = report.label_counts.get(k, 0) + v
-    report.columns = list(train.column_names)
-    return report
 
 
 # --- turning rows into model inputs -------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ia3cli.config.recipe import DataSection
+from ia3cli.config.paths import looks_local
+from ia3cli.config.recipe import DataSection, Recipe
 from ia3cli.errors import DataError
 
 if TYPE_CHECKING:
@@ -81,9 +82,14 @@ def load_split(data: DataSection, split: str) -> Dataset:
 
     datasets.disable_progress_bars()
     path = Path(data.path)
-    is_local = path.exists() or data.path.startswith((".", "/")) or Path(data.path).suffix in LOCAL_FORMATS
+    is_local = looks_local(data.path) or Path(data.path).suffix in LOCAL_FORMATS
     if is_local and not path.exists():
-        raise DataError(data.path, None, "file or folder not found", "check data.path (relative to the recipe file)")
+        raise DataError(
+            data.path,
+            None,
+            "file or folder not found",
+            "check data.path (found in the working directory, else beside the recipe)",
+        )
     parse_errors = _parse_errors()
     level = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # parse errors are reported below, by row
@@ -148,3 +154,18 @@ def _available_splits(data: DataSection) -> list[str]:
         return list(datasets.get_dataset_split_names(data.path, data.name))
     except (datasets.exceptions.DatasetsError, *_parse_errors(), *_SOURCE_ERRORS):
         return []
+
+
+def sample(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    """``n`` rows drawn with ``seed`` (all rows when ``n`` is None); training and ``ia3 eval`` draw the same ones."""
+    if n is None or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+def load_splits(recipe: Recipe) -> tuple[Dataset, Dataset | None]:
+    """Train and eval splits, subsampled to ``train_samples``/``eval_samples`` with the recipe's seed."""
+    d, seed = recipe.data, recipe.training.seed
+    train = sample(load_split(d, d.train_split), d.train_samples, seed)
+    evals = sample(load_split(d, d.eval_split), d.eval_samples, seed) if d.eval_split else None
+    return train, evals

@@ -18,30 +18,31 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ia3cli.models.device import to_inputs
+from ia3cli.scoring.loglik import length_batches, pad_id
+
 if TYPE_CHECKING:
     import torch
 
-    from ia3cli.inference.predict import Job
+    from ia3cli.inference.rows import Job
     from ia3cli.tuners.mixed import MixedIA3
 
-IGNORE_INDEX = -100
 
-
-def load(named: dict[str, Path], used: Sequence[str]) -> MixedIA3:
-    """The base of the first used adapter, with every used adapter registered under its name.
+def load(named: dict[str, Path], used: Sequence[str], device: str | None = None) -> MixedIA3:
+    """The base of the first used adapter on ``device``, with every used adapter registered under its name.
 
     Raises:
         Ia3Error: naming an adapter that cannot join the others (another base, task or targets) or is broken.
     """
     from ia3cli.tuners.mixed import MixedIA3
 
-    mixed = MixedIA3.from_run(named[used[0]], name=used[0])
+    mixed = MixedIA3.from_run(named[used[0]], name=used[0], device=device)
     for name in used[1:]:
         mixed.add(name, named[name])
     return mixed
 
 
-class _Progress:
+class Progress:
     """Prints ``predicted N/M rows`` at every tenth of the way and at the end."""
 
     def __init__(self, total: int, printer: Callable[[str], None]) -> None:
@@ -65,15 +66,6 @@ def _pad(features: list[list[int]], pad_id: int, *, left: bool) -> dict[str, tor
         ids.append(fill + f if left else f + fill)
         mask.append([0] * len(fill) + [1] * len(f) if left else [1] * len(f) + [0] * len(fill))
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
-
-
-def _by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _device(model: Any) -> Any:
-    return next(model.parameters()).device
 
 
 def run(
@@ -102,7 +94,7 @@ def run(
     import torch
 
     torch.manual_seed(seed)
-    progress = _Progress(len(jobs), printer)
+    progress = Progress(len(jobs), printer)
     with torch.inference_mode():
         _classify(mixed, [j for j in jobs if j.kind == "classify"], batch_size, progress)
         _choose(mixed, [j for j in jobs if j.kind == "choose"], batch_size, progress)
@@ -112,18 +104,15 @@ def run(
         _generate(mixed, [j for j in jobs if j.kind == "generate"], batch_size, gen, progress)
 
 
-def _pad_id(mixed: MixedIA3) -> int:
-    return mixed.tokenizer.pad_token_id if mixed.tokenizer.pad_token_id is not None else 0
-
-
-def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Progress) -> None:
+def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: Progress) -> None:
     tok, model = mixed.tokenizer, mixed.model
     feats = [
         tok(j.text, j.pair, truncation=True, max_length=mixed.adapter_recipe(j.adapter).data.max_length)["input_ids"]
         for j in jobs
     ]
-    for idx in _by_length([len(f) for f in feats], batch_size):
-        batch = {k: v.to(_device(model)) for k, v in _pad([feats[i] for i in idx], _pad_id(mixed), left=False).items()}
+    for idx in length_batches(len(feats), [len(f) for f in feats], batch_size):
+        batch = _pad([feats[i] for i in idx], pad_id(mixed.tokenizer), left=False)
+        batch = to_inputs(batch, model)
         with mixed.select([jobs[i].adapter for i in idx]):
             probs = model(**batch).logits.float().softmax(-1).cpu()
         for i, p in zip(idx, probs, strict=True):
@@ -134,9 +123,9 @@ def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Prog
         progress.advance(len(idx))
 
 
-def _choose(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Progress) -> None:
+def _choose(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: Progress) -> None:
     from ia3cli.data.encoding import encode_causal
-    from ia3cli.scoring.loglik import pad_batch
+    from ia3cli.scoring.loglik import sequence_logprobs
 
     tok, model = mixed.tokenizer, mixed.model
     seq2seq = mixed.task == "seq2seq"
@@ -152,24 +141,16 @@ def _choose(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Progre
             feats.append(enc)
             owner.append(n)
     scores: list[list[float]] = [[] for _ in jobs]
-    means = [0.0] * len(feats)
     remaining = [len(j.choices or []) for j in jobs]
-    for idx in _by_length([len(f["input_ids"]) + len(f["labels"]) for f in feats], batch_size):
-        batch = {k: v.to(_device(model)) for k, v in pad_batch([feats[i] for i in idx], _pad_id(mixed)).items()}
-        labels = batch["labels"] if seq2seq else batch.pop("labels")
-        with mixed.select([jobs[owner[i]].adapter for i in idx]):
-            logits = model(**batch).logits.float()
-        if not seq2seq:  # decoder-only: token t is predicted at t - 1
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        mask = labels != IGNORE_INDEX
-        logp = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-        sums, counts = (logp * mask).sum(-1).tolist(), mask.sum(-1).tolist()
-        finished = 0
-        for k, i in enumerate(idx):
-            means[i] = sums[k] / max(counts[k], 1)
+
+    def select(idx: list[int]) -> Any:
+        for i in idx:  # a job is done when its last choice is scored
             remaining[owner[i]] -= 1
-            finished += remaining[owner[i]] == 0
-        progress.advance(finished)
+        progress.advance(sum(remaining[n] == 0 for n in {owner[i] for i in idx}))
+        return mixed.select([jobs[owner[i]].adapter for i in idx])
+
+    scored = sequence_logprobs(model, feats, pad_id(mixed.tokenizer), batch_size, select=select)
+    means = [total / max(count, 1) for total, count in scored]
     for i, n in enumerate(owner):
         scores[n].append(means[i])
     for j, s in zip(jobs, scores, strict=True):
@@ -189,15 +170,15 @@ def _prompt_ids(mixed: MixedIA3, job: Job) -> list[int]:
     return tok(job.text, add_special_tokens=True)["input_ids"][-max_length:]
 
 
-def _generate(mixed: MixedIA3, jobs: list[Job], batch_size: int, gen: dict[str, Any], progress: _Progress) -> None:
+def _generate(mixed: MixedIA3, jobs: list[Job], batch_size: int, gen: dict[str, Any], progress: Progress) -> None:
     tok, model = mixed.tokenizer, mixed.model
     decoder_only = mixed.task == "causal-lm"
     feats = [_prompt_ids(mixed, j) for j in jobs]
-    for idx in _by_length([len(f) for f in feats], batch_size):
-        batch = _pad([feats[i] for i in idx], _pad_id(mixed), left=decoder_only)
-        batch = {k: v.to(_device(model)) for k, v in batch.items()}
+    for idx in length_batches(len(feats), [len(f) for f in feats], batch_size):
+        batch = _pad([feats[i] for i in idx], pad_id(mixed.tokenizer), left=decoder_only)
+        batch = to_inputs(batch, model)
         with mixed.select([jobs[i].adapter for i in idx]):
-            out = model.generate(**batch, **gen, pad_token_id=_pad_id(mixed))
+            out = model.generate(**batch, **gen, pad_token_id=pad_id(mixed.tokenizer))
         if decoder_only:
             out = out[:, batch["input_ids"].shape[1] :]
         for i, ids in zip(idx, out.tolist(), strict=True):

@@ -30,11 +30,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ia3cli import __version__
 from ia3cli.errors import DataError, Ia3Error, RecipeError, RunError
+from ia3cli.models.device import input_device, load_kwargs, to_inputs
+from ia3cli.models.device import resolve as resolve_device
 from ia3cli.models.loading import auto_class
 from ia3cli.outputs import MERGE_MARKER, check_replaceable, remove_output
 from ia3cli.report.console import Console
@@ -102,12 +105,13 @@ def probe_batch(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[dict[s
     """
     import torch
 
-    from ia3cli.data.encoding import check_rows, encode_row
+    from ia3cli.data.checks import check_rows
+    from ia3cli.data.encoding import encode_row
     from ia3cli.data.sources import load_split
-    from ia3cli.scoring.loglik import pad_batch
+    from ia3cli.scoring.loglik import pad_batch, pad_id
 
     d = recipe.data
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     problems: list[str] = []
     for split in dict.fromkeys(s for s in (d.eval_split, d.train_split) if s is not None):
         source = f"{d.path} [{split}]"
@@ -120,7 +124,7 @@ def probe_batch(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[dict[s
             problems.append(exc.message)
             continue
         if feats:
-            return pad_batch(feats, pad_id), source, None
+            return pad_batch(feats, pad), source, None
         problems.append(f"{source}: split is empty")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(min(10, vocab_size - 1), vocab_size, (4, 16), generator=gen)
@@ -136,9 +140,8 @@ def probe_batch(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[dict[s
 def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     import torch
 
-    device = next(model.parameters()).device
     with torch.no_grad():
-        return model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+        return model(**to_inputs(batch, model)).logits.float().cpu()
 
 
 def _model_card(recipe: Recipe, run_dir: Path, out: Path, report: dict[str, Any]) -> str:
@@ -173,6 +176,7 @@ def merge(
     dtype: str = "float32",
     force: bool = False,
     printer: Callable[[str], None] | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Merge a run's IA3 adapter into its full-precision base and save a plain checkpoint in OUT.
 
@@ -182,6 +186,7 @@ def merge(
         dtype: ``float32``, ``bfloat16`` or ``float16`` for the saved weights.
         force: Replace a non-empty OUT.
         printer: Receives one line per stage (load, merge, check, save, verify).
+        device: Where the adapter, the merged model and the reloaded copy run the proof (``--device``).
 
     Returns:
         The merge report (also saved as ``OUT/merge_report.json``), with ``max_abs_diff`` and ``probe_rows``.
@@ -190,12 +195,9 @@ def merge(
         Ia3Error: missing run dir or adapter, bad ``--dtype``, non-empty OUT without ``force``.
         RunError: when the merged model does not reproduce the adapter's logits (nothing is written then).
     """
-    import peft
     import torch
-    import transformers
 
-    from ia3cli.config.recipe import load_recipe
-    from ia3cli.tuners import ia3
+    from ia3cli.config.load import load_recipe
 
     run_dir, out = Path(run_dir), Path(out)
     started = time.monotonic()
@@ -204,36 +206,14 @@ def merge(
         if printer is not None:
             printer(Console.event(tag, text, {}, f"[{time.monotonic() - started:.1f}s]"))
 
+    resolve_device(device)  # a device that is not there fails before anything is loaded
     if dtype not in CAST_RTOL:
         raise Ia3Error(f"--dtype: '{dtype}' is not supported", f"use one of {', '.join(CAST_RTOL)}")
     _check_paths(run_dir, out, force)
     recipe = load_recipe(run_dir / "recipe.yaml")
-    full = recipe.model_copy(
-        update={"model": recipe.model.model_copy(update={"quantization": "none", "dtype": "float32"})}
-    )
-    model, tokenizer = ia3.load_run_model(run_dir, full)
-    model.eval()
-    trained = "" if recipe.model.quantization == "none" else f", trained in {recipe.model.quantization}"
-    stage("load", f"{recipe.model.name} in float32 (unquantised{trained}) + the IA3 adapter of {run_dir}")
-    vectors = sum(1 for name, _ in model.named_parameters() if ".ia3_l." in name)
-    batch, source, probe_warning = probe_batch(recipe, tokenizer, model.get_input_embeddings().num_embeddings)
-    reference = _logits(model, batch)
-
-    merged = model.merge_and_unload()
-    del model
-    stage("merge", f"{vectors} IA3 vectors folded into the base weights")
-    diff32 = float((_logits(merged, batch) - reference).abs().max())
-    tol32 = tolerance("float32", reference)
-    if not diff32 <= tol32:
-        raise RunError(
-            f"merge check failed: the merged model's logits differ from the adapter's by {diff32:.3e} "
-            f"(tolerance {tol32:.1e}) on {len(reference)} probe rows; nothing was written to {out}",
-            "run again with --debug and report it; the run dir is untouched",
-        )
-    stage("check", f"float32 max |delta logits| {diff32:.1e} <= {tol32:.1e} on {len(reference)} rows of {source}")
+    merged, tokenizer, probe = fold(run_dir, recipe, stage, device)
     if dtype != "float32":
         merged = merged.to(getattr(torch, dtype))
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
@@ -243,37 +223,7 @@ def merge(
         del merged
         gc.collect()
         stage("save", f"{dtype} safetensors, tokenizer and recipe.yaml, into a temporary folder beside {out}")
-        # Prove what is on disk: a plain transformers load, no PEFT involved.
-        reloaded = auto_class(recipe.model.task).from_pretrained(
-            str(tmp), dtype=getattr(torch, dtype), trust_remote_code=recipe.model.trust_remote_code
-        )
-        reloaded.eval()
-        diff = float((_logits(reloaded, batch) - reference).abs().max())
-        del reloaded
-        tol = tolerance(dtype, reference)
-        if not diff <= tol:
-            raise RunError(
-                f"merge check failed: the saved {dtype} model's logits differ from the adapter's by {diff:.3e} "
-                f"(tolerance {tol:.1e}) on {len(reference)} probe rows; nothing was written to {out}",
-                "try --dtype float32 (float16 overflows on some models)" if dtype != "float32" else None,
-            )
-        stage("verify", f"reloaded without PEFT: {dtype} max |delta logits| {diff:.1e} <= {tol:.1e}")
-        report = {
-            "base_model": recipe.model.name,
-            "adapter": str(run_dir),
-            "task": recipe.model.task,
-            "trained_quantization": recipe.model.quantization,
-            "dtype": dtype,
-            "max_abs_diff": diff,
-            "tolerance": tol,
-            "float32_max_abs_diff": diff32,
-            "float32_tolerance": tol32,
-            "max_abs_logit": float(reference.abs().max()),
-            "probe_rows": len(reference),
-            "probe_source": source,
-            "probe_warning": probe_warning,
-            "versions": {"ia3cli": __version__, "peft": peft.__version__, "transformers": transformers.__version__},
-        }
+        report = _verify_saved(tmp, recipe, run_dir, dtype, probe, stage)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(_model_card(recipe, run_dir, out, report), encoding="utf-8")
         _swap_into_place(tmp, out)
@@ -281,6 +231,100 @@ def merge(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+@dataclass
+class Probe:
+    """The probe batch a merge is proven on, the adapter's own logits on it, and the float32 merge check."""
+
+    batch: dict[str, Any]
+    reference: Any
+    source: str
+    warning: str | None
+    diff32: float
+    tol32: float
+    device: str  # the --device asked for
+    on: str  # where the adapter's forward ran
+
+
+def fold(run_dir: Path, recipe: Any, stage: Callable[[str, str], None], device: str = "auto") -> tuple[Any, Any, Probe]:
+    """The run's adapter loaded on the float32, unquantised base (on ``device``) and folded into its weights,
+    checked in memory.
+
+    Raises:
+        RunError: when the merged model's logits differ from the adapter's beyond the float32 tolerance.
+    """
+    from ia3cli.tuners import ia3
+
+    full = recipe.model_copy(
+        update={"model": recipe.model.model_copy(update={"quantization": "none", "dtype": "float32"})}
+    )
+    model, tokenizer = ia3.load_run_model(run_dir, full, device=device)
+    model.eval()
+    on = str(input_device(model))
+    trained = "" if recipe.model.quantization == "none" else f", trained in {recipe.model.quantization}"
+    stage("load", f"{recipe.model.name} in float32 (unquantised{trained}) + the IA3 adapter of {run_dir}, on {on}")
+    vectors = sum(1 for name, _ in model.named_parameters() if ".ia3_l." in name)
+    batch, source, probe_warning = probe_batch(recipe, tokenizer, model.get_input_embeddings().num_embeddings)
+    reference = _logits(model, batch)
+    merged = model.merge_and_unload()
+    del model
+    stage("merge", f"{vectors} IA3 vectors folded into the base weights")
+    diff32 = float((_logits(merged, batch) - reference).abs().max())
+    tol32 = tolerance("float32", reference)
+    if not diff32 <= tol32:
+        raise RunError(
+            f"merge check failed: the merged model's logits differ from the adapter's by {diff32:.3e} "
+            f"(tolerance {tol32:.1e}) on {len(reference)} probe rows; nothing was written",
+            "run again with --debug and report it; the run dir is untouched",
+        )
+    stage("check", f"float32 max |delta logits| {diff32:.1e} <= {tol32:.1e} on {len(reference)} rows of {source}")
+    return merged, tokenizer, Probe(batch, reference, source, probe_warning, diff32, tol32, device, on)
+
+
+def _verify_saved(
+    tmp: Path, recipe: Any, run_dir: Path, dtype: str, probe: Probe, stage: Callable[[str, str], None]
+) -> dict[str, Any]:
+    """Reload what was saved with plain transformers (no PEFT), compare its logits, and return the merge report."""
+    import peft
+    import torch
+    import transformers
+
+    reloaded = auto_class(recipe.model.task).from_pretrained(
+        str(tmp),
+        dtype=getattr(torch, dtype),
+        trust_remote_code=recipe.model.trust_remote_code,
+        **load_kwargs(probe.device, recipe.model.device_map),
+    )
+    reloaded.eval()
+    reference = probe.reference
+    diff = float((_logits(reloaded, probe.batch) - reference).abs().max())
+    del reloaded
+    tol = tolerance(dtype, reference)
+    if not diff <= tol:
+        raise RunError(
+            f"merge check failed: the saved {dtype} model's logits differ from the adapter's by {diff:.3e} "
+            f"(tolerance {tol:.1e}) on {len(reference)} probe rows; nothing was written",
+            "try --dtype float32 (float16 overflows on some models)" if dtype != "float32" else None,
+        )
+    stage("verify", f"reloaded without PEFT: {dtype} max |delta logits| {diff:.1e} <= {tol:.1e}")
+    return {
+        "base_model": recipe.model.name,
+        "adapter": str(run_dir),
+        "task": recipe.model.task,
+        "trained_quantization": recipe.model.quantization,
+        "dtype": dtype,
+        "max_abs_diff": diff,
+        "tolerance": tol,
+        "float32_max_abs_diff": probe.diff32,
+        "float32_tolerance": probe.tol32,
+        "max_abs_logit": float(reference.abs().max()),
+        "probe_rows": len(reference),
+        "probe_source": probe.source,
+        "probe_warning": probe.warning,
+        "device": probe.on,
+        "versions": {"ia3cli": __version__, "peft": peft.__version__, "transformers": transformers.__version__},
+    }
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

@@ -21,40 +21,29 @@
 5. Jobs are sorted by length and batched (adapters mixed within a batch); the output keeps input order and every
    input column. It is JSON lines, written atomically with a sidecar ``OUTPUT.predict.json`` (adapters, counts,
    errors) that marks it as an ``ia3 predict`` output: an existing OUTPUT is only replaced when its sidecar exists.
+
+``--ray`` runs the same steps on a Ray cluster (:mod:`ia3cli.inference.ray_predict`); rows are read and turned into
+jobs by :mod:`ia3cli.inference.rows` in both.
 """
 
 from __future__ import annotations
 
-import csv
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ia3cli import __version__
 from ia3cli.errors import DataError, Ia3Error
+from ia3cli.inference.rows import Job, iter_rows, make_job, output_line
+from ia3cli.models.device import input_device
+from ia3cli.models.device import resolve as resolve_device
 from ia3cli.outputs import write_atomic
 
 SIDECAR_SUFFIX = ".predict.json"
-OUTPUT_FIELDS = ("prediction", "probabilities")
 ON_ERROR = ("fail", "skip")
 SHOWN_ERRORS = 10
-
-
-@dataclass
-class Job:
-    """One valid row: what to run and with which adapter."""
-
-    index: int  # position among the valid rows' input order
-    row: dict[str, Any]
-    adapter: str
-    kind: str  # "classify", "choose" or "generate"
-    text: str | None = None
-    pair: str | None = None
-    messages: list[dict] | None = None
-    choices: list[str] | None = None
-    result: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -109,116 +98,6 @@ def resolve_adapters(source: Path | None, extra: Sequence[str] = ()) -> dict[str
     return adapters
 
 
-# --- input rows ----------------------------------------------------------------------------------------------------
-
-
-def read_rows(path: Path) -> list[tuple[str, dict[str, Any] | None, str | None]]:
-    """Every row of ``path`` as ``(where, row, problem)``: ``where`` is ``line N`` (``row N`` for parquet).
-
-    Raises:
-        DataError: when the file is missing, of an unknown format, or unreadable as a whole.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), None, "input file not found")
-    suffix = path.suffix.lower()
-    rows: list[tuple[str, dict[str, Any] | None, str | None]] = []
-    try:
-        if suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
-            items = json.loads(path.read_text(encoding="utf-8"))
-            for n, row in enumerate(items, 1):
-                problem = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
-                rows.append((f"row {n}", row if problem is None else None, problem))
-        elif suffix in (".jsonl", ".json"):
-            with path.open(encoding="utf-8") as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except ValueError as exc:
-                        rows.append((f"line {n}", None, f"not valid JSON ({exc.msg})"))
-                        continue
-                    problem = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
-                    rows.append((f"line {n}", row if problem is None else None, problem))
-        elif suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as fh:
-                reader = csv.DictReader(fh)
-                for row in reader:
-                    short = [k for k, v in row.items() if v is None]
-                    problem = f"too few fields (no {', '.join(map(str, short))})" if short else None
-                    if None in row:
-                        problem = "more fields than the header names"
-                    rows.append((f"line {reader.line_num}", None if problem else dict(row), problem))
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows = [(f"row {n}", row, None) for n, row in enumerate(pq.read_table(path).to_pylist(), 1)]
-        else:
-            raise DataError(str(path), None, f"unknown input format '{suffix}'", "use .jsonl, .json, .csv or .parquet")
-    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as exc:
-        raise DataError(str(path), None, f"cannot read: {exc}") from None
-    except DataError:
-        raise
-    except Exception as exc:  # pyarrow's errors for a corrupt parquet file
-        raise DataError(str(path), None, f"cannot read: {type(exc).__name__}: {exc}") from None
-    return rows
-
-
-def _choices(value: Any) -> list[str] | None:
-    if isinstance(value, str):  # CSV cells hold a JSON list
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return None
-    if isinstance(value, list) and len(value) >= 2 and all(isinstance(c, str) and c for c in value):
-        return value
-    return None
-
-
-def make_job(index: int, row: dict[str, Any], adapter: str, recipe: Any, choices_column: str) -> Job:
-    """The job of a valid row for its adapter's recipe.
-
-    Raises:
-        ValueError: with the reason the row cannot be predicted.
-    """
-    from ia3cli.data.encoding import prompt_text
-
-    d, task = recipe.data, recipe.model.task
-    clash = [c for c in OUTPUT_FIELDS if c in row]
-    if clash:
-        raise ValueError(f"already has a '{clash[0]}' column (an ia3 predict output?); rename or drop it")
-    if task != "seq-cls" and d.messages_column and d.messages_column in row:
-        messages = row[d.messages_column]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise ValueError(f"column '{d.messages_column}' must be a list of {{role, content}}")
-        return Job(index, row, adapter, "generate", messages=messages)
-    try:
-        text = prompt_text(row, d)
-    except KeyError as exc:
-        used = "data.prompt_template" if d.prompt_template else "data.text_column"
-        raise ValueError(f"missing column {exc} (used by {used} of adapter '{adapter}')") from None
-    except (IndexError, ValueError) as exc:
-        raise ValueError(f"cannot fill data.prompt_template of adapter '{adapter}': {exc}") from None
-    if row.get(d.text_column) is None and not d.prompt_template:
-        raise ValueError(f"column '{d.text_column}' is empty")
-    if task == "seq-cls":
-        pair = None
-        if d.text_pair_column:
-            if row.get(d.text_pair_column) is None:
-                raise ValueError(f"missing column '{d.text_pair_column}' (data.text_pair_column of '{adapter}')")
-            pair = str(row[d.text_pair_column])
-        return Job(index, row, adapter, "classify", text=text, pair=pair)
-    if row.get(choices_column) is not None:
-        choices = _choices(row[choices_column])
-        if choices is None:
-            raise ValueError(f"column '{choices_column}' must be a list of at least two non-empty strings")
-        return Job(index, row, adapter, "choose", text=text, choices=choices)
-    if d.label_names and not d.target_column:
-        return Job(index, row, adapter, "choose", text=text, choices=list(d.label_names))
-    return Job(index, row, adapter, "generate", text=text)
-
-
 # --- output --------------------------------------------------------------------------------------------------------
 
 
@@ -262,7 +141,7 @@ def check_output(output: Path, input_path: Path) -> None:
 
 def _write(output: Path, input_path: Path, jobs: list[Job], meta: dict[str, Any]) -> None:
     check_output(output, input_path)  # again: a file may have appeared there while the model ran
-    lines = [json.dumps({**job.row, **job.result}, ensure_ascii=False, default=str) for job in jobs]
+    lines = [output_line(job) for job in jobs]
     # the sidecar first: an output file never exists without the record that lets a later run replace it
     write_atomic(sidecar(output), json.dumps(meta, indent=2, default=str) + "\n")
     write_atomic(output, "".join(line + "\n" for line in lines))
@@ -278,7 +157,7 @@ def predict(
     *,
     adapters: Sequence[str] = (),
     adapter_column: str = "adapter",
-    choices_column: str = "choices",
+    choices_column: str | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
@@ -286,6 +165,7 @@ def predict(
     seed: int = 0,
     on_error: str = "fail",
     printer: Callable[[str], None] = print,
+    device: str = "auto",
 ) -> PredictResult:
     """Predict every row of ``input_path`` with its adapter and write JSON lines (see the module docstring).
 
@@ -295,7 +175,8 @@ def predict(
         output: Where to write (default ``INPUT_STEM.predictions.jsonl`` beside the input).
         adapters: More adapters as ``NAME=RUN_DIR``.
         adapter_column: Column naming a row's adapter.
-        choices_column: Column with a row's own choices (causal-lm/seq2seq rank classification).
+        choices_column: Column with a row's own choices (causal-lm/seq2seq rank classification); default: the
+            adapter's ``data.choices_column``, else ``choices``.
         batch_size: Rows per forward (sequences, for choices).
         max_new_tokens: Generation length.
         temperature: 0 for greedy generation, else sampling at this temperature.
@@ -303,13 +184,60 @@ def predict(
         seed: Seed for sampling.
         on_error: ``fail`` (stop on bad rows, write nothing) or ``skip`` (leave them out, report them).
         printer: Receives progress and error lines.
+        device: Where the model runs (``--device``; see :mod:`ia3cli.models.device`).
 
     Raises:
         Ia3Error: bad arguments, adapters or output; DataError for bad rows with ``on_error="fail"``.
     """
-    from ia3cli.config.recipe import load_recipe
+    resolve_device(device)  # a device that is not there fails before anything is read
+    settings = (batch_size, max_new_tokens, temperature, top_p)
+    input_path, named, recipes, output = prepare(source, input_path, output, adapters, on_error, settings)
+    jobs, errors = jobs_from_rows(iter_rows(input_path), named, recipes, adapter_column, choices_column)
+    report_bad_rows(errors, on_error, input_path, output, printer)
 
+    from ia3cli.inference import jobs as inference
+
+    used = [n for n in named if any(j.adapter == n for j in jobs)]
+    base, task = recipes[next(iter(named))].model.name, recipes[next(iter(named))].model.task
+    if jobs:
+        mixed = inference.load(named, used, device=device)
+        base, task = mixed.base_name, mixed.task
+        on = input_device(mixed.model)
+        printer(f"predict: {len(jobs)} rows, adapters {', '.join(used)} on {base} ({task}), {on}")
+        inference.run(
+            mixed,
+            jobs,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            printer=printer,
+        )
+    generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    meta = sidecar_meta(input_path, {n: named[n] for n in used}, base, task, len(jobs), errors, generation)
+    _write(output, input_path, jobs, meta)
+    return PredictResult(output, len(jobs) + len(errors), len(jobs), errors, used)
+
+
+def prepare(
+    source: Path | None,
+    input_path: Path,
+    output: Path | None,
+    adapters: Sequence[str],
+    on_error: str,
+    settings: tuple[int, int, float, float],
+) -> tuple[Path, dict[str, Path], dict[str, Any], Path]:
+    """Check the arguments (``settings``: batch size, max new tokens, temperature, top-p), adapters and output.
+
+    Returns:
+        The input path, adapter names -> run dirs, their recipes, and the output path.
+
+    Raises:
+        Ia3Error: naming the bad argument, adapter or output; nothing has been read or written.
+    """
     input_path = Path(input_path)
+    batch_size, max_new_tokens, temperature, top_p = settings
     if on_error not in ON_ERROR:
         raise Ia3Error(f"--on-error: '{on_error}' is not a policy", "use fail or skip")
     if batch_size < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
@@ -320,6 +248,38 @@ def predict(
     named = resolve_adapters(source, adapters)
     output = Path(output) if output is not None else default_output(input_path)
     check_output(output, input_path)
+    return input_path, named, recipes_of(named), output
+
+
+def sidecar_meta(
+    input_path: Path,
+    adapters: dict[str, Path],
+    base: str,
+    task: str,
+    predicted: int,
+    errors: list[dict[str, Any]],
+    generation: dict[str, Any],
+) -> dict[str, Any]:
+    """What the sidecar ``OUTPUT.predict.json`` records (and what marks OUTPUT as an ``ia3 predict`` output)."""
+    return {
+        "written_by": "ia3 predict",
+        "ia3cli": __version__,
+        "input": str(input_path),
+        "adapters": {n: str(p) for n, p in adapters.items()},
+        "base_model": base,
+        "task": task,
+        "rows": predicted + len(errors),
+        "predicted": predicted,
+        "skipped": len(errors),
+        "errors": errors,
+        "generation": generation,
+    }
+
+
+def recipes_of(named: dict[str, Path]) -> dict[str, Any]:
+    """Each adapter's recipe, from its run dir (checked to be a finished run)."""
+    from ia3cli.config.load import load_recipe
+
     recipes = {}
     for name, run_dir in named.items():
         if not run_dir.is_dir():
@@ -327,9 +287,21 @@ def predict(
         if not (run_dir / "recipe.yaml").is_file():
             raise Ia3Error(f"adapter '{name}': {run_dir} has no recipe.yaml (not a finished run dir)")
         recipes[name] = load_recipe(run_dir / "recipe.yaml")
+    return recipes
 
-    jobs, errors = [], []
-    for where, row, problem in read_rows(input_path):
+
+def jobs_from_rows(
+    rows: Iterable[tuple[str, dict[str, Any] | None, str | None]],
+    named: dict[str, Path],
+    recipes: dict[str, Any],
+    adapter_column: str,
+    choices_column: str | None,
+    start: int = 0,
+) -> tuple[list[Job], list[dict[str, Any]]]:
+    """The jobs of the valid rows (numbered from ``start``) and ``{"where", "error"}`` for each bad one."""
+    jobs: list[Job] = []
+    errors: list[dict[str, Any]] = []
+    for where, row, problem in rows:
         if row is not None:
             name = row.get(adapter_column)
             try:
@@ -339,11 +311,18 @@ def predict(
                     name = next(iter(named))
                 if not isinstance(name, str) or name not in named:
                     raise ValueError(f"unknown adapter {name!r} (loaded: {', '.join(named)})")
-                jobs.append(make_job(len(jobs), row, name, recipes[name], choices_column))
+                jobs.append(make_job(start + len(jobs), row, name, recipes[name], choices_column))
             except ValueError as exc:
                 problem = str(exc)
         if problem is not None:
             errors.append({"where": where, "error": problem})
+    return jobs, errors
+
+
+def report_bad_rows(
+    errors: list[dict[str, Any]], on_error: str, input_path: Path, output: Path, printer: Callable[[str], None]
+) -> None:
+    """``fail``: raise with the first bad rows (nothing is written); ``skip``: print them."""
     if errors and on_error == "fail":
         shown = "\n  ".join(f"{e['where']}: {e['error']}" for e in errors[:SHOWN_ERRORS])
         more = f"\n  ... and {len(errors) - SHOWN_ERRORS} more" if len(errors) > SHOWN_ERRORS else ""
@@ -357,37 +336,3 @@ def predict(
         printer(f"skipped {input_path}, {e['where']}: {e['error']}")
     if len(errors) > SHOWN_ERRORS:
         printer(f"skipped {len(errors) - SHOWN_ERRORS} more bad rows (all listed in {sidecar(output)})")
-
-    from ia3cli.inference import jobs as inference
-
-    used = [n for n in named if any(j.adapter == n for j in jobs)]
-    base, task = recipes[next(iter(named))].model.name, recipes[next(iter(named))].model.task
-    if jobs:
-        mixed = inference.load(named, used)
-        base, task = mixed.base_name, mixed.task
-        printer(f"predict: {len(jobs)} rows, adapters {', '.join(used)} on {base} ({task})")
-        inference.run(
-            mixed,
-            jobs,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            printer=printer,
-        )
-    meta = {
-        "written_by": "ia3 predict",
-        "ia3cli": __version__,
-        "input": str(input_path),
-        "adapters": {n: str(named[n]) for n in used},
-        "base_model": base,
-        "task": task,
-        "rows": len(jobs) + len(errors),
-        "predicted": len(jobs),
-        "skipped": len(errors),
-        "errors": errors,
-        "generation": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
-    }
-    _write(output, input_path, jobs, meta)
-    return PredictResult(output, len(jobs) + len(errors), len(jobs), errors, used)

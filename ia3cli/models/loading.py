@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ia3cli.config.families import HEAD_MODULES, TASKS, infer_task
+from ia3cli.config.paths import looks_local
 from ia3cli.config.recipe import ModelSection, Recipe
-from ia3cli.env import cache_dir, hub_offline
+from ia3cli.env import hub_offline
 from ia3cli.errors import Ia3Error, RecipeError
+from ia3cli.models.cache import announce, gguf_root, mark
+from ia3cli.models.device import load_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -58,10 +61,6 @@ def _source_kwargs(model: ModelSection) -> dict[str, Any]:
     return kwargs
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or os.sep in name.replace("/", "")
-
-
 def load_config(model: ModelSection) -> PretrainedConfig:
     """Load the ``AutoConfig`` of ``model.name`` (hub id, local directory or ``pkg:`` name).
 
@@ -92,7 +91,7 @@ def load_config(model: ModelSection) -> PretrainedConfig:
                 "model.name", f"{path} has no config.json", "point at the folder written by save_pretrained()"
             )
         name = str(path)
-    elif _looks_local(model.name):
+    elif looks_local(model.name):
         raise RecipeError("model.name", f"directory not found: {model.name}", "check the path (or use a hub id)")
     try:
         return AutoConfig.from_pretrained(name, **_source_kwargs(model))
@@ -219,6 +218,7 @@ def load_base(
     *,
     label_names: list[str] | None = None,
     pad_token_id: int | None = None,
+    device: str | None = None,
     distributed_config: Any = None,
 ) -> PreTrainedModel:
     """Load the base model for ``model.task``.
@@ -231,6 +231,8 @@ def load_base(
         num_labels: Classes for ``seq-cls``.
         label_names: id -> name for the classification head's config.
         pad_token_id: Set on the config (decoder-only classifiers need it to find the last token).
+        device: A ``--device`` value (``auto`` honours ``model.device_map``; see :mod:`ia3cli.models.device`);
+            ``None`` loads as training wants it, the Trainer placing the model.
         distributed_config: A ``transformers`` ``DistributedConfig``: each rank loads only its FSDP shard of the
             weights (see :mod:`ia3cli.models.sharding`).
 
@@ -250,6 +252,7 @@ def load_base(
             ) from None
         kwargs["quantization_config"] = quant
     kwargs["dtype"] = torch_dtype(model.dtype)
+    kwargs.update(load_kwargs(device, model.device_map))
     if model.task == "seq-cls":
         kwargs["num_labels"] = num_labels
         if label_names:
@@ -282,7 +285,7 @@ def dequantized_gguf(model: ModelSection) -> Path:
     src = Path(model.path) / model.gguf_file  # type: ignore[operator]
     stat = src.stat()
     key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{model.task}".encode()).hexdigest()[:16]
-    dest = cache_dir() / "gguf" / f"{src.stem}-{key}"
+    dest = gguf_root() / f"{src.stem}-{key}"
     if (dest / "config.json").is_file():
         return dest
     full = auto_class(model.task).from_pretrained(
@@ -294,7 +297,12 @@ def dequantized_gguf(model: ModelSection) -> Path:
         del full.config.quantization_config
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     full.save_pretrained(str(tmp))
-    tmp.replace(dest) if not dest.exists() else shutil.rmtree(tmp)
+    mark(tmp, src)
+    if dest.exists():  # another process finished first
+        shutil.rmtree(tmp)
+    else:
+        tmp.replace(dest)
+        announce(dest, src)
     return dest
 
 
@@ -324,15 +332,16 @@ def peft_modules_to_save(task: str, names: list[str] | None) -> list[str]:
 
 
 def load_recipe_base(
-    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, distributed_config: Any = None
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, device: str | None = None, distributed_config: Any = None
 ) -> PreTrainedModel:
     """The base model as training builds it for ``recipe``: head sized and labelled, pad id from ``tokenizer``;
-    sharded across ranks by ``distributed_config`` when given."""
+    on ``device`` for inference (see :func:`load_base`), or sharded across ranks by ``distributed_config``."""
     return load_base(
         recipe.model,
         recipe.num_labels,
         label_names=recipe.data.label_names,
         pad_token_id=tokenizer.pad_token_id,
+        device=device,
         distributed_config=distributed_config,
     )
 

@@ -18,39 +18,28 @@ Torch, transformers and PEFT are imported inside functions: ``ia3 --help`` must 
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from ia3cli.config.families import (
-    ATTENTION_OUTPUT_NAMES,
     FAMILIES,
-    GATE_NAME,
-    GENERIC_INTERMEDIATE_KEYS,
-    NAME_HINTS,
-    Family,
     group_of,
     in_block,
-    role_in,
 )
 from ia3cli.config.recipe import AdapterSection, ModelSection
 from ia3cli.errors import RecipeError
 from ia3cli.models import loading as modeling
+from ia3cli.models import module_tree as tree
+from ia3cli.models.advice import compare_with_peft, lint, peft_default
 from ia3cli.models.matching import (
     Module,
     Spec,
     check_feedforward,
     check_targets,
-    compare_with_peft,
     express_ff,
     express_targets,
     feedforward,
-    lint,
-    pattern,
-    peft_default,
     selected,
-    shorts,
 )
 
 if TYPE_CHECKING:
@@ -122,288 +111,66 @@ class TargetPlan:
 # module scan, roles and sizes
 
 
-def _scan(model: torch.nn.Module) -> tuple[list[str], dict[str, Module]]:
-    """All module names (PEFT matches against every one) and the wrappable ones with their shapes."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    names: list[str] = []
-    found: dict[str, Module] = {}
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        names.append(name)
-        if isinstance(module, torch.nn.Linear):  # includes bitsandbytes Linear4bit / Linear8bitLt
-            found[name] = Module(name, type(module).__name__, module.in_features, module.out_features, True)
-        elif isinstance(module, Conv1D):  # weight stored as (in, out)
-            n_in, n_out = module.weight.shape
-            found[name] = Module(name, "Conv1D", int(n_in), int(n_out), True)
-        elif isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
-            kind = type(module).__name__
-            found[name] = Module(name, kind, module.in_channels, module.out_channels, False)
-    return names, found
-
-
-def _head_roots(model: torch.nn.Module, task: str) -> tuple[set[str], list[str]]:
-    """Names of head modules (output embeddings; for seq-cls the classifier) and the seq-cls head's top modules."""
-    heads: set[str] = set()
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if out is not None:
-        heads.update(name for name, module in model.named_modules() if module is out)
-    roots: list[str] = []
-    if task == "seq-cls":
-        backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-        for child_name, child in model.named_children():
-            if child is backbone or not any(True for _ in child.parameters()):
-                continue
-            roots.append(child_name)
-    return heads, roots
-
-
-def _is_under(name: str, roots: Iterable[str]) -> bool:
-    return any(name == r or name.startswith(r + ".") for r in roots)
-
-
-def _assign_roles_family(mods: dict[str, Module], roles: dict[str, str]) -> None:
-    for m in mods.values():
-        if m.role == "other" and in_block(m.name):
-            m.role = role_in(roles, m.name) or "other"
-
-
-def _assign_roles_shapes(mods: dict[str, Module], hidden: int | None, inter: int | None) -> None:
-    """Roles for an unknown family: the down-projection by shape (in == intermediate), the rest by name hints."""
-    for m in mods.values():
-        if m.role != "other" or not in_block(m.name):
-            continue
-        last = m.name.rsplit(".", 1)[-1].lower()
-        context = ".".join(m.name.lower().split(".")[-3:-1])  # parent and grandparent
-        if inter and hidden and inter != hidden:
-            if m.in_features == inter and m.out_features == hidden:
-                m.role = "ffn_down"
-                continue
-            if m.in_features == hidden and m.out_features == inter:
-                m.role = "ffn_gate" if GATE_NAME.fullmatch(last) else "ffn_up"
-                continue
-        for role, hint in NAME_HINTS:
-            if hint.fullmatch(last):
-                # "dense"/"output"/"wo"/"c_proj" are attention outputs only under an attention parent
-                if role == "attn_o" and "att" not in context and last not in ATTENTION_OUTPUT_NAMES:
-                    continue
-                m.role = role
-                break
-
-
-def _sizes(config: PretrainedConfig, mods: dict[str, Module], family: Family | None) -> tuple[int | None, int | None]:
-    """Hidden size and FFN intermediate size: from the config keys the family table names when the shapes confirm
-    them, else from the shapes."""
-    block = [m for m in mods.values() if in_block(m.name) and m.linear]
-    hidden = getattr(config, family.hidden_key if family else "hidden_size", None)
-    if not isinstance(hidden, int):
-        hidden = getattr(config, "hidden_size", None)
-    if not isinstance(hidden, int):
-        counts = Counter(m.out_features for m in block)
-        hidden = counts.most_common(1)[0][0] if counts else None
-    inter = None
-    for key in family.intermediate_keys if family else GENERIC_INTERMEDIATE_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            inter = value
-            break
-    if inter is None and family is not None and family.ffn_multiple and isinstance(hidden, int):
-        inter = family.ffn_multiple * hidden
-    if inter is not None and not any(m.in_features == inter for m in block):
-        inter = None  # the config's number is not what the modules show (e.g. MoE, per-layer sizes)
-    if inter is None and hidden is not None:
-        counts = Counter(m.in_features for m in block if m.out_features == hidden and m.in_features != hidden)
-        inter = counts.most_common(1)[0][0] if counts else None
-    return hidden, inter
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # plans
 
 
-def _table(mods: dict[str, Module], targeted: set[str], ff: set[str]) -> list[dict]:
-    groups: dict[tuple, dict] = {}
-    for m in mods.values():
-        key = (pattern(m.name), m.kind, m.in_features, m.out_features, m.role)
-        row = groups.setdefault(
-            key,
-            {
-                "pattern": key[0],
-                "count": 0,
-                "in_features": m.in_features,
-                "out_features": m.out_features,
-                "kind": m.kind,
-                "role": m.role,
-                "targeted_count": 0,
-                "feedforward_count": 0,
-            },
-        )
-        row["count"] += 1
-        row["targeted_count"] += m.name in targeted
-        row["feedforward_count"] += m.name in ff
-    rows = list(groups.values())
-    for row in rows:
-        row["targeted"] = row["targeted_count"] > 0
-        row["feedforward"] = row["feedforward_count"] > 0
-    return rows
-
-
-def _safetensors_bytes(shapes: dict[str, tuple[int, int]], itemsize: int, dtype: str) -> int:
-    """Size of the safetensors file PEFT writes for these IA3 vectors: 8-byte length, JSON header padded to 8
-    bytes (tensors sorted by name, as safetensors does), then the data."""
-    offset = 0
-    parts = []
-    for key in sorted(shapes):
-        rows, cols = shapes[key]
-        end = offset + rows * cols * itemsize
-        parts.append(f'"{key}":{{"dtype":"{dtype}","shape":[{rows},{cols}],"data_offsets":[{offset},{end}]}}')
-        offset = end
-    header = '{"__metadata__":{"format":"pt"},' + ",".join(parts) + "}"
-    return 8 + len(header) + (-len(header) % 8) + offset
-
-
-def _counts(mods: dict[str, Module], targeted: list[str], ff: set[str]) -> tuple[int, int, int, int]:
-    ia3 = sum(mods[n].in_features if n in ff else mods[n].out_features for n in targeted)
-    lora = sum(8 * (mods[n].in_features + mods[n].out_features) for n in targeted)
-    # PEFT saves "base_model.model.<name>.ia3_l", shaped (1, in) for feed-forward targets and (out, 1) otherwise
-    shapes = {
-        f"base_model.model.{n}.ia3_l": (1, mods[n].in_features) if n in ff else (mods[n].out_features, 1)
-        for n in targeted
-    }
-    return ia3, lora, _safetensors_bytes(shapes, 4, "F32"), _safetensors_bytes(shapes, 2, "F16")
-
-
-def _paper_selection(mods: dict[str, Module]) -> tuple[list[str], list[str], list[str]]:
-    """Keys, values (or the fused QKV module) and down-projections, in model order; plus warnings."""
-    warnings: list[str] = []
-    block = [m for m in mods.values() if in_block(m.name)]
-    kv = [m.name for m in block if m.role in ("attn_k", "attn_v")]
-    fused = [m.name for m in block if m.role == "attn_qkv_fused"]
-    if fused:
-        warnings.append(
-            f"keys and values live in a fused module ({', '.join(shorts(fused))}): IA3 on it scales the queries "
-            "too (one vector over Q, K and V), close to but not exactly the paper's recipe."
-        )
-    down = [m.name for m in block if m.role == "ffn_down"]
-    chosen = set(kv) | set(fused) | set(down)
-    targets = [m.name for m in mods.values() if m.name in chosen]
-    if not kv and not fused:
-        warnings.append(
-            "found no key/value projections; set adapter.target_modules explicitly (see `ia3 inspect-modules`)."
-        )
-    if not down:
-        warnings.append("found no FFN down-projection; IA3 will scale attention only (no feed-forward vector).")
-    return targets, down, warnings
-
-
-def _make_plan(
-    model: torch.nn.Module,
-    config: PretrainedConfig,
-    task: str,
-    adapter: AdapterSection | None,
-    use_family_table: bool,
-) -> TargetPlan:
-    universe, mods = _scan(model)
+def _roles(
+    model: torch.nn.Module, config: PretrainedConfig, task: str, mods: dict[str, Module], use_family_table: bool
+) -> tuple[list[str], int | None, int | None, str, list[str]]:
+    """Mark heads and give every module its role (family table, else shapes); returns the head roots, the hidden and
+    intermediate sizes, how roles were found (``family`` or ``shape-analysis``) and notes for the user."""
     model_type = str(getattr(config, "model_type", "unknown"))
-    heads, head_roots = _head_roots(model, task)
+    heads, head_roots = tree.head_roots(model, task)
     for m in mods.values():
-        if m.name in heads or _is_under(m.name, head_roots):
+        if m.name in heads or tree.is_under(m.name, head_roots):
             m.role = "head"
     family = FAMILIES.get(model_type) if use_family_table else None
-    hidden, inter = _sizes(config, mods, family)
-    notes: list[str] = []
+    hidden, inter = tree.sizes(config, mods, family)
     if family is not None:
-        _assign_roles_family(mods, family.roles)
-        method = "family"
-        notes.append(f"Roles from ia3cli's table for '{model_type}'.")
-    else:
-        _assign_roles_shapes(mods, hidden, inter)
-        method = "shape-analysis"
-        notes.append(
-            f"'{model_type}' is not in ia3cli's family table: roles come from shape analysis (the down-projection "
-            f"is the linear whose input is the intermediate size {inter}) and name hints (k/key, v/value). "
-            "Check the table below."
-        )
-    # exactly what IA3Config receives, and what PEFT's model then excludes from targets
-    to_save = modeling.modules_to_save(task, adapter.modules_to_save if adapter else None, head_roots)
-    mts = modeling.peft_modules_to_save(task, to_save)
-    warnings: list[str] = []
-    rec_targets, rec_ff, rec_warnings = _paper_selection(mods)
+        tree.assign_roles_family(mods, family.roles)
+        return head_roots, hidden, inter, "family", [f"Roles from ia3cli's table for '{model_type}'."]
+    tree.assign_roles_shapes(mods, hidden, inter)
+    note = (
+        f"'{model_type}' is not in ia3cli's family table: roles come from shape analysis (the down-projection "
+        f"is the linear whose input is the intermediate size {inter}) and name hints (k/key, v/value). "
+        "Check the table below."
+    )
+    return head_roots, hidden, inter, "shape-analysis", [note]
 
+
+def _specs(
+    adapter: AdapterSection | None, mods: dict[str, Module], universe: list[str], mts: list[str], notes: list[str]
+) -> tuple[Spec, Spec, list[str]]:
+    """The ``target_modules`` and ``feedforward_modules`` specs (the paper's selection, or the recipe's entries
+    checked against the tree) and warnings; notes are appended to ``notes``."""
+    rec_targets, rec_ff, rec_warnings = tree.paper_selection(mods)
     explicit_t = adapter is not None and adapter.target_modules != "auto"
     explicit_f = adapter is not None and adapter.feedforward_modules != "auto"
-    if not explicit_t and not explicit_f:
+    if adapter is None or not (explicit_t or explicit_f):
         target_spec: Spec = express_targets(rec_targets, universe)
-        ff_spec: Spec = express_ff(target_spec, rec_targets, rec_ff, universe)
-        warnings += rec_warnings
+        return target_spec, express_ff(target_spec, rec_targets, rec_ff, universe), list(rec_warnings)
+    warnings: list[str] = []
+    if adapter.target_modules == "all-linear":
+        inside = [n for n, m in mods.items() if m.linear and in_block(n) and m.role != "head"]
+        picked = selected(inside, universe, mts)
+        target_spec = express_targets(picked, universe)
+        notes.append(f"'all-linear' expanded to {len(picked)} linear layers inside the blocks (heads excluded).")
+    elif explicit_t:
+        target_spec = check_targets(adapter.target_modules, universe, mods, mts)
     else:
-        method = "explicit"
-        assert adapter is not None
-        if adapter.target_modules == "all-linear":
-            inside = [n for n, m in mods.items() if m.linear and in_block(n) and m.role != "head"]
-            picked = selected(inside, universe, mts)
-            target_spec = express_targets(picked, universe)
-            notes.append(f"'all-linear' expanded to {len(picked)} linear layers inside the blocks (heads excluded).")
-        elif explicit_t:
-            target_spec = check_targets(adapter.target_modules, universe, mods, mts)
-        else:
-            target_spec = express_targets(rec_targets, universe)
-            warnings += rec_warnings
-        targeted = selected(target_spec, universe, mts)
-        if explicit_f:
-            ff_spec = check_feedforward(adapter.feedforward_modules, target_spec, targeted, universe, mods)
-        else:
-            ff_spec = express_ff(target_spec, targeted, [n for n in rec_ff if n in set(targeted)], universe)
-            notes.append(
-                "feedforward_modules is auto: the recommended feed-forward modules (FFN down-projections) among "
-                "your targets."
-            )
+        target_spec = express_targets(rec_targets, universe)
+        warnings += rec_warnings
     targeted = selected(target_spec, universe, mts)
-    ff_names = feedforward(ff_spec, targeted)
-    if not targeted and adapter is not None:  # recommend() still shows the table, with a warning
-        raise RecipeError(
-            "adapter.target_modules",
-            f"selects no module of this '{model_type}' model",
-            "list the key/value/down-projection names explicitly; `ia3 inspect-modules MODEL` shows them",
-        )
-    if method == "explicit":
-        lint_warnings, lint_notes = lint(targeted, ff_names, ff_spec, mods, inter)
-        warnings += lint_warnings
-        notes += lint_notes
-    ff_set = set(ff_names)
-    ia3, lora, b32, b16 = _counts(mods, targeted, ff_set)
-    default = peft_default(model_type)
-    notes += compare_with_peft(model_type, default, mods, universe, mts, targeted, ff_names)
-    if head_roots:
+    if explicit_f:
+        ff_spec = check_feedforward(adapter.feedforward_modules, target_spec, targeted, universe, mods)
+    else:
+        ff_spec = express_ff(target_spec, targeted, [n for n in rec_ff if n in set(targeted)], universe)
         notes.append(
-            f"The classification head ({', '.join(head_roots)}) is new and must train in full: ia3cli passes it in "
-            "modules_to_save (PEFT adds only 'classifier'/'score' by itself)."
+            "feedforward_modules is auto: the recommended feed-forward modules (FFN down-projections) among "
+            "your targets."
         )
-    return TargetPlan(
-        model_type=model_type,
-        target_modules=target_spec,
-        feedforward_modules=ff_spec,
-        ia3_params=ia3,
-        lora_r8_params=lora,
-        adapter_bytes_fp32=b32,
-        adapter_bytes_fp16=b16,
-        warnings=warnings,
-        notes=notes,
-        method=method,
-        peft_default=default,
-        modules=_table(mods, set(targeted), ff_set),
-        task=task,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        targeted_names=targeted,
-        feedforward_names=ff_names,
-        head_modules=head_roots,
-        fan_in_fan_out=any(mods[n].kind == "Conv1D" for n in targeted),
-        modules_to_save=to_save,
-        groups={n: group_of(mods[n].role if n in mods else None, n in ff_set) for n in targeted},
-    )
+    return target_spec, ff_spec, warnings
 
 
 def plan_for_model(
@@ -427,7 +194,59 @@ def plan_for_model(
         RecipeError: on ``adapter.target_modules`` / ``adapter.feedforward_modules`` for entries that match no
             module, match a non-linear module, or feed-forward entries that are not targets.
     """
-    return _make_plan(model, config, task, adapter, use_family_table)
+    universe, mods = tree.scan(model)
+    model_type = str(getattr(config, "model_type", "unknown"))
+    head_roots, hidden, inter, method, notes = _roles(model, config, task, mods, use_family_table)
+    # exactly what IA3Config receives, and what PEFT's model then excludes from targets
+    to_save = modeling.modules_to_save(task, adapter.modules_to_save if adapter else None, head_roots)
+    mts = modeling.peft_modules_to_save(task, to_save)
+    target_spec, ff_spec, warnings = _specs(adapter, mods, universe, mts, notes)
+    if adapter is not None and (adapter.target_modules != "auto" or adapter.feedforward_modules != "auto"):
+        method = "explicit"
+    targeted = selected(target_spec, universe, mts)
+    ff_names = feedforward(ff_spec, targeted)
+    if not targeted and adapter is not None:  # recommend() still shows the table, with a warning
+        raise RecipeError(
+            "adapter.target_modules",
+            f"selects no module of this '{model_type}' model",
+            "list the key/value/down-projection names explicitly; `ia3 inspect-modules MODEL` shows them",
+        )
+    if method == "explicit":
+        lint_warnings, lint_notes = lint(targeted, ff_names, ff_spec, mods, inter)
+        warnings += lint_warnings
+        notes += lint_notes
+    ff_set = set(ff_names)
+    ia3, lora, b32, b16 = tree.counts(mods, targeted, ff_set)
+    default = peft_default(model_type)
+    notes += compare_with_peft(model_type, default, mods, universe, mts, targeted, ff_names)
+    if head_roots:
+        notes.append(
+            f"The classification head ({', '.join(head_roots)}) is new and must train in full: ia3cli passes it in "
+            "modules_to_save (PEFT adds only 'classifier'/'score' by itself)."
+        )
+    return TargetPlan(
+        model_type=model_type,
+        target_modules=target_spec,
+        feedforward_modules=ff_spec,
+        ia3_params=ia3,
+        lora_r8_params=lora,
+        adapter_bytes_fp32=b32,
+        adapter_bytes_fp16=b16,
+        warnings=warnings,
+        notes=notes,
+        method=method,
+        peft_default=default,
+        modules=tree.table(mods, set(targeted), ff_set),
+        task=task,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        targeted_names=targeted,
+        feedforward_names=ff_names,
+        head_modules=head_roots,
+        fan_in_fan_out=any(mods[n].kind == "Conv1D" for n in targeted),
+        modules_to_save=to_save,
+        groups={n: group_of(mods[n].role if n in mods else None, n in ff_set) for n in targeted},
+    )
 
 
 def recommend(model: ModelSection, task: str | None = None, num_labels: int = 2) -> TargetPlan:
@@ -448,7 +267,7 @@ def recommend(model: ModelSection, task: str | None = None, num_labels: int = 2)
     config = modeling.load_config(model)
     task = task or modeling.default_task(config)
     meta = modeling.build_meta_model(config, task, num_labels, trust_remote_code=model.trust_remote_code)
-    return _make_plan(meta, config, task, None, True)
+    return plan_for_model(meta, config, task)
 
 
 def resolve(model: ModelSection, adapter: AdapterSection, task: str, num_labels: int = 2) -> TargetPlan:
@@ -477,4 +296,4 @@ def resolve(model: ModelSection, adapter: AdapterSection, task: str, num_labels:
     """
     config = modeling.load_config(model)
     meta = modeling.build_meta_model(config, task, num_labels, trust_remote_code=model.trust_remote_code)
-    return _make_plan(meta, config, task, adapter, True)
+    return plan_for_model(meta, config, task, adapter)

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ia3cli.errors import Ia3Error, RunError
-from ia3cli.outputs import file_mode, read_json_object
+from ia3cli.outputs import read_json_object, write_atomic
 
 GROUP_ORDER = ("q", "k", "v", "qkv", "ff", "other")
 TOP_K = 5
@@ -128,7 +126,8 @@ def read_vectors(run: Path) -> tuple[dict[str, Any], list[str] | str | None]:
 
 def _recipe_facts(run: Path) -> dict[str, Any]:
     """The recipe's metric and monitor thresholds (the schema's defaults when recipe.yaml is unreadable)."""
-    from ia3cli.config.recipe import MonitorSection, load_recipe
+    from ia3cli.config.load import load_recipe
+    from ia3cli.config.recipe import MonitorSection
 
     try:
         recipe = load_recipe(run / "recipe.yaml")
@@ -317,16 +316,7 @@ def write(run: str | Path, out: str | Path | None = None, fmt: str | None = None
     png = draw(data)
     payload = png if fmt == "png" else to_html(data, png).encode("utf-8")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(payload)
-            os.chmod(tmp, file_mode())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(target, payload)
     except OSError as exc:
         raise RunError(f"{target}: cannot write the report: {exc.strerror or exc}") from None
     return target

@@ -1,7 +1,6 @@
 """Metrics: accuracy and macro-F1, loss and perplexity, exact match, and rank classification.
 
-``ia3 eval TARGET`` evaluates a run dir (base rebuilt as in training, adapter loaded), a merged model dir, or a
-plain base model (the zero-shot baseline, with ``--recipe``) on one split:
+What ``ia3 eval`` (:mod:`ia3cli.scoring.eval_command`) and training report, per task:
 
 - ``seq-cls``: accuracy, macro-F1 and loss of the classification head.
 - ``causal-lm``: loss (mean negative log-likelihood per target token) and perplexity (``exp(loss)``); with
@@ -16,14 +15,12 @@ imported inside the functions, so importing this module costs nothing.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ia3cli.errors import Ia3Error, RecipeError, RunError
-from ia3cli.scoring.loglik import length_batches, model_device, pad_batch, sequence_logprobs
+from ia3cli.models.device import input_device
+from ia3cli.scoring.loglik import length_batches, pad_batch, pad_id, sequence_logprobs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -71,10 +68,6 @@ def trainer_metrics(num_labels: int) -> Callable[[Any], dict[str, float]]:
 # --- batching and scoring -----------------------------------------------------------------------------------------
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
 def choice_features(
     row: dict[str, Any], recipe: Recipe, tokenizer: PreTrainedTokenizerBase, template: str | None = None
 ) -> list[dict[str, Any]]:
@@ -112,7 +105,7 @@ def score_choices(
     """
     per_row = [choice_features(row, recipe, tokenizer) for row in rows]
     flat = [f for feats in per_row for f in feats]
-    scored = sequence_logprobs(model, flat, _pad_id(tokenizer), batch_size, advance, share_prefix)
+    scored = sequence_logprobs(model, flat, pad_id(tokenizer), batch_size, advance, share_prefix)
     means = [s / max(c, 1) for s, c in scored]
     out, start = [], 0
     for feats in per_row:
@@ -164,10 +157,6 @@ def choice_trainer_metrics(eval_pred: Any) -> dict[str, float]:
     return classification_metrics(masked.argmax(-1).tolist(), pairs[:, 0].tolist(), int(counts.max()))
 
 
-def _has_choices(recipe: Recipe) -> bool:
-    return recipe.has_choices
-
-
 def _batch_size(recipe: Recipe) -> int:
     return recipe.training.eval_batch_size or 2 * recipe.training.batch_size
 
@@ -185,11 +174,10 @@ def after_training(
     ``data.label_names``.
     """
     d = recipe.data
-    if not _has_choices(recipe) or d.eval_split is None:
+    if not recipe.has_choices or d.eval_split is None:
         return {}
     if rows is None:
-        from ia3cli.data.encoding import sample
-        from ia3cli.data.sources import load_split
+        from ia3cli.data.sources import load_split, sample
 
         rows = list(sample(load_split(d, d.eval_split), d.eval_samples, recipe.training.seed))
     metrics = rank_classify(model, tokenizer, recipe, rows, _batch_size(recipe))
@@ -209,7 +197,7 @@ def _classification_head(
 ) -> dict[str, float]:
     import torch
 
-    device = model_device(model)
+    device = input_device(model)
     preds = [0] * len(features)
     total_loss = 0.0
     for idx in length_batches(len(features), [len(f["input_ids"]) for f in features], batch_size):
@@ -235,14 +223,14 @@ def _exact_match(
     """Share of rows whose greedy generation equals the target after strip() and lower()."""
     from ia3cli.data.encoding import prompt_text, target_text
 
-    d, device, batch_size = recipe.data, model_device(model), _batch_size(recipe)
+    d, device, batch_size = recipe.data, input_device(model), _batch_size(recipe)
     hits = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         feats = [dict(tokenizer(prompt_text(r, d), truncation=True, max_length=d.max_length)) for r in chunk]
         targets = [target_text(r, d, recipe.num_labels) for r in chunk]
         longest = max(len(tokenizer(text_target=t)["input_ids"]) for t in targets)
-        batch = {k: v.to(device) for k, v in pad_batch(feats, _pad_id(tokenizer)).items()}
+        batch = {k: v.to(device) for k, v in pad_batch(feats, pad_id(tokenizer)).items()}
         generated = model.generate(**batch, max_new_tokens=min(longest + 2, d.max_length), do_sample=False, num_beams=1)
         texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
         hits += sum(g.strip().lower() == t.strip().lower() for g, t in zip(texts, targets, strict=True))
@@ -267,7 +255,7 @@ def evaluate(
 
     from ia3cli.data.encoding import encode_row
 
-    task, batch_size, pad = recipe.model.task, _batch_size(recipe), _pad_id(tokenizer)
+    task, batch_size, pad = recipe.model.task, _batch_size(recipe), pad_id(tokenizer)
     features = [encode_row(row, recipe, tokenizer, index=i) for i, row in enumerate(rows, 1)]
     model.eval()
     metrics: dict[str, float] = {}
@@ -284,143 +272,6 @@ def evaluate(
             metrics["exact_match"] = _exact_match(
                 model, tokenizer, rows, recipe, _stage(progress, "generate", len(rows))
             )
-    if _has_choices(recipe):
+    if recipe.has_choices:
         metrics.update(rank_classify(model, tokenizer, recipe, rows, batch_size, progress))
     return metrics
-
-
-# --- ia3 eval -----------------------------------------------------------------------------------------------------
-
-
-def _looks_like_path(target: str) -> bool:
-    return target.startswith((".", "/", "~")) or target.count("/") > 1 or target.endswith("/") or "\\" in target
-
-
-def _target_kind(target: str) -> str:
-    """``run``, ``merged`` or ``base``.
-
-    Raises:
-        Ia3Error: when a path-like target does not exist or a folder holds neither an adapter nor a model.
-    """
-    path = Path(target).expanduser()
-    if path.is_dir():
-        if (path / "adapter_config.json").is_file():
-            return "run"
-        if (path / "merge_report.json").is_file():
-            return "merged"
-        if (path / "config.json").is_file() and (path / "recipe.yaml").is_file():
-            return "merged"
-        if (path / "config.json").is_file() or any(path.glob("*.gguf")):
-            return "base"
-        raise Ia3Error(
-            f"{target}: neither a run dir (adapter_config.json) nor a model dir (config.json)",
-            "pass the output_dir of `ia3 train`, the OUT of `ia3 merge`, or a base model with --recipe",
-        )
-    if path.exists() or _looks_like_path(target):
-        raise Ia3Error(
-            f"{target}: target not found" if not path.exists() else f"{target}: not a directory",
-            "pass a run dir from `ia3 train`, a merged dir from `ia3 merge`, or a base model (hub id, folder, "
-            "pkg:PACKAGE/DIR) with --recipe",
-        )
-    return "base"
-
-
-def _load_recipe(kind: str, target: str, recipe_path: Path | None, overrides: list[str]) -> Recipe:
-    from ia3cli.config.recipe import load_recipe
-
-    saved = Path(target).expanduser() / "recipe.yaml"
-    if recipe_path is None and kind in ("run", "merged") and saved.is_file():
-        recipe_path = saved
-    if recipe_path is None:
-        what = {"run": "the run dir has no recipe.yaml", "merged": "the merged dir has no recipe.yaml"}
-        raise RecipeError(
-            "--recipe",
-            f"no recipe for '{target}' ({what.get(kind, 'a base model needs one')})",
-            "pass --recipe RECIPE.yaml: it says the task, data and prompt to evaluate with",
-        )
-    return load_recipe(recipe_path, overrides)
-
-
-def _load_model(kind: str, target: str, recipe: Recipe, full_precision: bool) -> tuple[Any, Any]:
-    from ia3cli.models import loading as modeling
-    from ia3cli.tuners import ia3
-
-    changes: dict[str, Any] = {"quantization": "none"} if full_precision else {}
-    if kind == "merged":
-        # A merged model is a full-precision checkpoint of its own; the base's quantization and GGUF do not apply.
-        changes = {"name": str(Path(target).expanduser()), "quantization": "none", "gguf_file": None, "revision": None}
-    elif kind == "base":
-        changes["name"] = target
-    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update=changes)})
-    if kind == "run":
-        return ia3.load_run_model(target, recipe)
-    tokenizer = modeling.load_tokenizer(recipe.model)
-    return modeling.load_recipe_base(recipe, tokenizer), tokenizer
-
-
-def run_eval(
-    target: str,
-    *,
-    recipe_path: Path | None,
-    data: str | None,
-    split: str | None,
-    overrides: list[str],
-    full_precision: bool,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Evaluate a run dir, a merged model dir or a base model on one split; see the module docstring.
-
-    Args:
-        target: Run dir (adapter + recipe.yaml), merged dir (from ``ia3 merge``), or base model (needs a recipe).
-        recipe_path: Recipe to use instead of the one saved in TARGET.
-        data: Replaces ``data.path``.
-        split: Replaces ``data.eval_split`` (default: the recipe's eval split). ``data.eval_samples`` applies.
-        overrides: ``section.key=value`` strings applied to the recipe.
-        full_precision: Load the base unquantised even when the recipe says 4/8-bit.
-        progress: Called as batches finish (see :data:`Progress`).
-
-    Returns:
-        The metrics: ``target``, ``split``, ``rows`` and the task's metrics. Also written to ``eval-<split>.json``
-        in TARGET when it is a run or merged dir.
-
-    Raises:
-        Ia3Error: TARGET not found or not a model; RecipeError: no recipe, no split; DataError: bad data.
-    """
-    from ia3cli.data.encoding import check_rows, sample
-    from ia3cli.data.sources import load_split
-    from ia3cli.outputs import write_atomic
-
-    kind = _target_kind(target)
-    recipe = _load_recipe(kind, target, recipe_path, overrides)
-    if data is not None:
-        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"path": data})})
-    split = split or recipe.data.eval_split
-    if split is None:
-        raise RecipeError("data.eval_split", "is null: nothing to evaluate on", "pass --split (e.g. --split train)")
-    ds = sample(load_split(recipe.data, split), recipe.data.eval_samples, recipe.training.seed)
-    if len(ds) == 0:
-        raise RecipeError("--split", f"split '{split}' of {recipe.data.path} is empty")
-    check_rows(ds, recipe, f"{recipe.data.path} [{split}]")
-
-    model, tokenizer = _load_model(kind, target, recipe, full_precision)
-    metrics: dict[str, Any] = {"target": target, "kind": kind, "task": recipe.model.task, "data": recipe.data.path}
-    metrics.update({"split": split, "rows": len(ds)})
-    metrics.update(evaluate(model, tokenizer, recipe, list(ds), progress))
-    if kind in ("run", "merged"):
-        dest = Path(target).expanduser() / f"eval-{split.replace('/', '_')}.json"
-        try:
-            write_atomic(dest, json.dumps(metrics, indent=2) + "\n")
-        except OSError as exc:
-            raise RunError(f"{dest}: cannot write: {exc.strerror or exc}") from None
-    return metrics
-
-
-def render(metrics: dict[str, Any]) -> str:
-    """The metrics as a small aligned table for the terminal."""
-    shown = {k: v for k, v in metrics.items() if k not in ("kind",)}
-    width = max((len(k) for k in shown), default=0)
-    lines = []
-    for key, value in shown.items():
-        text = f"{value:.4f}" if isinstance(value, float) else str(value)
-        lines.append(f"{key.ljust(width)}  {text}")
-    return "\n".join(lines)

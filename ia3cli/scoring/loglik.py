@@ -8,13 +8,15 @@ with its key/value cache reused. Heavy libraries are imported inside the functio
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
+
+from ia3cli.data.encoding import IGNORE_INDEX
+from ia3cli.models.device import input_device
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
-
-IGNORE_INDEX = -100
 
 
 def pad_batch(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -33,8 +35,9 @@ def pad_batch(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, to
     return batch
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def pad_id(tokenizer: Any) -> int:
+    """The id padding uses: the tokenizer's pad token, else 0 (positions that are padding are masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def length_batches(n: int, lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -61,6 +64,27 @@ def shared_prefix_length(features: Sequence[dict[str, Any]]) -> int:
     return max(n, 0)
 
 
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each label token and the mask of target tokens, both ``(N, T)``.
+
+    Every log-likelihood ia3cli computes (rank classification, the T-Few loss, ``ia3 predict``, ``ia3 serve``)
+    goes through this function.
+
+    Args:
+        logits: ``(N, T, vocab)`` model outputs.
+        labels: ``(N, T)`` token ids, -100 where there is no target.
+        shift: True for decoder-only models (token ``t`` is predicted at ``t - 1``); False when the logits are
+            aligned with the labels already (encoder-decoder).
+    """
+    logits = logits.float()
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    # log p = logit - logsumexp: one (N, T, vocab) tensor fewer than log_softmax
+    logp = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return logp * mask, mask
+
+
 def sequence_logprobs(
     model: PreTrainedModel,
     features: list[dict[str, Any]],
@@ -68,6 +92,7 @@ def sequence_logprobs(
     batch_size: int,
     advance: Callable[[int], None] | None = None,
     share_prefix: bool = False,
+    select: Callable[[list[int]], AbstractContextManager[Any]] | None = None,
 ) -> list[tuple[float, int]]:
     """Sum of target-token log-probabilities and the number of target tokens, for each encoded sequence.
 
@@ -78,13 +103,16 @@ def sequence_logprobs(
     ``share_prefix`` (decoder-only models): the tokens every sequence starts with (in-context demonstrations) run
     once, and each batch continues from a copy of their key/value cache; the scores are those of the full
     sequences, up to float rounding. Only for a model that treats every row alike (not per-row adapters).
+
+    ``select(indices)``: a context entered around each batch's forward with the indices of its sequences, as
+    :meth:`ia3cli.tuners.mixed.MixedIA3.select` needs to give each row its own adapter.
     """
     import copy
 
     import torch
 
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    device = model_device(model)
+    device = input_device(model)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(features)
     shared = shared_prefix_length(features) if share_prefix and not seq2seq else 0
     cache = None
@@ -102,13 +130,10 @@ def sequence_logprobs(
             mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
             batch["attention_mask"] = torch.cat([mask.new_ones(len(idx), shared), mask], dim=1)
             batch["past_key_values"] = past
-        logits = model(**batch).logits.float()
-        if not seq2seq:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        mask = labels != IGNORE_INDEX
-        # log p = logit - logsumexp: one (batch, length, vocab) tensor fewer than log_softmax
-        logp = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-        sums = (logp * mask).sum(-1).tolist()
+        with select(idx) if select is not None else nullcontext():
+            logits = model(**batch).logits
+        logp, mask = token_logprobs(logits, labels, shift=not seq2seq)
+        sums = logp.sum(-1).tolist()
         counts = mask.sum(-1).tolist()
         for j, i in enumerate(idx):
             out[i] = (sums[j], counts[j])

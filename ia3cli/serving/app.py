@@ -11,7 +11,8 @@ Endpoints (``model`` is an adapter name, or the base model's own name for the ba
   as server-sent events (``data: {...}`` chunks, then ``data: [DONE]``); ``temperature`` 0 is greedy; ``stop``,
   ``seed`` and vLLM's ``ignore_eos`` are honoured.
 - ``POST /v1/classify``: ``{"model", "input": str | [str] | [{column: value}]}`` -> label and probabilities per
-  input, for seq-cls adapters (their head) and choice adapters (rank classification over ``data.label_names``).
+  input, for seq-cls adapters (their head) and choice adapters (rank classification over ``data.label_names``, or
+  each input's own list in the ``data.choices_column`` field).
 - ``GET /v1/models``; ``POST /adapters {"name", "path"}`` (the path must resolve inside the adapter directory);
   ``DELETE /adapters/{name}``; ``GET /health``; ``GET /metrics`` (Prometheus text format).
 
@@ -22,7 +23,8 @@ the adapter directory, 404 unknown adapter, 413 prompt too long, 422 malformed b
 Modules: this one (the app, its endpoints, the command), :mod:`ia3cli.serving.completions` (completion responses, SSE),
 :mod:`ia3cli.serving.batcher` (batching, the generation step loop), :mod:`ia3cli.serving.adapter_pool` (names,
 paths, LRU),
-:mod:`ia3cli.serving.prometheus` (the /metrics text).
+:mod:`ia3cli.serving.prometheus` (the /metrics text), :mod:`ia3cli.serving.ray_deploy` (this app as a Ray Serve
+deployment, ``--ray``).
 
 Why FastAPI + uvicorn: they are what Python model servers standardise on (vLLM's and TGI's OpenAI-compatible
 routers are FastAPI apps), pydantic request models give 422s naming the bad field for free, and uvicorn's asyncio
@@ -33,68 +35,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ia3cli.errors import Ia3Error
-from ia3cli.serving.adapter_pool import AdapterNotFound, AdapterPool, is_run_dir
-from ia3cli.serving.batcher import Batcher, ClassifyItem
-from ia3cli.serving.completions import ApiError, error_body, from_ia3, respond
+from ia3cli.models.device import input_device
+from ia3cli.serving.adapter_pool import AdapterNotFound, AdapterPool, first_run
+from ia3cli.serving.batcher import DEGRADED_AFTER, Batcher, ClassifyItem
+from ia3cli.serving.completions import ApiError, check_key, error_body, from_ia3, respond
 from ia3cli.serving.prometheus import Metrics
+from ia3cli.serving.requests import AdapterRequest, ChatRequest, ClassifyRequest, CompletionRequest
+from ia3cli.serving.settings import DEFAULTS
 
 if TYPE_CHECKING:
     from ia3cli.tuners.mixed import MixedIA3
-
-
-MAX_INPUTS = 256  # prompts or inputs in one request (each is a row of a batch)
-
-# --- request bodies ------------------------------------------------------------------------------------------------
-
-
-class _Sampling(BaseModel):
-    model: str
-    max_tokens: int = Field(16, ge=1, description="Tokens to generate at most.")
-    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: Literal[1] = 1
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    ignore_eos: bool = Field(False, description="Generate max_tokens whatever comes (vLLM's extension).")
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class ClassifyRequest(BaseModel):
-    model: str
-    input: str | Annotated[list[str | dict[str, Any]], Field(min_length=1, max_length=MAX_INPUTS)]
-
-
-class AdapterRequest(BaseModel):
-    name: str
-    path: str
 
 
 # --- the app -------------------------------------------------------------------------------------------------------
@@ -118,9 +80,9 @@ class Server:
         mixed: MixedIA3,
         root: Path,
         *,
-        max_adapters: int = 64,
-        max_batch_size: int = 32,
-        max_wait_ms: float = 10.0,
+        max_adapters: int = DEFAULTS.max_adapters,
+        max_batch_size: int = DEFAULTS.max_batch_size,
+        max_wait_ms: float = DEFAULTS.max_wait_ms,
         api_key: str | None = None,
         loaded: dict[str, Path] | None = None,
     ) -> None:
@@ -201,8 +163,27 @@ def build_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="ia3 serve", lifespan=lifespan)
     app.state.server = server
-
     app.add_middleware(_Measure, metrics=server.metrics)
+    _error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        body = {"status": "ok", "base": server.mixed.base_name, "adapters_loaded": len(server.pool.lru)}
+        failing = server.batcher.failures_in_a_row
+        if failing >= DEGRADED_AFTER:  # the model itself fails: tell the load balancer
+            body |= {"status": "degraded", "failed_batches_in_a_row": failing, "last_error": server.batcher.last_error}
+        return JSONResponse(body, status_code=503 if body["status"] == "degraded" else 200)
+
+    async def authorised(request: Request) -> None:
+        check_key(server.api_key, request.headers.get("authorization", ""))
+
+    app.include_router(_admin_routes(server), dependencies=[Depends(authorised)])
+    app.include_router(_model_routes(server), dependencies=[Depends(authorised)])
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error as an OpenAI-shaped body: ours, the request validation's (422) and Starlette's (404, 405)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -219,18 +200,10 @@ def build_app(server: Server) -> FastAPI:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
 
-    async def authorised(request: Request) -> None:
-        if server.api_key is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), server.api_key.encode()):
-            raise ApiError(401, "incorrect API key (send Authorization: Bearer KEY)", "invalid_api_key")
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "base": server.mixed.base_name, "adapters_loaded": len(server.pool.lru)}
-
-    api = APIRouter(dependencies=[Depends(authorised)])
+def _admin_routes(server: Server) -> APIRouter:
+    """``/metrics``, ``/v1/models`` and registering or removing adapters at run time."""
+    api = APIRouter()
 
     @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:
@@ -260,6 +233,13 @@ def build_app(server: Server) -> FastAPI:
             raise from_ia3(exc) from None
         return {"name": name, "deleted": True}
 
+    return api
+
+
+def _model_routes(server: Server) -> APIRouter:
+    """The OpenAI-compatible model endpoints: ``/v1/classify``, ``/v1/completions``, ``/v1/chat/completions``."""
+    api = APIRouter()
+
     @api.post("/v1/classify")
     async def classify(body: ClassifyRequest) -> dict[str, Any]:
         adapter = server.adapter_of(body.model)
@@ -274,9 +254,8 @@ def build_app(server: Server) -> FastAPI:
             result = await item.future
         except Ia3Error as exc:
             raise from_ia3(exc) from None
-        labels = result["labels"]
         data = []
-        for i, probs in enumerate(result["probabilities"]):
+        for i, (labels, probs) in enumerate(zip(result["labels"], result["probabilities"], strict=True)):
             best = max(range(len(probs)), key=probs.__getitem__)
             data.append({"index": i, "label": labels[best], "probabilities": dict(zip(labels, probs, strict=True))})
         return {"object": "list", "model": body.model, "data": data}
@@ -302,38 +281,35 @@ def build_app(server: Server) -> FastAPI:
         ids = [server.encode(text, body.max_tokens, special=False)]
         return await respond(server.mixed, server.batcher, request, body, adapter, ids, chat=True)
 
-    app.include_router(api)
-    return app
+    return api
 
 
 # --- the command ---------------------------------------------------------------------------------------------------
 
 
-def load(path: Path, quantization: str | None = None) -> tuple[MixedIA3, Path, dict[str, Path]]:
+def load(path: Path, quantization: str | None = None, device: str = "auto") -> tuple[MixedIA3, Path, dict[str, Path]]:
     """The base model and the adapter directory for ``ia3 serve PATH`` (a run dir, or a folder of run dirs).
 
-    The base is the one the first run dir (by name) was trained on; that adapter is loaded with it.
+    The base is the one the first run dir (by name) was trained on, loaded on ``device`` (``--device``); that
+    adapter is loaded with it.
 
     Raises:
         Ia3Error: when PATH is missing or holds no run dir.
     """
+    from ia3cli.models.device import resolve
     from ia3cli.tuners.mixed import MixedIA3
 
+    resolve(device)  # a device that is not there fails before the model loads
     path = Path(path)
-    if not path.is_dir():
-        raise Ia3Error(f"{path}: adapter directory not found", "pass a run dir or a folder of run dirs")
-    if is_run_dir(path):
-        first = path
-    else:
-        runs = sorted(p for p in path.iterdir() if is_run_dir(p) and p.resolve().is_relative_to(path.resolve()))
-        if not runs:
-            raise Ia3Error(
-                f"{path}: no run dirs (folders with adapter_config.json and recipe.yaml)",
-                "train one with `ia3 train RECIPE` and put its output_dir there",
-            )
-        first = runs[0]
-    mixed = MixedIA3.from_run(first, quantization=quantization)
+    first = first_run(path)
+    mixed = MixedIA3.from_run(first, quantization=quantization, device=device)
     return mixed, path, {first.name: first.resolve()}
+
+
+def check_options(max_adapters: int, max_batch_size: int, max_wait_ms: float) -> None:
+    """Raises: Ia3Error for bounds out of range."""
+    if max_adapters < 1 or max_batch_size < 1 or max_wait_ms < 0:
+        raise Ia3Error("--max-adapters and --max-batch-size must be >= 1, --max-wait-ms >= 0")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -357,24 +333,24 @@ def bind(host: str, port: int) -> socket.socket:
 def run(
     path: Path,
     *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_adapters: int = 64,
-    max_batch_size: int = 32,
-    max_wait_ms: float = 10.0,
+    host: str = DEFAULTS.host,
+    port: int = DEFAULTS.port,
+    max_adapters: int = DEFAULTS.max_adapters,
+    max_batch_size: int = DEFAULTS.max_batch_size,
+    max_wait_ms: float = DEFAULTS.max_wait_ms,
     api_key: str | None = None,
     printer: Callable[[str], None] = print,
+    device: str = "auto",
 ) -> None:
-    """Load the base and the first adapter, bind, and serve until interrupted.
+    """Load the base and the first adapter on ``device``, bind, and serve until interrupted.
 
     Raises:
         Ia3Error: for a bad adapter directory or an address that cannot be bound.
     """
     import uvicorn
 
-    if max_adapters < 1 or max_batch_size < 1 or max_wait_ms < 0:
-        raise Ia3Error("--max-adapters and --max-batch-size must be >= 1, --max-wait-ms >= 0")
-    mixed, root, loaded = load(path)
+    check_options(max_adapters, max_batch_size, max_wait_ms)
+    mixed, root, loaded = load(path, device=device)
     server = Server(
         mixed,
         root,
@@ -386,7 +362,8 @@ def run(
     )
     sock = bind(host, port)
     where = sock.getsockname()
-    printer(f"serving {mixed.base_name} ({mixed.task}) with adapters from {root} on http://{host}:{where[1]}")
+    on = input_device(mixed.model)
+    printer(f"serving {mixed.base_name} ({mixed.task}, {on}) with adapters from {root} on http://{host}:{where[1]}")
     printer(f"  adapters: {', '.join(server.pool.known()[:5])}{' ...' if len(server.pool.known()) > 5 else ''}")
     config = uvicorn.Config(build_app(server), log_level="warning", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

@@ -8,10 +8,12 @@ it at its next step). Errors use OpenAI's shape ``{"error": {"message", "type", 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -31,6 +33,19 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def check_key(api_key: str | None, authorization: str) -> None:
+    """Refuse a request whose ``Authorization: Bearer KEY`` header does not carry ``api_key`` (when one is set).
+
+    Raises:
+        ApiError: 401.
+    """
+    if api_key is None:
+        return
+    given = authorization.removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), api_key.encode()):
+        raise ApiError(401, "incorrect API key (send Authorization: Bearer KEY)", "invalid_api_key")
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -83,45 +98,65 @@ async def respond(
     ]
     batcher.submit_rows(rows)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    kind = "chat.completion" if chat else "text_completion"
+    reply = _Reply(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time()), body.model, chat)
+    if body.stream:
+        return await _stream(mixed, request, rows, stops, reply)
+    return await _whole(mixed, request, rows, stops, reply)
 
-    def choice(index: int, text: str, finish: str | None, *, delta: bool) -> dict[str, Any]:
-        if not chat:
+
+@dataclass
+class _Reply:
+    """What every response body (or stream chunk) of one request shares."""
+
+    id: str
+    created: int
+    model: str
+    chat: bool
+
+    def head(self, *, chunk: bool) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind + (".chunk" if chunk and self.chat else ""), "created": self.created}
+
+    def choice(self, index: int, text: str, finish: str | None, *, delta: bool) -> dict[str, Any]:
+        if not self.chat:
             return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
         content = {"role": "assistant", "content": text}
         return {"index": index, ("delta" if delta else "message"): content, "finish_reason": finish}
 
-    if body.stream:
-        pieces = _merge(mixed.tokenizer, request, rows, stops)
-        try:  # an adapter that fails to load is known with the first event: answer it with its status code
-            first = await anext(pieces)
-        except StopAsyncIteration:
-            first = None
-        except BaseException:
+
+async def _stream(mixed: MixedIA3, request: Request, rows: list[Row], stops: list[str], reply: _Reply) -> Any:
+    """Server-sent events, one per decoded piece of text, then ``[DONE]``."""
+    pieces = _merge(mixed.tokenizer, request, rows, stops)
+    try:  # an adapter that fails to load is known with the first event: answer it with its status code
+        first = await anext(pieces)
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        for row in rows:
+            row.cancelled = True
+        raise
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            piece = first
+            while piece is not None:
+                index, text, finish = piece
+                chunk = reply.head(chunk=True) | {"model": reply.model}
+                chunk["choices"] = [reply.choice(index, text, finish, delta=True)]
+                yield f"data: {json.dumps(chunk)}\n\n"
+                piece = await anext(pieces, None)
+            yield "data: [DONE]\n\n"
+        except ApiError as exc:  # after the first event the status is sent: report in the stream
+            yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.code))}\n\n"
+        finally:  # the client went away (or we are done): free every row still generating
             for row in rows:
                 row.cancelled = True
-            raise
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                piece = first
-                while piece is not None:
-                    index, text, finish = piece
-                    chunk = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created}
-                    chunk |= {"model": body.model, "choices": [choice(index, text, finish, delta=True)]}
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                    piece = await anext(pieces, None)
-                yield "data: [DONE]\n\n"
-            except ApiError as exc:  # after the first event the status is sent: report in the stream
-                yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.code))}\n\n"
-            finally:  # the client went away (or we are done): free every row still generating
-                for row in rows:
-                    row.cancelled = True
+    return StreamingResponse(events(), media_type="text/event-stream")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
 
+async def _whole(mixed: MixedIA3, request: Request, rows: list[Row], stops: list[str], reply: _Reply) -> dict[str, Any]:
+    """One JSON body with every row's text, finish reason and the token usage."""
     texts = [""] * len(rows)
     finishes: list[str | None] = [None] * len(rows)
     try:
@@ -133,12 +168,9 @@ async def respond(
             row.cancelled = True
     usage_prompt = sum(len(r.prompt_ids) for r in rows)
     usage_completion = sum(_count(mixed.tokenizer, t) for t in texts)
-    return {
-        "id": rid,
-        "object": kind,
-        "created": created,
-        "model": body.model,
-        "choices": [choice(i, texts[i], finishes[i], delta=False) for i in range(len(rows))],
+    return reply.head(chunk=False) | {
+        "model": reply.model,
+        "choices": [reply.choice(i, texts[i], finishes[i], delta=False) for i in range(len(rows))],
         "usage": {
             "prompt_tokens": usage_prompt,
             "completion_tokens": usage_completion,

@@ -23,28 +23,21 @@ stops training on the other findings. ``health.json`` records the outcome; the m
 Groups come from the target plan (``TargetPlan.groups``: module name -> group, from the family table or shape
 analysis); without a plan, from the family table by ``config.model_type`` and PEFT's ``is_feedforward`` flag.
 
-Why a gradient hook: in transformers 5.x ``Trainer._inner_training_loop`` clips (``_clip_grad_norm``) *before* it calls
-``on_pre_optimizer_step``, so every callback sees clipped gradients, and the pre-clip norm it computes is a local
-variable that reaches callbacks only at logging steps, and only as one global number. The monitor therefore registers
-``register_post_accumulate_grad_hook`` on the IA3 vectors; the first hook of a backward pass queues one callback on
-the autograd engine that runs when the pass is complete, i.e. after the last micro-batch's gradients are accumulated
-and before the Trainer clips. That callback computes all per-group (and per-layer) norms with one ``_foreach_norm``
-and one small matmul (parameter-to-group membership, built once); ``on_pre_optimizer_step`` reads them with a single
-``tolist()``, the one host sync the monitor adds per step (it is what lets a non-finite step be dropped at once).
-With gradient accumulation the measurement after the last micro-batch is the one read; under reentrant gradient
-checkpointing the nested backward passes each measure, and the last (layer 0, which finishes last) wins.
+Why a gradient hook: in transformers 5.x the Trainer clips *before* ``on_pre_optimizer_step``, and its pre-clip
+norm reaches callbacks only at logging steps, as one global number. So the monitor hooks the IA3 vectors
+(``register_post_accumulate_grad_hook``); the first hook of a backward pass queues one autograd-engine callback
+that runs after the last micro-batch's gradients are accumulated and before clipping, and computes every group and
+layer norm with one ``_foreach_norm`` and one small matmul. ``on_pre_optimizer_step`` reads them with one
+``tolist()``, the one host sync the monitor adds per step (it lets a non-finite step be dropped at once).
 
-How the values reach reporters: ``Trainer.log`` copies the logs into ``state.log_history`` and then calls every
-callback's ``on_log`` with the same ``logs`` dict, in registration order (transformers 5.23: ``DefaultFlowCallback``,
-then the ``report_to`` integrations, then ``callbacks=``). The monitor adds its values to that dict, so every
-callback registered after it sees them: the training code passes ``report_to="none"`` and lists the reporters
-(TensorBoard, W&B, ...) after the monitor in ``callbacks=``. ``log_history`` keeps the Trainer's own values only.
+How values reach reporters: ``Trainer.log`` calls every callback's ``on_log`` with the same ``logs`` dict, in
+registration order; the monitor adds its values there, so reporters listed after it in ``callbacks=`` (with
+``report_to="none"``) see them. ``log_history`` keeps the Trainer's own values only.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,8 +45,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ia3cli.config.families import GROUPS, group_of, role_of
+from ia3cli.config.families import GROUPS
 from ia3cli.training import health
+from ia3cli.training.vectors import all_processes_agree, drift_stats, ia3_parameters, slot_indices
 
 if TYPE_CHECKING:
     from ia3cli.config.recipe import MonitorSection
@@ -61,73 +55,13 @@ if TYPE_CHECKING:
 SCALER_NONFINITE_TOLERANCE = 8
 """Under an fp16 loss scaler overflowing steps are normal (the scaler skips them): fail after this many in a row."""
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
-_PEFT_PREFIX = "base_model.model."
-
-
-def layer_label(name: str) -> str | None:
-    """The layer a module belongs to: ``"3"`` for ``...layers.3...``, ``"dec_3"`` in a decoder stack, else ``None``."""
-    match = _LAYER_INDEX.search(name)
-    if match is None:
-        return None
-    before = name[: match.start()].lower().split(".")
-    return f"dec_{match.group(1)}" if "decoder" in before else match.group(1)
-
-
-def ia3_parameters(
-    model: torch.nn.Module, groups: Mapping[str, str] | None = None
-) -> list[tuple[str, torch.nn.Parameter, str, str | None]]:
-    """The trainable IA3 vectors of a PEFT model with their group and layer.
-
-    Args:
-        model: A ``PeftModel`` (or any module holding PEFT ``IA3Layer`` modules).
-        groups: Module name (as in the base model, without PEFT's ``base_model.model.``) -> group, from the target
-            plan (``TargetPlan.groups``). Names it lacks get their group from the family table by
-            ``model.config.model_type`` and PEFT's ``is_feedforward`` flag.
-
-    Returns:
-        ``(module_name, parameter, group, layer)`` for each trainable ``ia3_l`` parameter, in model order.
-    """
-    modules = dict(model.named_modules())
-    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
-    found = []
-    for pname, param in model.named_parameters():
-        if ".ia3_l." not in pname or not param.requires_grad:
-            continue
-        mname = pname.split(".ia3_l.")[0]
-        group = (groups or {}).get(mname.removeprefix(_PEFT_PREFIX))
-        if group is None:
-            is_ff = bool(getattr(modules.get(mname), "is_feedforward", False))
-            group = group_of(role_of(model_type, mname), is_ff)
-        found.append((mname, param, group, layer_label(mname)))
-    return found
-
-
-def _all_processes_agree(finite: bool, params: list[torch.nn.Parameter]) -> bool:
-    """True when every process saw finite gradients.
-
-    Under DDP the hooks may measure a process's own gradients before they are averaged, so one process can see a
-    non-finite step that the others do not; deciding together keeps them from stopping apart (and hanging).
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return finite
-    device = params[0].device if params else torch.device("cpu")
-    flag = torch.tensor([0.0 if finite else 1.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
-
 
 class GradNormMonitor(TrainerCallback):
     """Watches IA3 gradient norms and drift during training and explains what is wrong.
 
-    Clipping itself is the Trainer's: the training code passes the recipe's ``max_grad_norm`` to
-    ``TrainingArguments``. In transformers 5.23 the Trainer clips when ``args.max_grad_norm > 0``; ``None`` is
-    accepted by ``TrainingArguments`` but raises a ``TypeError`` at the first optimiser step (``None > 0``). So when the
-    recipe says ``max_grad_norm: null`` the training code must pass ``TrainingArguments(max_grad_norm=0.0)``; the
-    Trainer then only measures the global norm. The monitor checks this at train begin (a mismatch is a
-    ``ValueError``) and warns when clipping is disabled.
+    Clipping itself is the Trainer's (when ``args.max_grad_norm > 0``; ``None`` raises a ``TypeError`` at the first
+    step in transformers 5.23, so ``max_grad_norm: null`` must reach ``TrainingArguments`` as 0.0). The monitor
+    checks this at train begin (a mismatch is a ``ValueError``) and warns when clipping is disabled.
 
     Register it with ``Trainer(callbacks=[monitor, *reporters])`` (and ``report_to="none"``): callbacks listed after
     it receive the ``ia3/*`` values; running after the Trainer's ``DefaultFlowCallback`` (always first) lets it veto
@@ -262,7 +196,7 @@ class GradNormMonitor(TrainerCallback):
         """Read this step's pre-clip norms; on a non-finite gradient drop the gradients and stop training."""
         step = state.global_step + 1
         values = self._read_pending(kwargs.get("optimizer"))
-        finite = _all_processes_agree(values is None or all(math.isfinite(v) for v in values), self._params)
+        finite = all_processes_agree(values is None or all(math.isfinite(v) for v in values), self._params)
         if finite:
             self._nonfinite_run = 0
             if values is not None:
@@ -345,23 +279,8 @@ class GradNormMonitor(TrainerCallback):
     def _indices(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """Per-parameter and per-element slot indices (groups, then layers, then a spare slot), built once."""
         if device not in self._index:
-            n_groups, n_layers = len(self._group_names), len(self._layer_names)
-            spare = n_groups + n_layers
-            group_idx = torch.tensor([self._group_names.index(g) for g in self._groups], device=device)
-            layer_idx = torch.tensor(
-                [n_groups + self._layer_names.index(la) if la is not None else spare for la in self._layers],
-                device=device,
-            )
-            numels = torch.tensor([p.numel() for p in self._params], device=device)
-            elem_group = torch.repeat_interleave(group_idx, numels)
-            elem_layer = torch.repeat_interleave(layer_idx, numels)
-            counts = torch.zeros(spare + 1, device=device)
-            counts.index_add_(0, group_idx, numels.float()).index_add_(0, layer_idx, numels.float())
-            # parameter -> slot membership (0/1), so that squared norms sum into groups and layers in one matmul
-            slots = torch.zeros(len(self._params), spare + 1, device=device)
-            slots[torch.arange(len(self._params), device=device), group_idx] = 1.0
-            slots[torch.arange(len(self._params), device=device), layer_idx] = 1.0
-            self._index[device] = (slots, elem_group, elem_layer, counts.clamp_min(1))
+            names = (self._group_names, self._layer_names)
+            self._index[device] = slot_indices(self._params, self._groups, self._layers, *names, device)
             self._multi_device = len({p.device for p in self._params}) > 1
         return self._index[device]
 
@@ -414,22 +333,8 @@ class GradNormMonitor(TrainerCallback):
 
     def _drift_stats(self) -> dict[str, float]:
         """Mean |l - 1| and the share of entries exactly 1.0, per group and per layer (keys as in the logs)."""
-        device = self._params[0].device
-        _, elem_group, elem_layer, counts = self._indices(device)
-        with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1).to(device, torch.float32) for p in self._params])
-            dev = (flat - 1.0).abs()
-            at_init = (flat == 1.0).float()
-            drift = torch.zeros_like(counts).index_add_(0, elem_group, dev).index_add_(0, elem_layer, dev)
-            still = torch.zeros_like(counts).index_add_(0, elem_group, at_init).index_add_(0, elem_layer, at_init)
-            values = torch.cat([drift / counts, still / counts]).tolist()
-        n, n_groups = counts.numel(), len(self._group_names)
-        out: dict[str, float] = {}
-        for i, g in enumerate(self._group_names):
-            out[f"drift_{g}"], out[f"at_init_{g}"] = values[i], values[n + i]
-        for j, la in enumerate(self._layer_names):
-            out[f"drift_layer_{la}"], out[f"at_init_layer_{la}"] = values[n_groups + j], values[n + n_groups + j]
-        return out
+        indices = self._indices(self._params[0].device)
+        return drift_stats(self._params, indices, self._group_names, self._layer_names)
 
     def _drift(self, step: int) -> dict[str, float]:
         """Drift statistics for ``step``, computed at most once per step."""

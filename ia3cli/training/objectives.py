@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ia3cli.scoring.loglik import token_logprobs
+
 if TYPE_CHECKING:
     import torch
 
-IGNORE_INDEX = -100
 UL_EPS = 0.01  # keeps log(1 - p) finite when a wrong token already has probability 1
 PAD_SCORE = -1e4  # the negated score of a padded (absent) choice: never ranked first
 
@@ -39,24 +40,6 @@ class ChoiceTerms:
         """``w_lm * lm + w_ln * ln + w_ul * ul``."""
         w_lm, w_ln, w_ul = weights
         return w_lm * self.lm + w_ln * self.ln + w_ul * self.ul
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each label token and the mask of target tokens, both ``(N, T)``.
-
-    Args:
-        logits: ``(N, T, vocab)`` model outputs.
-        labels: ``(N, T)`` token ids, -100 where there is no target.
-        shift: True for decoder-only models (token ``t`` is predicted at ``t - 1``); False when the logits are
-            aligned with the labels already (encoder-decoder).
-    """
-    logits = logits.float()
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    # log p = logit - logsumexp: one (N, T, vocab) tensor fewer than log_softmax
-    logp = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    return logp * mask, mask
 
 
 def choice_scores(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -121,7 +104,7 @@ def choice_terms(
         labels: ``(N, T)`` target token ids, -100 outside each choice's target.
         counts: ``(rows,)`` number of choices of each row (the flat sequences are row-major).
         choice_labels: ``(rows,)`` index of each row's correct choice.
-        shift: as in :func:`token_logprobs`.
+        shift: as in :func:`ia3cli.scoring.loglik.token_logprobs`.
     """
     logp, mask = token_logprobs(logits, labels, shift=shift)
     correct = correct_mask(counts, choice_labels)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from ia3cli.config.recipe import Recipe, TrainingSection
+from ia3cli.config.recipe import Recipe
 from ia3cli.errors import RecipeError
 from ia3cli.training import distributed
-
-MIN_STEPS = 50  # fewer optimiser steps than this barely move IA3 vectors from 1 (T-Few trains 1000 at batch 8)
+from ia3cli.training.budget import budget_warning
 
 
 @dataclass
@@ -21,38 +19,10 @@ class Preflight:
     """What the checks resolved: the IA3 target plan, the data report and warnings for the user."""
 
     plan: object  # ia3cli.models.targets.TargetPlan
-    data: object  # ia3cli.data.encoding.DataReport
+    data: object  # ia3cli.data.checks.DataReport
     warnings: list[str] = field(default_factory=list)
     memory: str = ""  # the estimated memory per rank (ia3cli.training.distributed.memory_lines)
     memory_warnings: list[str] = field(default_factory=list)
-
-
-def optimizer_steps(training: TrainingSection, train_rows: int, world_size: int = 1) -> int:
-    """Optimiser steps the recipe's budget gives: ``max_steps``, else epochs x updates per epoch (as the Trainer
-    counts them: the last partial batch and the last partial accumulation each count)."""
-    if training.max_steps:
-        return training.max_steps
-    batches = math.ceil(train_rows / (training.batch_size * world_size))
-    per_epoch = max(math.ceil(batches / training.gradient_accumulation_steps), 1)
-    return math.ceil(training.epochs * per_epoch)
-
-
-def budget_warning(training: TrainingSection, train_rows: int) -> str | None:
-    """A warning when the budget gives fewer than ``MIN_STEPS`` optimiser steps, else ``None``."""
-    steps = optimizer_steps(training, train_rows)
-    if steps >= MIN_STEPS:
-        return None
-    if training.max_steps:
-        return (
-            f"training.max_steps: {steps} optimiser steps barely move IA3 vectors (fewer than {MIN_STEPS}); "
-            "raise it (T-Few trains 1000 steps at batch 8 whatever the number of rows)"
-        )
-    return (
-        f"training.epochs: {train_rows} rows at batch {training.batch_size} x accumulation "
-        f"{training.gradient_accumulation_steps} for {training.epochs:g} epochs give only {steps} optimiser steps; "
-        f"IA3 vectors barely move in fewer than {MIN_STEPS}. Set training.max_steps (e.g. 200): small data is then "
-        "cycled over as many epochs as it takes"
-    )
 
 
 def _as_set(targets: object) -> object:
@@ -109,12 +79,12 @@ def run(recipe: Recipe) -> Preflight:
     Raises:
         RecipeError, DataError: naming the key, file or row at fault.
     """
-    from ia3cli.data import encoding as data
+    from ia3cli.data import checks
     from ia3cli.models import targets
 
     plan = targets.resolve(recipe.model, recipe.adapter, recipe.model.task, recipe.num_labels)
     check_init_from(recipe, plan)
-    report = data.check(recipe)
+    report = checks.check(recipe)
     warnings = [w for w in [budget_warning(recipe.training, len(report.train))] if w]
     memory, memory_warnings = distributed.memory_lines(recipe, plan.ia3_params)
     return Preflight(plan=plan, data=report, warnings=warnings, memory=memory, memory_warnings=memory_warnings)

@@ -21,23 +21,21 @@ the run directory while the other ranks wait, and only rank 0 writes files and p
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ia3cli import __version__
-from ia3cli.config.recipe import Recipe, dump_recipe
+from ia3cli.config.load import dump_recipe
+from ia3cli.config.recipe import Recipe
 from ia3cli.env import is_main_process, world_size
 from ia3cli.errors import Ia3Error, RunError
-from ia3cli.outputs import RUN_MARKER, publish_dir, remove_output, write_atomic
+from ia3cli.outputs import publish_dir, write_atomic
 from ia3cli.report.console import Console
 from ia3cli.training import distributed
-
-RUN_FILES = ("recipe.yaml", "run.json")
+from ia3cli.training.model_card import method_summary, model_card
+from ia3cli.training.rundir import claim_output_dir, latest_checkpoint, run_info
 
 
 @dataclass
@@ -50,113 +48,14 @@ class RunResult:
     health_line: str = ""
 
 
-def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint: it has ``trainer_state.json`` and a loadable adapter file.
-
-    The Trainer (transformers 5.23, ``_save_checkpoint``) writes ``trainer_state.json`` after the adapter, optimizer,
-    scheduler and RNG state, so a checkpoint killed mid-write lacks it. Under several processes the other ranks'
-    ``rng_state_<rank>.pth`` are written alongside and not checked: if one is missing the Trainer warns and goes on.
-    """
-    from safetensors import safe_open
-
-    candidates = sorted(
-        (p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-        reverse=True,
-    )
-    for ckpt in candidates:
-        adapter = ckpt / "adapter_model.safetensors"
-        if not adapter.is_file():  # adapter.method full/head checkpoint a whole model
-            adapter = ckpt / "model.safetensors"
-        if not (ckpt / "trainer_state.json").is_file() or not adapter.is_file():
-            continue
-        try:
-            json.loads((ckpt / "trainer_state.json").read_text())
-            with safe_open(str(adapter), "pt") as fh:
-                list(fh.keys())
-        except Exception:
-            continue
-        return ckpt
-    return None
-
-
-def claim_output_dir(recipe: Recipe, out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Create the run directory, or refuse to clobber another run.
-
-    Raises:
-        Ia3Error: when ``out`` holds files of a different recipe (or any run, without ``--resume``).
-        RunError: when the directory cannot be created.
-    """
-    if out.exists() and not out.is_dir():
-        raise Ia3Error(f"training.output_dir: {out} is a file", "choose another output_dir")
-    if out.is_dir() and any(out.iterdir()):
-        if overwrite:
-            keep = protected_folders(recipe)
-            remove_output(out, RUN_MARKER, key="training.output_dir", flag="--overwrite", keep=keep)
-        elif resume:
-            if not (out / RUN_MARKER).is_file():
-                raise Ia3Error(
-                    f"--resume: {out} is not an ia3cli run dir (no {RUN_MARKER})",
-                    "point training.output_dir at the run to resume",
-                )
-            for stale in out.glob(".staging-*"):  # a final save killed before its renames: never published
-                shutil.rmtree(stale, ignore_errors=True)
-            saved = out / "recipe.yaml"
-            if saved.is_file() and saved.read_text(encoding="utf-8") != dump_recipe(recipe):
-                raise Ia3Error(
-                    f"training.output_dir: {out} was started from a different recipe",
-                    "resume with the same recipe and --set values, or pass --overwrite to start over",
-                )
-        else:
-            raise Ia3Error(
-                f"training.output_dir: {out} is not empty",
-                "pass --resume to continue that run, --overwrite to start over, or set another output_dir",
-            )
-    elif resume:
-        raise Ia3Error(f"--resume: no run to resume in {out}", "drop --resume to start a new run")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"training.output_dir: cannot create {out}: {exc.strerror}") from None
-
-
-def protected_folders(recipe: Recipe) -> tuple[Path, ...]:
-    """Folders a run must never replace, besides the root, home and working directory: the recipe's and the data's."""
-    folders = [recipe.source.parent] if recipe.source is not None else []
-    data = Path(recipe.data.path)
-    if data.exists():
-        folders.append(data if data.is_dir() else data.parent)
-    return tuple(folders)
-
-
-def run_info(recipe: Recipe, plan: Any) -> dict[str, Any]:
-    """Versions and launch facts stored as ``run.json``: what ``eval`` and ``merge`` need to know about a run."""
-    import peft
-    import torch
-    import transformers
-
-    return {
-        "ia3cli": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "task": recipe.model.task,
-        "base_model": recipe.model.name,
-        "quantization": recipe.model.quantization,
-        "world_size": world_size(),
-        "distributed": recipe.training.distributed if world_size() > 1 else None,
-        "status": "running",  # then "finished", or "preempted" (a checkpoint to --resume from)
-        "model_type": plan.model_type,
-        "groups": plan.groups,  # module -> IA3 group, as the health monitor and `ia3 report` group the vectors
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
 def training_arguments(recipe: Recipe, out: Path) -> Any:
     """Map ``recipe.training`` to ``transformers.TrainingArguments`` (the one place this happens)."""
     from transformers import TrainingArguments
 
+    from ia3cli.models.device import precision_flags
+
     t = recipe.training
+    precision = precision_flags(t.precision)
     evaluate = recipe.data.eval_split is not None and t.eval_strategy != "no"
     metric = recipe.metric
     return TrainingArguments(
@@ -191,11 +90,12 @@ def training_arguments(recipe: Recipe, out: Path) -> Any:
         dataloader_pin_memory=_has_accelerator(),
         label_names=["labels"],  # PEFT wraps forward(**kwargs): the Trainer cannot infer label names itself
         remove_unused_columns=False,  # rows are already reduced to model inputs
+        **precision,  # autocast of the matmuls; the IA3 vectors stay float32
         ddp_find_unused_parameters=False,  # every IA3 vector is used in every step
         disable_tqdm=True,  # ia3cli.training.logbook draws the one progress bar
         # Without a GPU, Accelerate runs one process per launcher rank only when told to use the CPU (gloo);
-        # otherwise each rank would train alone on all the data.
-        use_cpu=world_size() > 1 and not _has_accelerator(),
+        # otherwise each rank would train alone on all the data. bf16 autocast on the CPU needs it too.
+        use_cpu=(world_size() > 1 or precision["bf16"]) and not _has_accelerator(),
         **distributed.trainer_arguments(recipe),
     )
 
@@ -254,11 +154,16 @@ def run(
 
     from ia3cli.training import preemption, preflight
 
+    if resume and overwrite:
+        raise Ia3Error(
+            "--resume and --overwrite together: --overwrite would delete the checkpoints --resume continues from",
+            "drop --overwrite to continue the run, or drop --resume to start it over",
+        )
     console = console or Console(enabled=is_main_process(), sink=printer)
     say = console.line if is_main_process() else (lambda _msg: None)
     checks = preflight.run(recipe)
     plan = checks.plan
-    say(f"pre-flight ok: {_split_summary(checks.data)}; {_method_summary(recipe, plan)}")
+    say(f"pre-flight ok: {_split_summary(checks.data)}; {method_summary(recipe, plan)}")
     if recipe.training.distributed == "fsdp" or checks.memory_warnings:
         say(checks.memory)
     for warning in [*checks.warnings, *checks.memory_warnings]:
@@ -298,23 +203,49 @@ def _train(
     verbose: bool,
     draw: bool,
 ) -> RunResult:
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
-    from ia3cli.data import encoding as data
-    from ia3cli.models import loading as modeling
-    from ia3cli.scoring import evaluation
-    from ia3cli.training import fewshot, preemption
-    from ia3cli.training.logbook import LOG_NAME, TrainLogbook, install
-    from ia3cli.training.monitor import GradNormMonitor
-    from ia3cli.tuners import ia3
+    from ia3cli.training import preemption
 
     say = console.line if is_main_process() else (lambda _msg: None)
-
-    plan, report = checks.plan, checks.data
     set_seed(recipe.training.seed)
+    model, tokenizer, counts = _setup_model(recipe, checks.plan, say)
+    trainer, monitor, eval_ds = _setup_trainer(recipe, checks, out, args, model, tokenizer, console, verbose)
+    trainer.add_callback(watch)
+    distributed.allow_checkpoints(trainer, recipe)
+    checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
+    if resume:
+        say(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint found: starting from step 0")
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    ia3 = recipe.adapter.method == "ia3"
+    health = monitor.health if ia3 else {"status": f"not monitored (adapter.method: {recipe.adapter.method})"}
+    if watch.stopped_at is not None:
+        preemption.stop(recipe, out, watch, health)
+    if monitor.failed:  # health.json is already written (the monitor's on_train_end)
+        raise RunError(
+            f"training stopped: {monitor.summary_line()}",
+            f"the last good checkpoint is kept in {out / 'checkpoints'}; see {out / 'health.json'}",
+        )
+    metrics = _final_metrics(recipe, trainer, result, eval_ds, checks.data, tokenizer, counts)
+    health_line = monitor.summary_line() if ia3 else f"health: {health['status']}"
+    if is_main_process():
+        _save(recipe, checks.plan, out, trainer.model, tokenizer, metrics, counts, health)
+        if draw and ia3 and _write_report(out, say):  # the report draws the IA3 vectors
+            card = model_card(recipe, checks.plan, metrics, counts, health, report="report.png")
+            write_atomic(out / "README.md", card)
+        preemption.update_run_info(out, status="finished")
+    return RunResult(output_dir=out, metrics=metrics, health=health, health_line=health_line)
+
+
+def _setup_model(recipe: Recipe, plan: Any, say: Callable[[str], None]) -> tuple[Any, Any, dict[str, int]]:
+    """The wrapped model, its tokenizer and parameter counts (printed, and checked against the plan)."""
+    from ia3cli.models import loading as modeling
+    from ia3cli.tuners import ia3
+
     model, tokenizer = ia3.build(recipe, plan)
     if recipe.adapter.init_from:
-        fewshot.load_init_vectors(model, recipe.adapter.init_from)
+        ia3.load_init_vectors(model, recipe.adapter.init_from)
         say(f"IA3 vectors start from {recipe.adapter.init_from}")
     counts = modeling.count_parameters(model)
     say(
@@ -322,33 +253,47 @@ def _train(
         f"trainable%: {100 * counts['trainable'] / counts['total']:.4f} "
         f"(IA3 vectors: {counts['ia3']:,}, other: {counts['other_trainable']:,})"
     )
-    ia3 = recipe.adapter.method == "ia3"
-    if ia3 and counts["ia3"] != plan.ia3_params:
+    if recipe.adapter.method == "ia3" and counts["ia3"] != plan.ia3_params:
         say(f"warning: {counts['ia3']:,} IA3 parameters were created, {plan.ia3_params:,} were planned")
     if recipe.model.task != "causal-lm":
         # These heads average their loss per batch and ignore ``num_items_in_batch``. Unless told so, the Trainer
         # (transformers 5) multiplies their loss by the number of processes and skips the division by
         # gradient_accumulation_steps: the gradient would grow with the world size and the accumulation.
         (model.get_base_model() if hasattr(model, "get_base_model") else model).accepts_loss_kwargs = False
+    return model, tokenizer, counts
 
-    # the splits pre-flight checked; choice tasks and prompt templates take fewshot's datasets and Trainer
-    few = fewshot.applies(recipe)
-    train_ds, eval_ds, collator = (fewshot.build_data if few else data.build)(recipe, tokenizer, report)
+
+def _setup_trainer(
+    recipe: Recipe, checks: Any, out: Path, args: Any, model: Any, tokenizer: Any, console: Console, verbose: bool
+) -> tuple[Any, Any, Any]:
+    """The Trainer (or the ChoiceTrainer) with its datasets, the health monitor and the console logbook."""
+    from transformers import Trainer
+
+    from ia3cli.data import encoding as data
+    from ia3cli.scoring import evaluation
+    from ia3cli.training import row_data
+    from ia3cli.training.choice_trainer import ChoiceTrainer
+    from ia3cli.training.logbook import LOG_NAME, TrainLogbook, install
+    from ia3cli.training.monitor import GradNormMonitor
+
+    # the splits pre-flight checked; choice tasks and prompt templates take row_data's datasets and the ChoiceTrainer
+    few = row_data.applies(recipe)
+    train_ds, eval_ds, collator = (row_data.build_data if few else data.build)(recipe, tokenizer, checks.data)
     logbook = TrainLogbook(
         console, out / LOG_NAME if is_main_process() else None, recipe.metric, recipe.metric != "loss"
     )
     monitor = GradNormMonitor(
-        recipe.monitor, recipe.training.max_grad_norm, out, groups=plan.groups, printer=logbook.monitor_line
+        recipe.monitor, recipe.training.max_grad_norm, out, groups=checks.plan.groups, printer=logbook.monitor_line
     )
     logbook.health = lambda: "failed" if monitor.failed else ("warning" if monitor.findings else "ok")
-    callbacks = _callbacks(recipe, out, say, monitor if ia3 else None)  # the monitor watches IA3 vectors
-    if isinstance(train_ds, fewshot.RowDataset):
-        callbacks.append(fewshot.TemplateEpochs(train_ds))
-    callbacks.append(watch)
+    say = console.line if is_main_process() else (lambda _msg: None)
+    callbacks = _callbacks(recipe, out, say, monitor if recipe.adapter.method == "ia3" else None)
+    if isinstance(train_ds, row_data.RowDataset):
+        callbacks.append(row_data.TemplateEpochs(train_ds))
     metrics_fn = evaluation.trainer_metrics(recipe.num_labels) if recipe.model.task == "seq-cls" else None
     t = recipe.training
     extra = {"objective": t.objective, "weights": (t.lm_weight, t.ln_weight, t.ul_weight)} if few else {}
-    trainer = (fewshot.ChoiceTrainer if few else Trainer)(
+    trainer = (ChoiceTrainer if few else Trainer)(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -359,21 +304,15 @@ def _train(
         callbacks=callbacks,
         **extra,
     )
-    distributed.allow_checkpoints(trainer, recipe)
     install(trainer, logbook, verbose=verbose)  # one progress bar instead of the Trainer's dicts and tqdm bars
-    checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
-    if resume:
-        say(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint found: starting from step 0")
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    return trainer, monitor, eval_ds
 
-    health = monitor.health if ia3 else {"status": f"not monitored (adapter.method: {recipe.adapter.method})"}
-    if watch.stopped_at is not None:
-        preemption.stop(recipe, out, watch, health)
-    if monitor.failed:  # health.json is already written (the monitor's on_train_end)
-        raise RunError(
-            f"training stopped: {monitor.summary_line()}",
-            f"the last good checkpoint is kept in {out / 'checkpoints'}; see {out / 'health.json'}",
-        )
+
+def _final_metrics(
+    recipe: Recipe, trainer: Any, result: Any, eval_ds: Any, report: Any, tokenizer: Any, counts: dict[str, int]
+) -> dict[str, Any]:
+    """The Trainer's metrics, a final evaluation, and what the run was (steps, batch sizes, method, sizes)."""
+    from ia3cli.scoring import evaluation
 
     metrics: dict[str, Any] = dict(result.metrics)
     if eval_ds is not None:
@@ -381,40 +320,38 @@ def _train(
     if "eval_accuracy" not in metrics:  # choice tasks rank-classify inside trainer.evaluate
         eval_rows = list(report.eval) if report.eval is not None else None
         metrics.update(evaluation.after_training(trainer.model, tokenizer, recipe, eval_rows))
+    t, world = recipe.training, trainer.args.world_size  # what the Trainer trained with, not what was asked for
     metrics.update(
         {
             "global_step": trainer.state.global_step,
-            "world_size": args.world_size,  # what the Trainer trained with, not what the launcher asked for
-            "per_device_batch_size": recipe.training.batch_size,
-            "global_batch_size": recipe.training.batch_size
-            * recipe.training.gradient_accumulation_steps
-            * args.world_size,
+            "world_size": world,
+            "per_device_batch_size": t.batch_size,
+            "global_batch_size": t.batch_size * t.gradient_accumulation_steps * world,
             "method": recipe.adapter.method,
             "trainable_params": counts["trainable"],
             "ia3_params": counts["ia3"],
         }
     )
-    health_line = monitor.summary_line() if ia3 else f"health: {health['status']}"
-    if is_main_process():
-        staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
-        trainer.model.save_pretrained(str(staging))
-        tokenizer.save_pretrained(str(staging))
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-        (staging / "README.md").write_text(model_card(recipe, plan, metrics, counts, health))
-        publish_dir(staging, out)
-        if draw and ia3 and _write_report(out, say):  # the report draws the IA3 vectors
-            write_atomic(out / "README.md", model_card(recipe, plan, metrics, counts, health, report="report.png"))
-        preemption.update_run_info(out, status="finished")
-    return RunResult(output_dir=out, metrics=metrics, health=health, health_line=health_line)
+    return metrics
 
 
-def _method_summary(recipe: Recipe, plan: Any) -> str:
-    a = recipe.adapter
-    if a.method == "ia3":
-        return f"IA3 on {plan.target_modules} (ff: {plan.feedforward_modules})"
-    if a.method == "lora":
-        return f"LoRA r={a.lora_r} alpha={a.lora_alpha} on {a.lora_targets}"
-    return "full fine-tuning" if a.method == "full" else "classification head only (base frozen)"
+def _save(
+    recipe: Recipe,
+    plan: Any,
+    out: Path,
+    model: Any,
+    tokenizer: Any,
+    metrics: dict[str, Any],
+    counts: dict[str, int],
+    health: dict[str, Any],
+) -> None:
+    """Adapter, tokenizer, ``metrics.json`` and the model card: staged, then each renamed into the run dir."""
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+    model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    (staging / "README.md").write_text(model_card(recipe, plan, metrics, counts, health))
+    publish_dir(staging, out)
 
 
 def _write_report(out: Path, say: Callable[[str], None]) -> bool:
@@ -431,73 +368,3 @@ def _write_report(out: Path, say: Callable[[str], None]) -> bool:
 
 def _split_summary(report: Any) -> str:
     return ", ".join(f"{name} {n} rows" for name, n in report.splits.items())
-
-
-def model_card(
-    recipe: Recipe,
-    plan: Any,
-    metrics: dict[str, Any],
-    counts: dict[str, int],
-    health: dict[str, Any],
-    report: str | None = None,
-) -> str:
-    """A short README for the run directory: what was trained, how well, and how to load it.
-
-    Args:
-        report: File name of the run's report image beside the card, shown under the metrics.
-    """
-    m, d = recipe.model, recipe.data
-    auto = {"seq-cls": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}.get(
-        m.task, "AutoModelForSeq2SeqLM"
-    )
-    shown = {
-        k: v
-        for k, v in metrics.items()
-        if (k.startswith("eval_") or k in ("train_loss", "train_runtime")) and not k.endswith(("_runtime", "_second"))
-    }
-    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown.items())
-    extra = f', gguf_file="{m.gguf_file}"' if m.gguf_file else ""
-    source = m.path
-    figure = (
-        f"\n![Training report: curves, gradient norms, drift and the learned vectors]({report})\n" if report else ""
-    )
-    what = {"ia3": "IA3 adapter", "lora": "LoRA adapter", "full": "Fully fine-tuned", "head": "Linear probe of"}
-    if recipe.adapter.method in ("full", "head"):
-        return f"""# {what[recipe.adapter.method]} `{m.name}`
-
-Task `{m.task}`, trained with ia3cli {__version__} (`adapter.method: {recipe.adapter.method}`) on `{d.path}`.
-Trainable parameters: {counts["trainable"]:,} of {counts["total"]:,}. This folder is a full model:
-`{auto}.from_pretrained("{recipe.training.output_dir}")`.
-
-| metric | value |
-|---|---|
-{rows}
-"""
-    return f"""---
-library_name: peft
-base_model: {m.name}
-tags: [{recipe.adapter.method}, peft, ia3cli]
----
-# {what[recipe.adapter.method]} for `{m.name}`
-
-Task `{m.task}`, trained with ia3cli {__version__} on `{d.path}` (split `{d.train_split}`).
-{_method_summary(recipe, plan)}.
-Trainable parameters: {counts["trainable"]:,} ({counts["ia3"]:,} IA3 vector entries) of {counts["total"]:,}.
-Health: {health.get("status", "unknown")}.
-
-| metric | value |
-|---|---|
-{rows}
-{figure}
-## Load it
-
-```python
-from peft import PeftModel
-from transformers import {auto}
-
-base = {auto}.from_pretrained("{source}"{extra})
-model = PeftModel.from_pretrained(base, "{recipe.training.output_dir}")
-```
-
-`recipe.yaml` beside this file is the exact recipe (overrides applied); `ia3 eval` and `ia3 merge` read it.
-"""

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from ia3cli.config.recipe import Recipe
     from ia3cli.models.targets import TargetPlan
 
-ADAPTER_METHODS = ("ia3", "lora")  # saved as a PEFT adapter; the others save a full model
 _NOT_LINEAR = ("Conv2d", "Conv3d")
 _ATTENTION_ROLES = ("attn_q", "attn_v")
 
@@ -76,11 +75,6 @@ def lora_config(recipe: Recipe, plan: TargetPlan) -> Any:
         modules_to_save=plan.modules_to_save,
         fan_in_fan_out=any(r["kind"] == "Conv1D" for r in rows),
     )
-
-
-def lora_params(plan: TargetPlan, spec: str | list[str], r: int) -> int:
-    """LoRA parameters on the chosen modules: ``r * (in + out)`` per module (the head not counted)."""
-    return sum(r * (row["in_features"] + row["out_features"]) * row["count"] for row in lora_target_rows(plan, spec))
 
 
 def freeze_all_but_head(model: PreTrainedModel, plan: TargetPlan) -> PreTrainedModel:

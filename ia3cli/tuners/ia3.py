@@ -1,4 +1,5 @@
-"""IA3 through PEFT: the ``IA3Config`` of a recipe, wrapping a base, and loading a run's adapter back.
+"""IA3 through PEFT: the ``IA3Config`` of a recipe, wrapping a base, starting from an earlier run's vectors
+(``adapter.init_from``), and loading a run's adapter back.
 
 The base itself (config, tokenizer, full/4-bit/8-bit/GGUF weights) comes from :mod:`ia3cli.models.loading`; the
 modules IA3 scales come from the target plan (:mod:`ia3cli.models.targets`). Other methods (``adapter.method``:
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ia3cli.config.recipe import Recipe
+from ia3cli.errors import RecipeError
 from ia3cli.models import sharding
 from ia3cli.models.loading import PEFT_TASK_TYPES, load_config, load_recipe_base, load_tokenizer, with_pad_token
 from ia3cli.tuners import baselines
@@ -58,7 +60,7 @@ def build(recipe: Recipe, plan: TargetPlan) -> tuple[PeftModel, PreTrainedTokeni
     the ranks with ``training.distributed: fsdp`` (see :mod:`ia3cli.models.sharding`)."""
     tokenizer = load_tokenizer(recipe.model)
     shards = sharding.distributed_config(recipe, load_config(recipe.model)) if sharding.sharded(recipe) else None
-    return wrap(load_recipe_base(recipe, tokenizer, shards), recipe, plan), tokenizer
+    return wrap(load_recipe_base(recipe, tokenizer, distributed_config=shards), recipe, plan), tokenizer
 
 
 def load_run_tokenizer(run_dir: str | Path, recipe: Recipe) -> PreTrainedTokenizerBase:
@@ -72,13 +74,42 @@ def load_run_tokenizer(run_dir: str | Path, recipe: Recipe) -> PreTrainedTokeniz
 
 
 def load_run_model(
-    run_dir: str | Path, recipe: Recipe, *, is_trainable: bool = False
+    run_dir: str | Path, recipe: Recipe, *, is_trainable: bool = False, device: str | None = None
 ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """Rebuild the base as ``recipe`` says (the run's, or a copy with another ``model`` section) and load the run's
-    adapter; the tokenizer saved in the run dir is preferred over the base's."""
+    """Rebuild the base as ``recipe`` says (the run's, or a copy with another ``model`` section) on ``device`` and
+    load the run's adapter; the tokenizer saved in the run dir is preferred over the base's."""
     from peft import PeftModel
 
     tokenizer = load_run_tokenizer(run_dir, recipe)
-    base = load_recipe_base(recipe, tokenizer)
+    base = load_recipe_base(recipe, tokenizer, device)
     model = PeftModel.from_pretrained(base, str(run_dir), is_trainable=is_trainable)
     return model, tokenizer
+
+
+def load_init_vectors(model: Any, run_dir: str) -> int:
+    """Copy the IA3 vectors (and any saved head) of an earlier run into ``model``; returns the tensors loaded.
+
+    Raises:
+        RecipeError: (``adapter.init_from``) when the run's adapter does not fit the model: other targets, other
+            shapes, or a missing file.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise RecipeError("adapter.init_from", f"{run_dir} has no adapter_model.safetensors", "point it at a run dir")
+    saved = load_file(str(path))
+    expected = {n.replace(".default", "") for n, p in model.named_parameters() if ".ia3_l." in n}
+    present = {k for k in saved if k.endswith("ia3_l")}
+    own_shapes = {n.replace(".default", ""): p.shape for n, p in model.named_parameters() if ".ia3_l." in n}
+    if present != expected or any(saved[k].shape != own_shapes[k] for k in present):
+        missing, extra = sorted(expected - present), sorted(present - expected)
+        detail = f"missing {missing[0]}" if missing else (f"unexpected {extra[0]}" if extra else "other shapes")
+        raise RecipeError(
+            "adapter.init_from",
+            f"the IA3 vectors in {run_dir} target other modules than this recipe ({detail})",
+            "use the same adapter.target_modules / feedforward_modules as that run",
+        )
+    set_peft_model_state_dict(model, saved)
+    return len(saved)

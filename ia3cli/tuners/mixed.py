@@ -27,44 +27,28 @@ One ``select`` block per thread at a time; do not ``add``/``remove`` an adapter 
 from __future__ import annotations
 
 import contextlib
-import json
-import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ia3cli.errors import Ia3Error
+from ia3cli.tuners.adapter_files import (
+    PREFIX,
+    VECTOR_SUFFIX,
+    base_identity,
+    is_feedforward,
+    read_adapter,
+    vectors,
+)
+from ia3cli.tuners.mixed_hooks import Head, Selection, Target, head_hook, module_device, post_hook, pre_hook
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from ia3cli.config.recipe import Recipe
-
-PREFIX = "base_model.model."
-VECTOR_SUFFIX = ".ia3_l"
-RUN_HINT = "pass the output_dir of a finished `ia3 train` (adapter_config.json, adapter_model.safetensors, recipe.yaml)"
-
-
-@dataclass
-class _Target:
-    """One targeted module: its stack of per-adapter vectors (row = slot) and which side it scales."""
-
-    name: str
-    is_feedforward: bool
-    is_bnb: bool
-    stack: torch.Tensor  # [slots, features], float32, on the module's device
-
-
-@dataclass
-class _Head:
-    """One module saved with the adapters (``modules_to_save``): each adapter's parameters for it, by slot."""
-
-    name: str
-    module: torch.nn.Module
-    params: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,78 +59,6 @@ class _Adapter:
     recipe: Recipe
     run_dir: Path
     nbytes: int
-
-
-class _Selection(threading.local):
-    """The per-row slot index of the running ``select`` block (one per thread)."""
-
-    index: torch.Tensor | None = None  # [batch] long, on the CPU
-    uniform: int | None = None  # the slot when every row uses the same one
-    on_device: dict[Any, torch.Tensor] | None = None
-    in_head: bool = False
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _read_adapter(name: str, run_dir: Path) -> tuple[Recipe, dict[str, Any], dict[str, torch.Tensor]]:
-    """The recipe, adapter config and tensors of a run dir.
-
-    Raises:
-        Ia3Error: naming the adapter when a file is missing or unreadable.
-    """
-    from ia3cli.config.recipe import load_recipe
-
-    if not run_dir.is_dir():
-        raise Ia3Error(f"adapter '{name}': run directory not found: {run_dir}", RUN_HINT)
-    for needed in ("adapter_config.json", "recipe.yaml"):
-        if not (run_dir / needed).is_file():
-            raise Ia3Error(f"adapter '{name}': {run_dir} has no {needed} (not a finished run dir)", RUN_HINT)
-    try:
-        config = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise Ia3Error(
-            f"adapter '{name}': {run_dir / 'adapter_config.json'} is unreadable: {_first_line(exc)}"
-        ) from None
-    if not isinstance(config, dict) or config.get("peft_type") != "IA3":
-        kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise Ia3Error(f"adapter '{name}': {run_dir} holds a {kind} adapter, not IA3", RUN_HINT)
-    try:
-        recipe = load_recipe(run_dir / "recipe.yaml")
-    except Ia3Error as exc:
-        raise Ia3Error(f"adapter '{name}': {exc.message}", exc.hint) from None
-    weights = run_dir / "adapter_model.safetensors"
-    try:
-        if weights.is_file():
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(weights), device="cpu")
-        elif (run_dir / "adapter_model.bin").is_file():
-            weights = run_dir / "adapter_model.bin"
-            tensors = torch.load(weights, map_location="cpu", weights_only=True)
-        else:
-            raise Ia3Error(f"adapter '{name}': {run_dir} has no adapter_model.safetensors", RUN_HINT)
-    except Ia3Error:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
-        raise Ia3Error(f"adapter '{name}': {weights} is corrupt: {_first_line(exc)}", RUN_HINT) from None
-    return recipe, config, tensors
-
-
-def _base_identity(recipe: Recipe) -> tuple[str, str | None, str | None]:
-    """What names the base weights: the resolved model name (a local folder as an absolute path), revision, GGUF."""
-    from ia3cli.config.recipe import resolve_model_path
-
-    name = recipe.model.name
-    try:
-        path = Path(resolve_model_path(name))
-        if path.is_dir():
-            name = str(path.resolve())
-    except Ia3Error:
-        pass
-    return name, recipe.model.revision, recipe.model.gguf_file
 
 
 class MixedIA3:
@@ -169,26 +81,29 @@ class MixedIA3:
         self.recipe = recipe
         self.task: str = recipe.model.task
         self.base_name: str = recipe.model.name
-        self._identity = _base_identity(recipe)
-        self._targets: dict[str, _Target] = {}
-        self._heads: dict[str, _Head] = {}
+        self._identity = base_identity(recipe)
+        self._targets: dict[str, Target] = {}
+        self._heads: dict[str, Head] = {}
         self._adapters: dict[str, _Adapter] = {}
         self._free: list[int] = []
         self._capacity = 1  # slot 0 is the base
-        self._selection = _Selection()
+        self._selection = Selection()
         self._modules = dict(model.named_modules())
         self._hooks: list[Any] = []
 
     # ---------------------------------------------------------------- loading
 
     @classmethod
-    def from_run(cls, run_dir: Path, *, quantization: str | None = None, name: str | None = None) -> MixedIA3:
+    def from_run(
+        cls, run_dir: Path, *, quantization: str | None = None, name: str | None = None, device: str | None = None
+    ) -> MixedIA3:
         """Load the base exactly as that run trained it and register the run as an adapter named after its folder.
 
         Args:
             run_dir: Output dir of ``ia3 train``.
             quantization: ``none``, ``4bit`` or ``8bit`` to override the run's ``model.quantization``.
             name: Register the run under this name instead of its folder name.
+            device: A ``--device`` value (see :mod:`ia3cli.models.device`); ``None``: as ``from_pretrained`` loads.
 
         Raises:
             Ia3Error: when the run dir is incomplete or its base cannot be loaded.
@@ -198,11 +113,11 @@ class MixedIA3:
 
         run_dir = Path(run_dir)
         name = name or run_dir.resolve().name
-        recipe, config, tensors = _read_adapter(name, run_dir)
+        recipe, config, tensors = read_adapter(name, run_dir)
         tokenizer = ia3.load_run_tokenizer(run_dir, recipe)
         if quantization is not None:
             recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": quantization})})
-        model = modeling.load_recipe_base(recipe, tokenizer)
+        model = modeling.load_recipe_base(recipe, tokenizer, device)
         model.eval()
         mixed = cls(model, tokenizer, recipe)
         mixed._install(name, config, tensors)
@@ -213,7 +128,7 @@ class MixedIA3:
         """Hook every module the first adapter targets and every head it saved."""
         from transformers.pytorch_utils import Conv1D
 
-        for module_name, value in _vectors(tensors).items():
+        for module_name, value in vectors(tensors).items():
             module = self._modules.get(module_name)
             if not isinstance(module, (torch.nn.Linear, Conv1D)):  # bitsandbytes layers subclass nn.Linear
                 what = f"a {type(module).__name__}" if module is not None else "no module"
@@ -221,19 +136,20 @@ class MixedIA3:
                     f"adapter '{name}': its vector for {module_name} scales {what} of {self.base_name}",
                     "mixed batches support IA3 on linear layers (nn.Linear, Conv1D, bitsandbytes 4/8-bit)",
                 )
-            is_ff = _is_feedforward(value)
-            stack = torch.ones((1, value.numel()), dtype=torch.float32, device=_module_device(module))
+            is_ff = is_feedforward(value)
+            stack = torch.ones((1, value.numel()), dtype=torch.float32, device=module_device(module))
             is_bnb = type(module).__name__ in ("Linear4bit", "Linear8bitLt")
-            target = _Target(module_name, is_ff, is_bnb, stack)
+            target = Target(module_name, is_ff, is_bnb, stack)
             self._targets[module_name] = target
             if is_ff or is_bnb:
-                self._hooks.append(module.register_forward_pre_hook(self._pre_hook(target), with_kwargs=True))
+                hook = pre_hook(self._selection, target)
+                self._hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             if not is_ff:
-                self._hooks.append(module.register_forward_hook(self._post_hook(target)))
+                self._hooks.append(module.register_forward_hook(post_hook(self._selection, target)))
         for head_name in self._head_names(name, config, tensors):
-            head = _Head(head_name, self._modules[head_name])
+            head = Head(head_name, self._modules[head_name])
             self._heads[head_name] = head
-            self._hooks.append(head.module.register_forward_hook(self._head_hook(head), with_kwargs=True))
+            self._hooks.append(head.module.register_forward_hook(head_hook(self._selection, head), with_kwargs=True))
 
     def _head_names(self, name: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
         """Modules whose parameters an adapter saved in full (``modules_to_save``), as base module names."""
@@ -269,11 +185,11 @@ class MixedIA3:
                 or when its files are missing or corrupt.
         """
         run_dir = Path(run_dir)
-        recipe, config, tensors = _read_adapter(name, run_dir)
+        recipe, config, tensors = read_adapter(name, run_dir)
         self._register(name, run_dir, recipe, config, tensors)
 
     def _check_compatible(self, name: str, recipe: Recipe, config: dict[str, Any], tensors: dict) -> None:
-        if _base_identity(recipe) != self._identity:
+        if base_identity(recipe) != self._identity:
             raise Ia3Error(
                 f"adapter '{name}' was trained on base model '{recipe.model.name}', not '{self.base_name}'",
                 "serve adapters of one base model together; start another instance for another base",
@@ -288,17 +204,17 @@ class MixedIA3:
                 f"adapter '{name}' has {recipe.num_labels} classes; the adapters here have {self.recipe.num_labels}",
                 "adapters with different numbers of classes cannot share a batch",
             )
-        vectors = _vectors(tensors)
-        if set(vectors) != set(self._targets):
-            extra, missing = sorted(set(vectors) - set(self._targets)), sorted(set(self._targets) - set(vectors))
+        found = vectors(tensors)
+        if set(found) != set(self._targets):
+            extra, missing = sorted(set(found) - set(self._targets)), sorted(set(self._targets) - set(found))
             shown = f"also targets {', '.join(extra[:3])}" if extra else f"does not target {', '.join(missing[:3])}"
             raise Ia3Error(
                 f"adapter '{name}' targets other modules than the first adapter ({shown})",
                 "adapters served together must be trained with the same adapter.target_modules",
             )
-        for module_name, v in vectors.items():
+        for module_name, v in found.items():
             target = self._targets[module_name]
-            if v.numel() != target.stack.shape[1] or _is_feedforward(v) != target.is_feedforward:
+            if v.numel() != target.stack.shape[1] or is_feedforward(v) != target.is_feedforward:
                 raise Ia3Error(
                     f"adapter '{name}': the vector of {module_name} has shape {tuple(v.shape)}, "
                     f"the first adapter's is {'(1, n)' if target.is_feedforward else '(n, 1)'} "
@@ -410,113 +326,3 @@ class MixedIA3:
             yield
         finally:
             sel.index, sel.uniform, sel.on_device = saved
-
-    def _rows(self, x: torch.Tensor, target: _Target) -> torch.Tensor | None:
-        """The scaling for ``x`` ([batch, ..., features]): ``None`` for the base, else a broadcastable tensor.
-
-        Raises:
-            Ia3Error: for rows of different adapters reaching a module inside mixture-of-experts routing.
-        """
-        sel, stack = self._selection, target.stack
-        if sel.index is None or sel.uniform == 0:
-            return None
-        if sel.uniform is not None:
-            return stack[sel.uniform]
-        if ".experts." in f".{target.name}.":  # an expert sees a routed subset of tokens: rows are lost
-            raise Ia3Error(
-                f"{target.name} is a mixture-of-experts module; its tokens cannot be traced back to rows",
-                "give every row of a batch the same adapter for this model",
-            )
-        index = sel.on_device.get(stack.device)
-        if index is None:
-            index = sel.on_device[stack.device] = sel.index.to(stack.device)
-        return stack[_expand(index, x.shape[0])].view(x.shape[0], *([1] * (x.dim() - 2)), stack.shape[1])
-
-    def _pre_hook(self, target: _Target) -> Any:
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-            key = None if args else next(iter(kwargs))  # the input, passed by position or by name
-            x = given = args[0] if args else kwargs[key]
-            scale = self._rows(x, target)
-            if scale is None:
-                return None
-            if target.is_bnb:  # as peft.tuners.ia3.bnb: the 4/8-bit layer gets a float32 input
-                if not torch.is_autocast_enabled() and x.dtype != torch.float32:
-                    x = x.float()
-                if target.is_feedforward:
-                    x = x * scale
-            else:  # as peft.tuners.ia3.layer.Linear
-                x = (x.to(scale.dtype) * scale).to(given.dtype)
-            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, key: x})
-
-        return hook
-
-    def _post_hook(self, target: _Target) -> Any:
-        def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-            scale = self._rows(out, target)
-            if scale is None:
-                return None
-            if target.is_bnb and torch.is_autocast_enabled():
-                return out * scale
-            return (out * scale).to(out.dtype)
-
-        return hook
-
-    def _head_hook(self, head: _Head) -> Any:
-        from torch.func import functional_call
-
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor | None:
-            sel = self._selection
-            if sel.index is None or sel.uniform == 0 or sel.in_head:
-                return None
-            sel.in_head = True
-            try:
-                if sel.uniform is not None:
-                    return functional_call(module, head.params[sel.uniform], args, kwargs)
-                index = _expand(sel.index, out.shape[0])
-                result = out.clone()
-                for slot in index.unique().tolist():
-                    if slot == 0:
-                        continue
-                    rows = (index == slot).nonzero().flatten().to(out.device)
-                    part = tuple(a.index_select(0, rows) if torch.is_tensor(a) else a for a in args)
-                    part_kwargs = {k: v.index_select(0, rows) if torch.is_tensor(v) else v for k, v in kwargs.items()}
-                    result[rows] = functional_call(module, head.params[slot], part, part_kwargs)
-                return result
-            finally:
-                sel.in_head = False
-
-        return hook
-
-
-def _vectors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The IA3 vectors of an adapter's tensors, by the base module they scale."""
-    return {
-        k.removeprefix(PREFIX).removesuffix(VECTOR_SUFFIX): v for k, v in tensors.items() if k.endswith(VECTOR_SUFFIX)
-    }
-
-
-def _is_feedforward(vector: torch.Tensor) -> bool:
-    # PEFT shapes an IA3 vector (1, in_features) for feed-forward modules and (out_features, 1) otherwise
-    return vector.dim() == 2 and vector.shape[0] == 1 and vector.shape[1] != 1
-
-
-def _expand(index: torch.Tensor, batch: int) -> torch.Tensor:
-    """The per-row index for a batch of ``batch`` rows (``generate`` repeats each row for beams/return sequences).
-
-    Raises:
-        Ia3Error: when the batch is not a whole multiple of the selected rows.
-    """
-    if batch == index.shape[0]:
-        return index
-    if batch % index.shape[0]:
-        raise Ia3Error(
-            f"a forward saw a batch of {batch} rows inside select() over {index.shape[0]} rows",
-            "pass one adapter name per row of the batch",
-        )
-    return index.repeat_interleave(batch // index.shape[0])
-
-
-def _module_device(module: Any) -> Any:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
