@@ -1,6 +1,7 @@
 """Every command on CUDA: train (fp32, bf16, 4-bit; causal-lm, seq-cls, seq2seq, tfew), eval, predict with mixed
 adapters against PEFT per adapter, serve over loopback with mixed adapters on a 4-bit base against PEFT, compare
-(ia3, lora, zero-shot, icl), merge. Each test checks that the work ran on the GPU. Skipped without a CUDA device.
+(ia3, lora, zero-shot, icl), merge; FSDP over every GPU when there are two or more. Each test checks that the work
+ran on the GPU. Skipped without a CUDA device.
 
 Run: ``pytest tests/test_gpu.py -m gpu -q`` on a machine with one GPU (bitsandbytes installed for the 4-bit cases).
 """
@@ -207,3 +208,34 @@ def test_compare_on_cuda(tiny_model, tmp_path: Path) -> None:
     for method, cell in cells.items():
         assert cell["metric"] is not None, method
         assert cell["peak_gpu_mib"], f"{method} did not run on the GPU"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP shards across ranks: needs two GPUs")
+def test_fsdp_over_every_gpu_equals_one_gpu(tiny_model, tmp_path: Path) -> None:
+    """``training.distributed: fsdp`` on NCCL with a bfloat16 base: one global batch split over the GPUs gives the
+    vectors of one GPU (bfloat16 weights, float32 vectors: a looser tolerance than the CPU test's)."""
+    import sys
+
+    from tests.test_distributed import _cli, _max_diff
+
+    gpus = torch.cuda.device_count()
+    model_dir = tiny_model("llama", "causal-lm")
+
+    def recipe(out: Path, batch_size: int, distributed: str) -> dict:
+        return tiny_recipe(
+            model_dir, "causal-lm", out,
+            model={"dtype": "bfloat16"},
+            data={"train_samples": 8 * gpus, "eval_split": None},
+            training={"max_steps": 3, "batch_size": batch_size, "group_by_length": False, "distributed": distributed},
+        )  # fmt: skip
+
+    out = tmp_path / "fsdp"
+    path = write_recipe(tmp_path / "fsdp.yaml", recipe(out, 8, "fsdp"))
+    run = _cli(sys.executable, "-m", "ia3cli", "train", str(path), "--nproc", str(gpus))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"memory per rank (fsdp over {gpus} ranks)" in run.stdout
+    one = runner.invoke(
+        app, ["train", str(write_recipe(tmp_path / "one.yaml", recipe(tmp_path / "one", 8 * gpus, "ddp")))]
+    )
+    assert one.exit_code == 0, one.output
+    assert _max_diff(out, tmp_path / "one") < 1e-3

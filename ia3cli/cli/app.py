@@ -37,8 +37,9 @@ app = typer.Typer(
         "ia3 train recipes/quickstart.yaml",
         "ia3 train recipes/quickstart.yaml --set training.epochs=1 --set training.output_dir=runs/try",
         "ia3 train recipes/quickstart-causal.yaml --set model.quantization=4bit",
-        "ia3 train recipe.yaml --resume        # continue after a crash or kill",
+        "ia3 train recipe.yaml --resume        # continue after a crash, a kill or a preemption (exit 75)",
         "torchrun --nproc_per_node 2 -m ia3cli train recipe.yaml",
+        "ia3 train recipe.yaml --nproc 8 --set training.distributed=fsdp   # shard a base too big for one GPU",
     )
 )
 def train(
@@ -56,16 +57,16 @@ def train(
 
     The console shows one progress bar (step, epoch, loss, learning rate, health), a line per evaluation and the
     health monitor's checks; every logged step goes to OUTPUT_DIR/logs/train_log.jsonl, and OUTPUT_DIR/report.png
-    draws the run.
+    draws the run. On SIGTERM or SIGUSR1 it saves a checkpoint after the current step and exits 75 (preempted).
     """
     with errors(debug):
         from ia3cli.config.load import load_recipe
 
         loaded = load_recipe(recipe, set_ or [])
         if nproc and nproc > 1:
-            from ia3cli.cli.launch import relaunch
+            from ia3cli.cli.launch import preempted_status, relaunch
 
-            raise typer.Exit(relaunch(nproc, sys.argv[1:]))
+            raise typer.Exit(preempted_status(relaunch(nproc, sys.argv[1:]), loaded.training.output_dir))
         quiet_libraries(debug or verbose)
         from ia3cli.env import is_main_process
         from ia3cli.report.console import Console
@@ -119,8 +120,9 @@ def validate(
         typer.echo(f"  model   {loaded.model.name} ({plan.model_type}, {loaded.model.task})")
         typer.echo(f"  targets {plan.target_modules}  feed-forward {plan.feedforward_modules}")
         typer.echo(f"  IA3 parameters {plan.ia3_params:,}")
+        typer.echo(f"  {checks.memory}")
         typer.echo("  data    " + ", ".join(f"{s}: {n} rows" for s, n in report.splits.items()))
-        for w in [*plan.warnings, *checks.warnings]:
+        for w in [*plan.warnings, *checks.warnings, *checks.memory_warnings]:
             typer.echo(f"  warning: {w}")
 
 

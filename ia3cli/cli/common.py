@@ -104,7 +104,7 @@ def errors(debug: bool) -> Iterator[None]:
     except Ia3Error as exc:
         if debug:
             raise
-        say_error(f"error: {exc}")
+        say_error(f"{getattr(exc, 'label', 'error')}: {exc}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         say_error("interrupted")

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from ia3cli.config.recipe import Recipe
 from ia3cli.errors import RecipeError
-from ia3cli.models.loading import PEFT_TASK_TYPES, load_recipe_base, load_tokenizer, with_pad_token
+from ia3cli.models import sharding
+from ia3cli.models.loading import PEFT_TASK_TYPES, load_config, load_recipe_base, load_tokenizer, with_pad_token
 from ia3cli.tuners import baselines
 
 if TYPE_CHECKING:
@@ -55,9 +56,11 @@ def wrap(base: PreTrainedModel, recipe: Recipe, plan: TargetPlan) -> PeftModel:
 
 
 def build(recipe: Recipe, plan: TargetPlan) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """Tokenizer plus the base model wrapped for ``adapter.method`` (IA3 by default)."""
+    """Tokenizer plus the base model wrapped for ``adapter.method`` (IA3 by default); the base is sharded across
+    the ranks with ``training.distributed: fsdp`` (see :mod:`ia3cli.models.sharding`)."""
     tokenizer = load_tokenizer(recipe.model)
-    return wrap(load_recipe_base(recipe, tokenizer), recipe, plan), tokenizer
+    shards = sharding.distributed_config(recipe, load_config(recipe.model)) if sharding.sharded(recipe) else None
+    return wrap(load_recipe_base(recipe, tokenizer, distributed_config=shards), recipe, plan), tokenizer
 
 
 def load_run_tokenizer(run_dir: str | Path, recipe: Recipe) -> PreTrainedTokenizerBase:
