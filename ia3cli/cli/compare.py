@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ia3cli.cli.common import DebugOpt, RecipeArg, SetOpt, errors, quiet_libraries
+from ia3cli.cli.common import DebugOpt, DeviceOpt, RecipeArg, SetOpt, errors, quiet_libraries
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -25,6 +25,7 @@ COMPARE_EXAMPLES = (
     "ia3 compare recipe.yaml --methods ia3,lora --lora-r 8 --lr lora=1e-3 --out runs/cmp",
     "ia3 compare recipe.yaml --sweep --set data.eval_samples=200",
     "ia3 compare recipe.yaml --out runs/cmp --resume      # skip the cells already finished",
+    "ia3 compare recipe.yaml --methods zero-shot,icl --device cuda:0",
 )
 
 
@@ -64,6 +65,7 @@ def compare(
         bool, typer.Option("--sweep", help="Pick each cell's learning rate (x0.3, x1, x3) on rows of its own sample.")
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show each run's training output.")] = False,
+    device: DeviceOpt = "auto",
     debug: DebugOpt = False,
 ) -> None:
     """Train and evaluate IA3 next to LoRA, full fine-tuning, a linear probe, zero-shot and in-context learning on
@@ -93,4 +95,5 @@ def compare(
             sweep=sweep,
             printer=typer.echo,
             verbose=verbose,
+            device=device,
         )

@@ -10,8 +10,15 @@ call ``torchrun`` or ``accelerate launch`` directly (see the README).
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import sys
+from pathlib import Path
+
+from ia3cli.errors import Preempted
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def without_nproc(argv: list[str]) -> list[str]:
@@ -51,10 +58,30 @@ def relaunch(nproc: int, argv: list[str]) -> int:
         argv: The arguments after ``ia3`` (``sys.argv[1:]``), ``--nproc`` included or not.
 
     Returns:
-        torchrun's exit status: 0 when every process succeeded, 1 when one failed (its error is printed above).
+        torchrun's exit status: 0 when every process succeeded, 1 when one failed (its error is printed above) or
+        they were preempted (see :func:`preempted_status`).
     """
     with subprocess.Popen(torchrun_command(nproc, argv)) as proc:
+        # A scheduler that stops a job signals this process (Kubernetes: PID 1 only). torchrun turns a SIGTERM into
+        # a SIGTERM to each worker, which then checkpoints and stops (ia3cli.training.preemption); SIGUSR1 would
+        # kill torchrun itself, so it is passed on as SIGTERM too.
+        previous = {sig: signal.signal(sig, lambda *_: proc.send_signal(signal.SIGTERM)) for sig in FORWARDED}
         try:
             return proc.wait()
         except KeyboardInterrupt:  # torchrun got the same Ctrl-C: let it stop its workers instead of killing it
             return proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def preempted_status(status: int, output_dir: str) -> int:
+    """torchrun's exit status, or 75 when the workers stopped because they were preempted (their ``run.json`` says
+    so): torchrun itself reports any non-zero worker exit as a failure."""
+    if status == 0:
+        return status
+    try:
+        info = json.loads((Path(output_dir) / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return status
+    return Preempted.exit_code if isinstance(info, dict) and info.get("status") == "preempted" else status

@@ -7,13 +7,15 @@ from typing import Annotated
 
 import typer
 
-from ia3cli.cli.common import DebugOpt, errors, quiet_libraries
+from ia3cli.cli.common import DebugOpt, DeviceOpt, RayAddressOpt, RayOpt, check_ray, errors, quiet_libraries
 
 PREDICT_EXAMPLES = (
     "ia3 predict runs/quickstart --input rows.jsonl --output preds.jsonl",
     "ia3 predict runs/ --input tickets.csv      # every run dir in runs/; rows pick one in column 'adapter'",
     "ia3 predict runs/a --adapter b=runs/b --input rows.parquet --on-error skip",
     "ia3 predict runs/chat --input prompts.jsonl --max-new-tokens 64 --temperature 0.7 --top-p 0.9 --seed 1",
+    "ia3 predict runs/ --input rows.jsonl --device cpu      # default: the GPU when there is one",
+    "ia3 predict runs/ --input big.parquet --ray --workers 4     # Ray Data: 4 actors, streamed, same output",
 )
 
 
@@ -56,17 +58,30 @@ def predict(
     on_error: Annotated[
         str, typer.Option("--on-error", help="Bad rows: fail (write nothing) or skip (report them, predict the rest).")
     ] = "fail",
+    ray: RayOpt = False,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="With --ray: actors, each with the base (default 1).")
+    ] = None,
+    ray_address: RayAddressOpt = None,
+    device: DeviceOpt = "auto",
     debug: DebugOpt = False,
 ) -> None:
     """Predict a file of rows with one or many adapters (mixed in every batch); output keeps the input order."""
     with errors(debug):
+        check_ray(ray, {"--workers": workers, "--ray-address": ray_address})
         quiet_libraries(debug)
         from ia3cli.inference.predict import predict as run_predict
 
+        on_ray = {}
+        if ray:
+            from ia3cli.inference.ray_predict import predict_on_ray as run_predict
+
+            on_ray = {"workers": workers or 1, "ray_address": ray_address}
         result = run_predict(
             source,
             input_path,
             output,
+            **on_ray,
             adapters=adapter or [],
             adapter_column=adapter_column,
             choices_column=choices_column,
@@ -77,6 +92,7 @@ def predict(
             seed=seed,
             on_error=on_error,
             printer=lambda line: typer.echo(line, err=True),
+            device=device,
         )
         skipped = f", skipped {len(result.errors)} bad rows" if result.errors else ""
         typer.echo(f"{result.predicted} predictions written to {result.output}{skipped}")

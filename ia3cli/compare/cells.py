@@ -268,9 +268,17 @@ def sweep(
 
 
 def base_cell(
-    recipe: Recipe, method: str, n: int, seed: int, folder: Path, icl_k: int | None, base: dict[str, Any]
+    recipe: Recipe,
+    method: str,
+    n: int,
+    seed: int,
+    folder: Path,
+    icl_k: int | None,
+    base: dict[str, Any],
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Zero-shot or in-context rank classification with the untouched base (loaded once, kept in ``base``)."""
+    """Zero-shot or in-context rank classification with the untouched base (loaded once on ``device``, kept in
+    ``base``)."""
     from ia3cli.data import icl
     from ia3cli.models import loading as modeling
     from ia3cli.scoring import evaluation
@@ -279,7 +287,7 @@ def base_cell(
     with PeakMemory() as mem:
         if "model" not in base:
             base["tokenizer"] = modeling.load_tokenizer(recipe.model)
-            base["model"] = modeling.load_recipe_base(recipe, base["tokenizer"])
+            base["model"] = modeling.load_recipe_base(recipe, base["tokenizer"], device)
         model, tokenizer = base["model"], base["tokenizer"]
         evals = read_jsonl(folder / "validation.jsonl")
         scored, k = recipe, 0

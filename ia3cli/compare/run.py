@@ -40,6 +40,7 @@ from ia3cli.compare.summary import plot, recommendation, table
 from ia3cli.config.load import dump_recipe
 from ia3cli.config.recipe import Recipe
 from ia3cli.errors import Ia3Error, RecipeError
+from ia3cli.models.device import resolve as resolve_device
 from ia3cli.outputs import COMPARE_MARKER, remove_output, write_atomic
 from ia3cli.scoring.chance import majority_of
 from ia3cli.training.budget import MIN_STEPS, compare_budget
@@ -236,6 +237,7 @@ def run(
     sweep: bool = False,
     printer: Callable[[str], None] = print,
     verbose: bool = False,
+    device: str = "auto",
 ) -> CompareResult:
     """Run every method on the same rows for each N and seed; write ``compare.json``, ``compare.png``, a table.
 
@@ -248,13 +250,13 @@ def run(
         resume: Reuse OUT's finished cells; refused when OUT compared another recipe or settings.
         overwrite: Replace an earlier comparison in OUT.
         lora_r: LoRA rank (default: the recipe's ``adapter.lora_r``); alpha is always ``adapter.lora_alpha``.
-        lora_targets: ``attention`` (query/value), ``all-linear``, or a list of suffixes (default: the recipe's
-            ``adapter.lora_targets``).
+        lora_targets: ``attention`` (query/value), ``all-linear``, or suffixes (default: ``adapter.lora_targets``).
         lr: Per-method learning rates replacing the defaults.
         icl_k: Demonstrations per prompt for ``icl`` (default: as many as fit).
         sweep: Pick each trained cell's learning rate on rows carved from its own training sample.
         printer: Receives progress lines and the table.
         verbose: Pass each training run's own lines to ``printer`` too.
+        device: Where the zero-shot and icl cells run (``--device``); trained cells train where the Trainer does.
 
     Raises:
         RecipeError: unknown or inapplicable method, N larger than the data, no eval split, bad ``--lr``.
@@ -262,7 +264,7 @@ def run(
     """
     from ia3cli.training import preflight
 
-    methods, rows, seed_list = _grid(recipe, methods, rows, seeds)
+    methods, rows, seed_list = _grid(recipe, methods, rows, seeds, device)
     out = Path(out).expanduser()
     lora = lora_settings(recipe, lora_r, lora_targets)
     settings = {"lora": lora, "icl_k": icl_k, "sweep": sweep, "rates": dict(lr or {}), "min_steps": MIN_STEPS}
@@ -286,7 +288,7 @@ def run(
     for method, n, seed in todo:
         name = cell_name(method, n, seed)
         folder = folders.get((n, seed)) or folders[(rows[0], seed_list[0])]
-        cell = _compute_cell(recipe, method, n, seed, folder, out, settings, base, verbose, quiet)
+        cell = _compute_cell(recipe, method, n, seed, folder, out, settings, base, verbose, quiet, device)
         cell.update(cell=name, method=method, n=n, seed=seed)
         state["cells"] = [c for c in state["cells"] if c["cell"] != name] + [cell]
         _save(out, state, methods, rows, seed_list, recipe)
@@ -303,9 +305,10 @@ def run(
 
 
 def _grid(
-    recipe: Recipe, methods: Sequence[str] | None, rows: Sequence[int], seeds: int | Sequence[int]
+    recipe: Recipe, methods: Sequence[str] | None, rows: Sequence[int], seeds: int | Sequence[int], device: str
 ) -> tuple[list[str], list[int], list[int]]:
-    """The methods, sizes N and seeds compared, checked."""
+    """The methods, sizes N and seeds compared, checked (and the device they run on, before anything is written)."""
+    resolve_device(device)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     sizes = sorted({int(n) for n in rows})
     if not sizes or sizes[0] < 1 or not seed_list:
@@ -324,14 +327,16 @@ def _compute_cell(
     base: dict[str, Any],
     verbose: bool,
     printer: Callable[[str], None],
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """One cell: a trained method as an ia3cli run, or the untouched base (kept in ``base`` for the next cell)."""
+    """One cell: a trained method as an ia3cli run, or the untouched base on ``device`` (kept in ``base`` for the
+    next cell)."""
     if method in TRAINED and base:  # the trained cells' peak memory must not include the untouched base
         base.clear()
         gc.collect()
     with compare_cells.silenced(not verbose):  # the Trainer's progress bars and log dicts, once per cell
         if method not in TRAINED:
-            return compare_cells.base_cell(recipe, method, n, seed, folder, settings["icl_k"], base)
+            return compare_cells.base_cell(recipe, method, n, seed, folder, settings["icl_k"], base, device)
         rates = settings["rates"]
         return compare_cells.trained_cell(
             recipe, method, n, seed, folder, out, lr=learning_rate(recipe, method, rates), steps=step_budget(recipe, n),

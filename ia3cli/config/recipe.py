@@ -9,6 +9,7 @@ This module imports no torch or transformers, so ``ia3 validate`` reports schema
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,13 @@ class ModelSection(_Section):
         None,
         description="GGUF file inside `name` to load, dequantised to `dtype` (with 4/8-bit quantization it is "
         "dequantised once into a cache folder, then quantised by bitsandbytes).",
+    )
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str] | None = Field(
+        None,
+        description="Inference with `--device auto` (eval, predict, serve, compare, merge): spread the base over "
+        "the GPUs as accelerate's big-model inference does: `auto`/`balanced`, `sequential`, or a map of module "
+        "name -> GPU index, `cpu` or `disk`. Default and with an explicit `--device`: the whole base on one device. "
+        "Training ignores it.",
     )
     _resolved: tuple[str, str] | None = PrivateAttr(None)
 
@@ -222,9 +230,32 @@ class TrainingSection(_Section):
         description="`adamw`, or `adafactor` as in T-Few (no relative step, no parameter scaling; set "
         "learning_rate, e.g. 3e-3).",
     )
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Mixed precision of the Trainer (TrainingArguments bf16/fp16): `auto` is bf16 on a GPU that "
+        "supports it, else fp32. The IA3 vectors stay float32 whatever this and model.dtype say.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Trade compute for activation memory (the frozen base's inputs are made to require grad)."
+    )
     group_by_length: bool = Field(True, description="Batch rows of similar length together (less padding).")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for data loading.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under several processes: `ddp` (a full copy of the base on every rank) or `fsdp` (the frozen "
+        "base sharded across ranks with FSDP2 at load time; the IA3 vectors stay whole, in float32, and are averaged "
+        "like DDP's). Use `fsdp` for a base that does not fit one device.",
+    )
+    fsdp_sharding: Literal["full_shard", "shard_grad_op"] = Field(
+        "full_shard",
+        description="`distributed: fsdp`: `full_shard` frees each block's gathered weights after its forward and "
+        "gathers them again for its backward (a block or two in full at a time); `shard_grad_op` keeps them until "
+        "its backward: less traffic, but between forward and backward every block is whole, so the peak is the "
+        "whole base, as with DDP (the base is sharded only outside the training step).",
+    )
+    fsdp_cpu_offload: bool = Field(
+        False, description="`distributed: fsdp`: keep the shards in CPU memory, copied to the device block by block."
+    )
 
     @field_validator("eval_strategy", "save_strategy", mode="before")
     @classmethod
@@ -296,6 +327,11 @@ class Recipe(_Section):
                     f"task '{m.task}' needs target_column, label_names, choices_column or messages_column",
                 )
             )
+        for module, where in (m.device_map if isinstance(m.device_map, dict) else {}).items():
+            gpu = isinstance(where, int) and where >= 0
+            if not gpu and not re.fullmatch(r"cpu|disk|mps|cuda(:\d+)?", str(where)):
+                why = f"'{module}' maps to {where!r}: use a GPU index (0, 1, ...), 'cpu' or 'disk'"
+                problems.append(("model.device_map", why))
         if m.task == "seq2seq" and d.messages_column is not None:
             problems.append(("data.messages_column", "chat messages are for causal-lm only"))
         if d.choices_column is not None and (m.task == "seq-cls" or d.label_names):
@@ -308,6 +344,8 @@ class Recipe(_Section):
             )  # fmt: skip
         if self.adapter.method == "head" and m.task != "seq-cls":
             problems.append(("adapter.method", f"'head' trains a classification head: seq-cls only, not '{m.task}'"))
+        if t.distributed == "fsdp":
+            problems += _fsdp_problems(self)
         if self.adapter.method == "full" and m.quantization != "none":
             problems.append(("adapter.method", f"'full' cannot train a {m.quantization} base; set quantization: none"))
         if t.metric is not None:
@@ -335,6 +373,27 @@ class Recipe(_Section):
         if self.training.metric:
             return self.training.metric.removeprefix("eval_")
         return "accuracy" if self.model.task == "seq-cls" else "loss"
+
+
+def _fsdp_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """Combinations ``training.distributed: fsdp`` cannot train: (key, why), the key always training.distributed."""
+    m, why = recipe.model, []
+    if m.gguf_file:
+        why.append(
+            "a GGUF base (model.gguf_file): every rank would dequantise the whole file; save it once as "
+            "safetensors (transformers' save_pretrained)"
+        )
+    if m.quantization != "none":
+        why.append(
+            f"a {m.quantization} base: transformers' FSDP2 loading makes bitsandbytes weights plain "
+            "DTensors that lose their quantisation state; set model.quantization: none, dtype bfloat16"
+        )
+    if m.task == "seq-cls" or recipe.adapter.modules_to_save:
+        key = "model.task: seq-cls" if m.task == "seq-cls" else "adapter.modules_to_save"
+        why.append(f"whole modules ({key}): PEFT trains a copy of each, and a sharded module cannot be copied")
+    if recipe.adapter.method == "full":
+        why.append("adapter.method 'full': it trains every weight, there is no frozen base to shard")
+    return [("training.distributed", f"'fsdp' cannot shard {w}; or use 'ddp'") for w in why]
 
 
 SECTIONS: dict[str, type[_Section]] = {

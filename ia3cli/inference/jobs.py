@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ia3cli.scoring.loglik import length_batches, model_device, pad_id
+from ia3cli.models.device import to_inputs
+from ia3cli.scoring.loglik import length_batches, pad_id
 
 if TYPE_CHECKING:
     import torch
@@ -27,21 +28,21 @@ if TYPE_CHECKING:
     from ia3cli.tuners.mixed import MixedIA3
 
 
-def load(named: dict[str, Path], used: Sequence[str]) -> MixedIA3:
-    """The base of the first used adapter, with every used adapter registered under its name.
+def load(named: dict[str, Path], used: Sequence[str], device: str | None = None) -> MixedIA3:
+    """The base of the first used adapter on ``device``, with every used adapter registered under its name.
 
     Raises:
         Ia3Error: naming an adapter that cannot join the others (another base, task or targets) or is broken.
     """
     from ia3cli.tuners.mixed import MixedIA3
 
-    mixed = MixedIA3.from_run(named[used[0]], name=used[0])
+    mixed = MixedIA3.from_run(named[used[0]], name=used[0], device=device)
     for name in used[1:]:
         mixed.add(name, named[name])
     return mixed
 
 
-class _Progress:
+class Progress:
     """Prints ``predicted N/M rows`` at every tenth of the way and at the end."""
 
     def __init__(self, total: int, printer: Callable[[str], None]) -> None:
@@ -93,7 +94,7 @@ def run(
     import torch
 
     torch.manual_seed(seed)
-    progress = _Progress(len(jobs), printer)
+    progress = Progress(len(jobs), printer)
     with torch.inference_mode():
         _classify(mixed, [j for j in jobs if j.kind == "classify"], batch_size, progress)
         _choose(mixed, [j for j in jobs if j.kind == "choose"], batch_size, progress)
@@ -103,7 +104,7 @@ def run(
         _generate(mixed, [j for j in jobs if j.kind == "generate"], batch_size, gen, progress)
 
 
-def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Progress) -> None:
+def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: Progress) -> None:
     tok, model = mixed.tokenizer, mixed.model
     feats = [
         tok(j.text, j.pair, truncation=True, max_length=mixed.adapter_recipe(j.adapter).data.max_length)["input_ids"]
@@ -111,7 +112,7 @@ def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Prog
     ]
     for idx in length_batches(len(feats), [len(f) for f in feats], batch_size):
         batch = _pad([feats[i] for i in idx], pad_id(mixed.tokenizer), left=False)
-        batch = {k: v.to(model_device(model)) for k, v in batch.items()}
+        batch = to_inputs(batch, model)
         with mixed.select([jobs[i].adapter for i in idx]):
             probs = model(**batch).logits.float().softmax(-1).cpu()
         for i, p in zip(idx, probs, strict=True):
@@ -122,7 +123,7 @@ def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Prog
         progress.advance(len(idx))
 
 
-def _choose(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: _Progress) -> None:
+def _choose(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: Progress) -> None:
     from ia3cli.data.encoding import encode_causal
     from ia3cli.scoring.loglik import sequence_logprobs
 
@@ -169,13 +170,13 @@ def _prompt_ids(mixed: MixedIA3, job: Job) -> list[int]:
     return tok(job.text, add_special_tokens=True)["input_ids"][-max_length:]
 
 
-def _generate(mixed: MixedIA3, jobs: list[Job], batch_size: int, gen: dict[str, Any], progress: _Progress) -> None:
+def _generate(mixed: MixedIA3, jobs: list[Job], batch_size: int, gen: dict[str, Any], progress: Progress) -> None:
     tok, model = mixed.tokenizer, mixed.model
     decoder_only = mixed.task == "causal-lm"
     feats = [_prompt_ids(mixed, j) for j in jobs]
     for idx in length_batches(len(feats), [len(f) for f in feats], batch_size):
         batch = _pad([feats[i] for i in idx], pad_id(mixed.tokenizer), left=decoder_only)
-        batch = {k: v.to(model_device(model)) for k, v in batch.items()}
+        batch = to_inputs(batch, model)
         with mixed.select([jobs[i].adapter for i in idx]):
             out = model.generate(**batch, **gen, pad_token_id=pad_id(mixed.tokenizer))
         if decoder_only:

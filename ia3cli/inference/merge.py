@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from ia3cli import __version__
 from ia3cli.errors import DataError, Ia3Error, RecipeError, RunError
+from ia3cli.models.device import input_device, load_kwargs, to_inputs
+from ia3cli.models.device import resolve as resolve_device
 from ia3cli.models.loading import auto_class
 from ia3cli.outputs import MERGE_MARKER, check_replaceable, remove_output
 from ia3cli.report.console import Console
@@ -56,14 +58,19 @@ def tolerance(dtype: str, logits: torch.Tensor) -> float:
     return CAST_RTOL[dtype] * max(1.0, float(logits.abs().max()))
 
 
-def _check_paths(run_dir: Path, out: Path, force: bool) -> None:
+def check_run_dir(run_dir: Path, command: str = "merge") -> None:
+    """Refuse a path that is not a finished run dir, or a ``full``/``head`` run (a full model already).
+
+    Raises:
+        Ia3Error: naming what is missing; ``command`` (merge, export) is named in the message.
+    """
     hint = "pass the output_dir of a finished `ia3 train` (it holds adapter_config.json and recipe.yaml)"
     if not run_dir.is_dir():
         raise Ia3Error(f"{run_dir}: run directory not found", hint)
     method = _run_method(run_dir)
     if method in ("full", "head"):
         raise Ia3Error(
-            f"{run_dir}: trained with adapter.method '{method}', so it is already a full model: nothing to merge",
+            f"{run_dir}: trained with adapter.method '{method}', so it is already a full model: nothing to {command}",
             f"load it as it is: ia3 eval {run_dir}, or AutoModelFor*.from_pretrained('{run_dir}')",
         )
     for name in ("adapter_config.json", "recipe.yaml"):
@@ -71,6 +78,10 @@ def _check_paths(run_dir: Path, out: Path, force: bool) -> None:
             raise Ia3Error(f"{run_dir}: no {name} (not a finished run dir)", hint)
     if not any((run_dir / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
         raise Ia3Error(f"{run_dir}: no adapter_model.safetensors (not a finished run dir)", hint)
+
+
+def _check_paths(run_dir: Path, out: Path, force: bool) -> None:
+    check_run_dir(run_dir)
     if out.exists() and not out.is_dir():
         raise Ia3Error(f"{out}: exists and is a file", "choose another OUT")
     run_abs, out_abs = run_dir.resolve(), out.resolve()
@@ -138,9 +149,8 @@ def probe_batch(recipe: Recipe, tokenizer: Any, vocab_size: int) -> tuple[dict[s
 def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     import torch
 
-    device = next(model.parameters()).device
     with torch.no_grad():
-        return model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+        return model(**to_inputs(batch, model)).logits.float().cpu()
 
 
 def _model_card(recipe: Recipe, run_dir: Path, out: Path, report: dict[str, Any]) -> str:
@@ -175,6 +185,7 @@ def merge(
     dtype: str = "float32",
     force: bool = False,
     printer: Callable[[str], None] | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Merge a run's IA3 adapter into its full-precision base and save a plain checkpoint in OUT.
 
@@ -184,6 +195,7 @@ def merge(
         dtype: ``float32``, ``bfloat16`` or ``float16`` for the saved weights.
         force: Replace a non-empty OUT.
         printer: Receives one line per stage (load, merge, check, save, verify).
+        device: Where the adapter, the merged model and the reloaded copy run the proof (``--device``).
 
     Returns:
         The merge report (also saved as ``OUT/merge_report.json``), with ``max_abs_diff`` and ``probe_rows``.
@@ -203,11 +215,12 @@ def merge(
         if printer is not None:
             printer(Console.event(tag, text, {}, f"[{time.monotonic() - started:.1f}s]"))
 
+    resolve_device(device)  # a device that is not there fails before anything is loaded
     if dtype not in CAST_RTOL:
         raise Ia3Error(f"--dtype: '{dtype}' is not supported", f"use one of {', '.join(CAST_RTOL)}")
     _check_paths(run_dir, out, force)
     recipe = load_recipe(run_dir / "recipe.yaml")
-    merged, tokenizer, probe = fold(run_dir, recipe, stage)
+    merged, tokenizer, probe = fold(run_dir, recipe, stage, device)
     if dtype != "float32":
         merged = merged.to(getattr(torch, dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -239,10 +252,13 @@ class Probe:
     warning: str | None
     diff32: float
     tol32: float
+    device: str  # the --device asked for
+    on: str  # where the adapter's forward ran
 
 
-def fold(run_dir: Path, recipe: Any, stage: Callable[[str, str], None]) -> tuple[Any, Any, Probe]:
-    """The run's adapter loaded on the float32, unquantised base and folded into its weights, checked in memory.
+def fold(run_dir: Path, recipe: Any, stage: Callable[[str, str], None], device: str = "auto") -> tuple[Any, Any, Probe]:
+    """The run's adapter loaded on the float32, unquantised base (on ``device``) and folded into its weights,
+    checked in memory.
 
     Raises:
         RunError: when the merged model's logits differ from the adapter's beyond the float32 tolerance.
@@ -252,10 +268,11 @@ def fold(run_dir: Path, recipe: Any, stage: Callable[[str, str], None]) -> tuple
     full = recipe.model_copy(
         update={"model": recipe.model.model_copy(update={"quantization": "none", "dtype": "float32"})}
     )
-    model, tokenizer = ia3.load_run_model(run_dir, full)
+    model, tokenizer = ia3.load_run_model(run_dir, full, device=device)
     model.eval()
+    on = str(input_device(model))
     trained = "" if recipe.model.quantization == "none" else f", trained in {recipe.model.quantization}"
-    stage("load", f"{recipe.model.name} in float32 (unquantised{trained}) + the IA3 adapter of {run_dir}")
+    stage("load", f"{recipe.model.name} in float32 (unquantised{trained}) + the IA3 adapter of {run_dir}, on {on}")
     vectors = sum(1 for name, _ in model.named_parameters() if ".ia3_l." in name)
     batch, source, probe_warning = probe_batch(recipe, tokenizer, model.get_input_embeddings().num_embeddings)
     reference = _logits(model, batch)
@@ -271,7 +288,7 @@ def fold(run_dir: Path, recipe: Any, stage: Callable[[str, str], None]) -> tuple
             "run again with --debug and report it; the run dir is untouched",
         )
     stage("check", f"float32 max |delta logits| {diff32:.1e} <= {tol32:.1e} on {len(reference)} rows of {source}")
-    return merged, tokenizer, Probe(batch, reference, source, probe_warning, diff32, tol32)
+    return merged, tokenizer, Probe(batch, reference, source, probe_warning, diff32, tol32, device, on)
 
 
 def _verify_saved(
@@ -283,7 +300,10 @@ def _verify_saved(
     import transformers
 
     reloaded = auto_class(recipe.model.task).from_pretrained(
-        str(tmp), dtype=getattr(torch, dtype), trust_remote_code=recipe.model.trust_remote_code
+        str(tmp),
+        dtype=getattr(torch, dtype),
+        trust_remote_code=recipe.model.trust_remote_code,
+        **load_kwargs(probe.device, recipe.model.device_map),
     )
     reloaded.eval()
     reference = probe.reference
@@ -311,6 +331,7 @@ def _verify_saved(
         "probe_rows": len(reference),
         "probe_source": probe.source,
         "probe_warning": probe.warning,
+        "device": probe.on,
         "versions": {"ia3cli": __version__, "peft": peft.__version__, "transformers": transformers.__version__},
     }
 

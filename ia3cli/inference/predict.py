@@ -21,6 +21,9 @@
 5. Jobs are sorted by length and batched (adapters mixed within a batch); the output keeps input order and every
    input column. It is JSON lines, written atomically with a sidecar ``OUTPUT.predict.json`` (adapters, counts,
    errors) that marks it as an ``ia3 predict`` output: an existing OUTPUT is only replaced when its sidecar exists.
+
+``--ray`` runs the same steps on a Ray cluster (:mod:`ia3cli.inference.ray_predict`); rows are read and turned into
+jobs by :mod:`ia3cli.inference.rows` in both.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from typing import Any
 
 from ia3cli import __version__
 from ia3cli.errors import DataError, Ia3Error
-from ia3cli.inference.rows import Job, make_job, read_rows
+from ia3cli.inference.rows import Job, iter_rows, make_job, output_line
+from ia3cli.models.device import input_device
+from ia3cli.models.device import resolve as resolve_device
 from ia3cli.outputs import write_atomic
 
 SIDECAR_SUFFIX = ".predict.json"
@@ -136,7 +141,7 @@ def check_output(output: Path, input_path: Path) -> None:
 
 def _write(output: Path, input_path: Path, jobs: list[Job], meta: dict[str, Any]) -> None:
     check_output(output, input_path)  # again: a file may have appeared there while the model ran
-    lines = [json.dumps({**job.row, **job.result}, ensure_ascii=False, default=str) for job in jobs]
+    lines = [output_line(job) for job in jobs]
     # the sidecar first: an output file never exists without the record that lets a later run replace it
     write_atomic(sidecar(output), json.dumps(meta, indent=2, default=str) + "\n")
     write_atomic(output, "".join(line + "\n" for line in lines))
@@ -160,6 +165,7 @@ def predict(
     seed: int = 0,
     on_error: str = "fail",
     printer: Callable[[str], None] = print,
+    device: str = "auto",
 ) -> PredictResult:
     """Predict every row of ``input_path`` with its adapter and write JSON lines (see the module docstring).
 
@@ -178,33 +184,26 @@ def predict(
         seed: Seed for sampling.
         on_error: ``fail`` (stop on bad rows, write nothing) or ``skip`` (leave them out, report them).
         printer: Receives progress and error lines.
+        device: Where the model runs (``--device``; see :mod:`ia3cli.models.device`).
 
     Raises:
         Ia3Error: bad arguments, adapters or output; DataError for bad rows with ``on_error="fail"``.
     """
-    input_path = Path(input_path)
-    if on_error not in ON_ERROR:
-        raise Ia3Error(f"--on-error: '{on_error}' is not a policy", "use fail or skip")
-    if batch_size < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise Ia3Error(
-            "--batch-size and --max-new-tokens must be >= 1, --temperature >= 0, --top-p in (0, 1]",
-            f"got {batch_size}, {max_new_tokens}, {temperature}, {top_p}",
-        )
-    named = resolve_adapters(source, adapters)
-    output = Path(output) if output is not None else default_output(input_path)
-    check_output(output, input_path)
-    recipes = _recipes(named)
-    jobs, errors = jobs_from_rows(read_rows(input_path), named, recipes, adapter_column, choices_column)
-    _report_bad_rows(errors, on_error, input_path, output, printer)
+    resolve_device(device)  # a device that is not there fails before anything is read
+    settings = (batch_size, max_new_tokens, temperature, top_p)
+    input_path, named, recipes, output = prepare(source, input_path, output, adapters, on_error, settings)
+    jobs, errors = jobs_from_rows(iter_rows(input_path), named, recipes, adapter_column, choices_column)
+    report_bad_rows(errors, on_error, input_path, output, printer)
 
     from ia3cli.inference import jobs as inference
 
     used = [n for n in named if any(j.adapter == n for j in jobs)]
     base, task = recipes[next(iter(named))].model.name, recipes[next(iter(named))].model.task
     if jobs:
-        mixed = inference.load(named, used)
+        mixed = inference.load(named, used, device=device)
         base, task = mixed.base_name, mixed.task
-        printer(f"predict: {len(jobs)} rows, adapters {', '.join(used)} on {base} ({task})")
+        on = input_device(mixed.model)
+        printer(f"predict: {len(jobs)} rows, adapters {', '.join(used)} on {base} ({task}), {on}")
         inference.run(
             mixed,
             jobs,
@@ -219,6 +218,37 @@ def predict(
     meta = sidecar_meta(input_path, {n: named[n] for n in used}, base, task, len(jobs), errors, generation)
     _write(output, input_path, jobs, meta)
     return PredictResult(output, len(jobs) + len(errors), len(jobs), errors, used)
+
+
+def prepare(
+    source: Path | None,
+    input_path: Path,
+    output: Path | None,
+    adapters: Sequence[str],
+    on_error: str,
+    settings: tuple[int, int, float, float],
+) -> tuple[Path, dict[str, Path], dict[str, Any], Path]:
+    """Check the arguments (``settings``: batch size, max new tokens, temperature, top-p), adapters and output.
+
+    Returns:
+        The input path, adapter names -> run dirs, their recipes, and the output path.
+
+    Raises:
+        Ia3Error: naming the bad argument, adapter or output; nothing has been read or written.
+    """
+    input_path = Path(input_path)
+    batch_size, max_new_tokens, temperature, top_p = settings
+    if on_error not in ON_ERROR:
+        raise Ia3Error(f"--on-error: '{on_error}' is not a policy", "use fail or skip")
+    if batch_size < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise Ia3Error(
+            "--batch-size and --max-new-tokens must be >= 1, --temperature >= 0, --top-p in (0, 1]",
+            f"got {batch_size}, {max_new_tokens}, {temperature}, {top_p}",
+        )
+    named = resolve_adapters(source, adapters)
+    output = Path(output) if output is not None else default_output(input_path)
+    check_output(output, input_path)
+    return input_path, named, recipes_of(named), output
 
 
 def sidecar_meta(
@@ -246,7 +276,7 @@ def sidecar_meta(
     }
 
 
-def _recipes(named: dict[str, Path]) -> dict[str, Any]:
+def recipes_of(named: dict[str, Path]) -> dict[str, Any]:
     """Each adapter's recipe, from its run dir (checked to be a finished run)."""
     from ia3cli.config.load import load_recipe
 
@@ -289,7 +319,7 @@ def jobs_from_rows(
     return jobs, errors
 
 
-def _report_bad_rows(
+def report_bad_rows(
     errors: list[dict[str, Any]], on_error: str, input_path: Path, output: Path, printer: Callable[[str], None]
 ) -> None:
     """``fail``: raise with the first bad rows (nothing is written); ``skip``: print them."""

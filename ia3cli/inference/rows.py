@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,9 @@ class Job:
     result: dict[str, Any] = field(default_factory=dict)
 
 
-def read_rows(path: Path) -> list[tuple[str, dict[str, Any] | None, str | None]]:
-    """Every row of ``path`` as ``(where, row, problem)``: ``where`` is ``line N`` (``row N`` for parquet).
+def iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """Each row of ``path`` as ``(where, row, problem)``, read as it goes: ``where`` is ``line N`` (``row N`` for
+    parquet and JSON arrays).
 
     Raises:
         DataError: when the file is missing, of an unknown format, or unreadable as a whole.
@@ -39,13 +41,12 @@ def read_rows(path: Path) -> list[tuple[str, dict[str, Any] | None, str | None]]
     if not path.is_file():
         raise DataError(str(path), None, "input file not found")
     suffix = path.suffix.lower()
-    rows: list[tuple[str, dict[str, Any] | None, str | None]] = []
     try:
         if suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
             items = json.loads(path.read_text(encoding="utf-8"))
             for n, row in enumerate(items, 1):
                 problem = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
-                rows.append((f"row {n}", row if problem is None else None, problem))
+                yield f"row {n}", row if problem is None else None, problem
         elif suffix in (".jsonl", ".json"):
             with path.open(encoding="utf-8") as fh:
                 for n, line in enumerate(fh, 1):
@@ -54,10 +55,10 @@ def read_rows(path: Path) -> list[tuple[str, dict[str, Any] | None, str | None]]
                     try:
                         row = json.loads(line)
                     except ValueError as exc:
-                        rows.append((f"line {n}", None, f"not valid JSON ({exc.msg})"))
+                        yield f"line {n}", None, f"not valid JSON ({exc.msg})"
                         continue
                     problem = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
-                    rows.append((f"line {n}", row if problem is None else None, problem))
+                    yield f"line {n}", row if problem is None else None, problem
         elif suffix == ".csv":
             with path.open(encoding="utf-8", newline="") as fh:
                 reader = csv.DictReader(fh)
@@ -66,11 +67,15 @@ def read_rows(path: Path) -> list[tuple[str, dict[str, Any] | None, str | None]]
                     problem = f"too few fields (no {', '.join(map(str, short))})" if short else None
                     if None in row:
                         problem = "more fields than the header names"
-                    rows.append((f"line {reader.line_num}", None if problem else dict(row), problem))
+                    yield f"line {reader.line_num}", None if problem else dict(row), problem
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            rows = [(f"row {n}", row, None) for n, row in enumerate(pq.read_table(path).to_pylist(), 1)]
+            n = 0
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+                for row in batch.to_pylist():
+                    n += 1
+                    yield f"row {n}", row, None
         else:
             raise DataError(str(path), None, f"unknown input format '{suffix}'", "use .jsonl, .json, .csv or .parquet")
     except (OSError, UnicodeDecodeError, csv.Error, ValueError) as exc:
@@ -79,7 +84,11 @@ def read_rows(path: Path) -> list[tuple[str, dict[str, Any] | None, str | None]]
         raise
     except Exception as exc:  # pyarrow's errors for a corrupt parquet file
         raise DataError(str(path), None, f"cannot read: {type(exc).__name__}: {exc}") from None
-    return rows
+
+
+def read_rows(path: Path) -> list[tuple[str, dict[str, Any] | None, str | None]]:
+    """Every row of ``path`` (:func:`iter_rows` as a list)."""
+    return list(iter_rows(path))
 
 
 def _choices(value: Any) -> list[str] | None:
@@ -141,3 +150,8 @@ def make_job(index: int, row: dict[str, Any], adapter: str, recipe: Any, choices
     if recipe.has_choices:
         return Job(index, row, adapter, "choose", text=text, choices=list(d.label_names))
     return Job(index, row, adapter, "generate", text=text)
+
+
+def output_line(job: Job) -> str:
+    """The output line of a predicted job: every input column, then ``prediction`` (and ``probabilities``)."""
+    return json.dumps({**job.row, **job.result}, ensure_ascii=False, default=str)

@@ -21,6 +21,7 @@ from ia3cli.config.recipe import ModelSection, Recipe
 from ia3cli.env import hub_offline
 from ia3cli.errors import Ia3Error, RecipeError
 from ia3cli.models.cache import announce, gguf_root, mark
+from ia3cli.models.device import load_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -217,6 +218,8 @@ def load_base(
     *,
     label_names: list[str] | None = None,
     pad_token_id: int | None = None,
+    device: str | None = None,
+    distributed_config: Any = None,
 ) -> PreTrainedModel:
     """Load the base model for ``model.task``.
 
@@ -228,6 +231,10 @@ def load_base(
         num_labels: Classes for ``seq-cls``.
         label_names: id -> name for the classification head's config.
         pad_token_id: Set on the config (decoder-only classifiers need it to find the last token).
+        device: A ``--device`` value (``auto`` honours ``model.device_map``; see :mod:`ia3cli.models.device`);
+            ``None`` loads as training wants it, the Trainer placing the model.
+        distributed_config: A ``transformers`` ``DistributedConfig``: each rank loads only its FSDP shard of the
+            weights (see :mod:`ia3cli.models.sharding`).
 
     Raises:
         RecipeError: when the model cannot be found or loaded.
@@ -245,6 +252,7 @@ def load_base(
             ) from None
         kwargs["quantization_config"] = quant
     kwargs["dtype"] = torch_dtype(model.dtype)
+    kwargs.update(load_kwargs(device, model.device_map))
     if model.task == "seq-cls":
         kwargs["num_labels"] = num_labels
         if label_names:
@@ -255,12 +263,18 @@ def load_base(
         # dequantise the GGUF once into a cached safetensors folder and load that.
         path = str(dequantized_gguf(model))
         kwargs.pop("gguf_file")
+    if distributed_config is not None:
+        kwargs["distributed_config"] = distributed_config
     try:
         base = auto_class(model.task).from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise RecipeError(
             "model.name", f"cannot load '{model.name}' for task {model.task}: {_first_line(exc)}"
         ) from None
+    if distributed_config is not None:
+        # A tensor-parallel size of 1 is no tensor parallelism. Left at 1, PEFT (0.21) takes the model for a TP one
+        # and gathers every sharded base weight on every rank at each adapter save, only to keep the IA3 vectors.
+        base._tp_size = None
     if pad_token_id is not None and getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = pad_token_id
     return base
@@ -317,13 +331,18 @@ def peft_modules_to_save(task: str, names: list[str] | None) -> list[str]:
     return list(names or []) + (["classifier", "score"] if task == "seq-cls" else [])
 
 
-def load_recipe_base(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """The base model as training builds it for ``recipe``: head sized and labelled, pad id from ``tokenizer``."""
+def load_recipe_base(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, device: str | None = None, distributed_config: Any = None
+) -> PreTrainedModel:
+    """The base model as training builds it for ``recipe``: head sized and labelled, pad id from ``tokenizer``;
+    on ``device`` for inference (see :func:`load_base`), or sharded across ranks by ``distributed_config``."""
     return load_base(
         recipe.model,
         recipe.num_labels,
         label_names=recipe.data.label_names,
         pad_token_id=tokenizer.pad_token_id,
+        device=device,
+        distributed_config=distributed_config,
     )
 
 

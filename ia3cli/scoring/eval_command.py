@@ -12,6 +12,7 @@ from typing import Any
 from ia3cli.config.paths import looks_local
 from ia3cli.config.recipe import Recipe
 from ia3cli.errors import Ia3Error, RecipeError, RunError
+from ia3cli.models.device import resolve as resolve_device
 from ia3cli.scoring.evaluation import Progress, evaluate
 
 
@@ -60,7 +61,7 @@ def _load_recipe(kind: str, target: str, recipe_path: Path | None, overrides: li
     return load_recipe(recipe_path, overrides)
 
 
-def _load_model(kind: str, target: str, recipe: Recipe, full_precision: bool) -> tuple[Any, Any]:
+def _load_model(kind: str, target: str, recipe: Recipe, full_precision: bool, device: str = "auto") -> tuple[Any, Any]:
     from ia3cli.models import loading as modeling
     from ia3cli.tuners import ia3
 
@@ -72,9 +73,9 @@ def _load_model(kind: str, target: str, recipe: Recipe, full_precision: bool) ->
         changes["name"] = target
     recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update=changes)})
     if kind == "run":
-        return ia3.load_run_model(target, recipe)
+        return ia3.load_run_model(target, recipe, device=device)
     tokenizer = modeling.load_tokenizer(recipe.model)
-    return modeling.load_recipe_base(recipe, tokenizer), tokenizer
+    return modeling.load_recipe_base(recipe, tokenizer, device), tokenizer
 
 
 def run_eval(
@@ -86,6 +87,7 @@ def run_eval(
     overrides: list[str],
     full_precision: bool,
     progress: Progress | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate a run dir, a merged model dir or a base model on one split; see the module docstring.
 
@@ -97,6 +99,7 @@ def run_eval(
         overrides: ``section.key=value`` strings applied to the recipe.
         full_precision: Load the base unquantised even when the recipe says 4/8-bit.
         progress: Called as batches finish (see :data:`Progress`).
+        device: ``--device`` (see :mod:`ia3cli.models.device`).
 
     Returns:
         The metrics: ``target``, ``split``, ``rows``, the task's metrics and, for classification and choice tasks,
@@ -111,6 +114,7 @@ def run_eval(
     from ia3cli.outputs import read_json_object, write_atomic
     from ia3cli.scoring.chance import majority_of
 
+    resolve_device(device)  # a device that is not there fails before anything is read
     kind = _target_kind(target)
     recipe = _load_recipe(kind, target, recipe_path, overrides)
     if data is not None:
@@ -123,7 +127,7 @@ def run_eval(
         raise RecipeError("--split", f"split '{split}' of {recipe.data.path} is empty")
     check_rows(ds, recipe, f"{recipe.data.path} [{split}]")
 
-    model, tokenizer = _load_model(kind, target, recipe, full_precision)
+    model, tokenizer = _load_model(kind, target, recipe, full_precision, device)
     metrics: dict[str, Any] = {"target": target, "kind": kind, "task": recipe.model.task, "data": recipe.data.path}
     metrics.update({"split": split, "rows": len(ds)})
     metrics.update(evaluate(model, tokenizer, recipe, list(ds), progress))

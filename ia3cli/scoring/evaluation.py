@@ -19,7 +19,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ia3cli.scoring.loglik import length_batches, model_device, pad_batch, pad_id, sequence_logprobs
+from ia3cli.models.device import input_device
+from ia3cli.scoring.loglik import length_batches, pad_batch, pad_id, sequence_logprobs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -196,7 +197,7 @@ def _classification_head(
 ) -> dict[str, float]:
     import torch
 
-    device = model_device(model)
+    device = input_device(model)
     preds = [0] * len(features)
     total_loss = 0.0
     for idx in length_batches(len(features), [len(f["input_ids"]) for f in features], batch_size):
@@ -222,7 +223,7 @@ def _exact_match(
     """Share of rows whose greedy generation equals the target after strip() and lower()."""
     from ia3cli.data.encoding import prompt_text, target_text
 
-    d, device, batch_size = recipe.data, model_device(model), _batch_size(recipe)
+    d, device, batch_size = recipe.data, input_device(model), _batch_size(recipe)
     hits = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]

@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from ia3cli.data.encoding import IGNORE_INDEX
+from ia3cli.models.device import input_device
 
 if TYPE_CHECKING:
     import torch
@@ -37,10 +38,6 @@ def pad_batch(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, to
 def pad_id(tokenizer: Any) -> int:
     """The id padding uses: the tokenizer's pad token, else 0 (positions that are padding are masked anyway)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def length_batches(n: int, lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -115,7 +112,7 @@ def sequence_logprobs(
     import torch
 
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    device = model_device(model)
+    device = input_device(model)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(features)
     shared = shared_prefix_length(features) if share_prefix and not seq2seq else 0
     cache = None

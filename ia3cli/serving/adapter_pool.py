@@ -39,6 +39,37 @@ def is_run_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() and (path / "recipe.yaml").is_file()
 
 
+def run_dir_named(root: Path, name: str) -> Path | None:
+    """The run dir folder ``name`` of the adapter directory ``root`` (resolved, inside it), else ``None``."""
+    if not NAME_RE.match(name) or ".." in name:
+        return None
+    try:
+        path = (root / name).resolve()
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return path if path.is_relative_to(root.resolve()) and is_run_dir(path) else None
+
+
+def first_run(path: Path) -> Path:
+    """The run dir whose base ``ia3 serve PATH`` loads: PATH itself, or its first run dir by name.
+
+    Raises:
+        Ia3Error: when PATH is missing or holds no run dir.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise Ia3Error(f"{path}: adapter directory not found", "pass a run dir or a folder of run dirs")
+    if is_run_dir(path):
+        return path
+    runs = sorted(p for p in path.iterdir() if is_run_dir(p) and p.resolve().is_relative_to(path.resolve()))
+    if not runs:
+        raise Ia3Error(
+            f"{path}: no run dirs (folders with adapter_config.json and recipe.yaml)",
+            "train one with `ia3 train RECIPE` and put its output_dir there",
+        )
+    return runs[0]
+
+
 class AdapterPool:
     """Adapter names -> run dirs inside ``root``; at most ``max_adapters`` loaded, least recently used evicted.
 
@@ -85,13 +116,9 @@ class AdapterPool:
             return self.registered[name]
         if name in self.lru:
             return self.lru[name]
-        if NAME_RE.match(name) and ".." not in name:
-            try:
-                path = self.inside(name)
-            except PathOutside:
-                path = None
-            if path is not None and is_run_dir(path):
-                return path
+        path = run_dir_named(self.root, name)
+        if path is not None:
+            return path
         raise AdapterNotFound(f"adapter '{name}' not found", "GET /v1/models lists the adapters")
 
     def known(self) -> list[str]:
@@ -169,6 +196,18 @@ class AdapterPool:
         if name in self.lru:
             self._drop(name)
         self.metrics.set("ia3_adapters_loaded", len(self.lru))
+
+    def unload(self, name: str) -> bool:
+        """Unload adapter ``name`` if it is loaded (an eviction decided outside the pool); whether it was.
+
+        A registration stays, and a run dir of that name hot-loads again on its next use.
+        """
+        if name not in self.lru:
+            return False
+        self._drop(name)
+        self.metrics.inc("ia3_adapter_evictions_total")
+        self.metrics.set("ia3_adapters_loaded", len(self.lru))
+        return True
 
     def _drop(self, name: str) -> None:
         self.mixed.remove(name)

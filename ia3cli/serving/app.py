@@ -23,7 +23,8 @@ the adapter directory, 404 unknown adapter, 413 prompt too long, 422 malformed b
 Modules: this one (the app, its endpoints, the command), :mod:`ia3cli.serving.completions` (completion responses, SSE),
 :mod:`ia3cli.serving.batcher` (batching, the generation step loop), :mod:`ia3cli.serving.adapter_pool` (names,
 paths, LRU),
-:mod:`ia3cli.serving.prometheus` (the /metrics text).
+:mod:`ia3cli.serving.prometheus` (the /metrics text), :mod:`ia3cli.serving.ray_deploy` (this app as a Ray Serve
+deployment, ``--ray``).
 
 Why FastAPI + uvicorn: they are what Python model servers standardise on (vLLM's and TGI's OpenAI-compatible
 routers are FastAPI apps), pydantic request models give 422s naming the bad field for free, and uvicorn's asyncio
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -47,9 +47,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ia3cli.errors import Ia3Error
-from ia3cli.serving.adapter_pool import AdapterNotFound, AdapterPool, is_run_dir
-from ia3cli.serving.batcher import Batcher, ClassifyItem
-from ia3cli.serving.completions import ApiError, error_body, from_ia3, respond
+from ia3cli.models.device import input_device
+from ia3cli.serving.adapter_pool import AdapterNotFound, AdapterPool, first_run
+from ia3cli.serving.batcher import DEGRADED_AFTER, Batcher, ClassifyItem
+from ia3cli.serving.completions import ApiError, check_key, error_body, from_ia3, respond
 from ia3cli.serving.prometheus import Metrics
 from ia3cli.serving.requests import AdapterRequest, ChatRequest, ClassifyRequest, CompletionRequest
 from ia3cli.serving.settings import DEFAULTS
@@ -166,15 +167,15 @@ def build_app(server: Server) -> FastAPI:
     _error_handlers(app)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "base": server.mixed.base_name, "adapters_loaded": len(server.pool.lru)}
+    async def health() -> JSONResponse:
+        body = {"status": "ok", "base": server.mixed.base_name, "adapters_loaded": len(server.pool.lru)}
+        failing = server.batcher.failures_in_a_row
+        if failing >= DEGRADED_AFTER:  # the model itself fails: tell the load balancer
+            body |= {"status": "degraded", "failed_batches_in_a_row": failing, "last_error": server.batcher.last_error}
+        return JSONResponse(body, status_code=503 if body["status"] == "degraded" else 200)
 
     async def authorised(request: Request) -> None:
-        if server.api_key is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), server.api_key.encode()):
-            raise ApiError(401, "incorrect API key (send Authorization: Bearer KEY)", "invalid_api_key")
+        check_key(server.api_key, request.headers.get("authorization", ""))
 
     app.include_router(_admin_routes(server), dependencies=[Depends(authorised)])
     app.include_router(_model_routes(server), dependencies=[Depends(authorised)])
@@ -286,31 +287,29 @@ def _model_routes(server: Server) -> APIRouter:
 # --- the command ---------------------------------------------------------------------------------------------------
 
 
-def load(path: Path, quantization: str | None = None) -> tuple[MixedIA3, Path, dict[str, Path]]:
+def load(path: Path, quantization: str | None = None, device: str = "auto") -> tuple[MixedIA3, Path, dict[str, Path]]:
     """The base model and the adapter directory for ``ia3 serve PATH`` (a run dir, or a folder of run dirs).
 
-    The base is the one the first run dir (by name) was trained on; that adapter is loaded with it.
+    The base is the one the first run dir (by name) was trained on, loaded on ``device`` (``--device``); that
+    adapter is loaded with it.
 
     Raises:
         Ia3Error: when PATH is missing or holds no run dir.
     """
+    from ia3cli.models.device import resolve
     from ia3cli.tuners.mixed import MixedIA3
 
+    resolve(device)  # a device that is not there fails before the model loads
     path = Path(path)
-    if not path.is_dir():
-        raise Ia3Error(f"{path}: adapter directory not found", "pass a run dir or a folder of run dirs")
-    if is_run_dir(path):
-        first = path
-    else:
-        runs = sorted(p for p in path.iterdir() if is_run_dir(p) and p.resolve().is_relative_to(path.resolve()))
-        if not runs:
-            raise Ia3Error(
-                f"{path}: no run dirs (folders with adapter_config.json and recipe.yaml)",
-                "train one with `ia3 train RECIPE` and put its output_dir there",
-            )
-        first = runs[0]
-    mixed = MixedIA3.from_run(first, quantization=quantization)
+    first = first_run(path)
+    mixed = MixedIA3.from_run(first, quantization=quantization, device=device)
     return mixed, path, {first.name: first.resolve()}
+
+
+def check_options(max_adapters: int, max_batch_size: int, max_wait_ms: float) -> None:
+    """Raises: Ia3Error for bounds out of range."""
+    if max_adapters < 1 or max_batch_size < 1 or max_wait_ms < 0:
+        raise Ia3Error("--max-adapters and --max-batch-size must be >= 1, --max-wait-ms >= 0")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -341,17 +340,17 @@ def run(
     max_wait_ms: float = DEFAULTS.max_wait_ms,
     api_key: str | None = None,
     printer: Callable[[str], None] = print,
+    device: str = "auto",
 ) -> None:
-    """Load the base and the first adapter, bind, and serve until interrupted.
+    """Load the base and the first adapter on ``device``, bind, and serve until interrupted.
 
     Raises:
         Ia3Error: for a bad adapter directory or an address that cannot be bound.
     """
     import uvicorn
 
-    if max_adapters < 1 or max_batch_size < 1 or max_wait_ms < 0:
-        raise Ia3Error("--max-adapters and --max-batch-size must be >= 1, --max-wait-ms >= 0")
-    mixed, root, loaded = load(path)
+    check_options(max_adapters, max_batch_size, max_wait_ms)
+    mixed, root, loaded = load(path, device=device)
     server = Server(
         mixed,
         root,
@@ -363,7 +362,8 @@ def run(
     )
     sock = bind(host, port)
     where = sock.getsockname()
-    printer(f"serving {mixed.base_name} ({mixed.task}) with adapters from {root} on http://{host}:{where[1]}")
+    on = input_device(mixed.model)
+    printer(f"serving {mixed.base_name} ({mixed.task}, {on}) with adapters from {root} on http://{host}:{where[1]}")
     printer(f"  adapters: {', '.join(server.pool.known()[:5])}{' ...' if len(server.pool.known()) > 5 else ''}")
     config = uvicorn.Config(build_app(server), log_level="warning", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

@@ -1,12 +1,14 @@
-"""The model side of ``ia3 serve``: dynamic batching across adapters, the generation step loop, classification.
+"""The model side of ``ia3 serve``: dynamic and continuous batching across adapters, classification, failures.
 
 - :class:`Batcher` collects requests on the event loop and hands batches to one model thread: it waits at most
   ``max_wait_ms`` after the oldest waiting request for others, up to ``max_batch_size`` rows, whatever adapters
   they name. Every touch of the model (batches, loads, unloads) runs on that one thread, so none races another,
   and torch releases the GIL while it computes, so the event loop keeps answering.
-- :func:`generate` is a step loop over the batch (prefill, then one token per row per step with the KV cache),
-  each row with its own adapter, sampling settings and stop conditions. Tokens go to per-row asyncio queues as
-  they come. A row that finishes, or whose client went away, is dropped from the batch at the next step.
+- While a generation batch runs, completion rows that arrive join it at its next step (continuous batching, see
+  :mod:`ia3cli.serving.generation`), up to ``max_batch_size`` rows and the adapter bound. Classify requests and
+  adapter loads/unloads wait for the batch to end, and while one waits no row joins, so the batch drains.
+- A batch that raises fails its requests (HTTP 500), not the server; it is counted (``ia3_batches_failed_total``)
+  and after :data:`DEGRADED_AFTER` failed batches in a row ``/health`` answers 503 ``degraded`` until one succeeds.
 """
 
 from __future__ import annotations
@@ -14,40 +16,26 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ia3cli.models.device import to_inputs
 from ia3cli.scoring.loglik import pad_id
 from ia3cli.serving.adapter_pool import AdapterPool, BadInput
+from ia3cli.serving.generation import Row, generate
+
+__all__ = ["DEGRADED_AFTER", "Batcher", "ClassifyItem", "Row", "choice_labels", "classify"]
+
+DEGRADED_AFTER = 3  # failed batches in a row before /health reports degraded
 
 if TYPE_CHECKING:
-    import torch
-
     from ia3cli.config.recipe import Recipe
     from ia3cli.serving.prometheus import Metrics
     from ia3cli.tuners.mixed import MixedIA3
-
-
-@dataclass
-class Row:
-    """One sequence to generate; the worker thread fills ``out`` with ``("token", id)`` then ``("done", reason)``."""
-
-    adapter: str | None
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    ignore_eos: bool
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False  # set by the request side: client gone, or a stop string matched
-
-    def emit(self, kind: str, value: Any) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
 
 
 @dataclass
@@ -65,88 +53,6 @@ class ClassifyItem:
                 self.future.set_exception(error) if error is not None else self.future.set_result(value)
 
         self.loop.call_soon_threadsafe(done)
-
-
-def _pick(logits: torch.Tensor, row: Row, generator: torch.Generator | None) -> int:
-    import torch
-
-    if row.temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / row.temperature, dim=-1)
-    if row.top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < row.top_p  # the smallest prefix reaching top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def generate(mixed: MixedIA3, rows: list[Row], metrics: Metrics) -> None:
-    """Generate every row of a mixed-adapter batch, one token per row per step, pushing tokens as they come.
-
-    Prompts are left-padded so each row's last prompt token sits in the last column; position ids skip the
-    padding, so each row sees exactly what it would see alone. Rows stop at EOS (unless ``ignore_eos``), at
-    ``max_tokens``, or when cancelled; stopped rows leave the batch (and its KV cache) before the next step.
-    """
-    import torch
-
-    model, tok = mixed.model, mixed.tokenizer
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = {tok.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
-    pad = pad_id(tok)
-    width = max(len(r.prompt_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-        mask[i, width - len(r.prompt_ids) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in rows]
-    active = list(range(len(rows)))
-    produced = [0] * len(rows)
-    with torch.inference_mode(), mixed.select([r.adapter for r in rows]):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, last_pos = out.past_key_values, positions[:, -1]
-    while True:
-        logits = out.logits[:, -1]
-        keep: list[int] = []
-        tokens: list[int] = []
-        for j, i in enumerate(active):
-            row = rows[i]
-            if row.cancelled:
-                metrics.inc("ia3_rows_cancelled_total")
-                row.emit("done", "cancelled")
-                continue
-            token = _pick(logits[j], row, generators[i])
-            if token in eos and not row.ignore_eos:
-                row.emit("done", "stop")
-                continue
-            row.emit("token", token)
-            produced[i] += 1
-            metrics.inc("ia3_tokens_generated_total")
-            if produced[i] >= row.max_tokens:
-                row.emit("done", "length")
-                continue
-            keep.append(j)
-            tokens.append(token)
-        if not keep:
-            break
-        if len(keep) < len(active):
-            index = torch.tensor(keep)
-            cache.batch_select_indices(index)
-            mask, last_pos = mask[index], last_pos[index]
-            active = [active[j] for j in keep]
-        metrics.set("ia3_active_rows", len(active))
-        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
-        last_pos = last_pos + 1
-        with torch.inference_mode(), mixed.select([rows[i].adapter for i in active]):
-            out = model(
-                input_ids=torch.tensor(tokens).unsqueeze(1),
-                attention_mask=mask,
-                position_ids=last_pos.unsqueeze(1),
-                past_key_values=cache,
-                use_cache=True,
-            )
-    metrics.set("ia3_active_rows", 0)
 
 
 def choice_labels(recipe: Recipe, mixed: MixedIA3) -> list[str] | None:
@@ -201,7 +107,7 @@ def classify(mixed: MixedIA3, items: list[ClassifyItem], recipes: dict[str | Non
     with torch.inference_mode():
         if mixed.task == "seq-cls":
             with mixed.select(names):
-                scores = mixed.model(**pad_batch(feats, pad)).logits.float()
+                scores = mixed.model(**to_inputs(pad_batch(feats, pad), mixed.model)).logits.float()
         else:
             select = lambda idx: mixed.select([names[i] for i in idx])  # noqa: E731
             scored = sequence_logprobs(mixed.model, feats, pad, max(len(feats), 1), select=select)
@@ -235,18 +141,36 @@ class Batcher:
         metrics: Counters and histograms.
         max_batch_size: Rows per batch.
         max_wait_ms: How long the oldest waiting request may wait for others to join its batch.
+        join: Let rows join a running generation batch (``False`` only as a benchmark's baseline).
+
+    Attributes:
+        failures_in_a_row: Batches that raised since the last one that did not.
+        last_error: The newest failed batch's exception, as text.
     """
 
     def __init__(
-        self, mixed: MixedIA3, pool: AdapterPool, metrics: Metrics, max_batch_size: int, max_wait_ms: float
+        self,
+        mixed: MixedIA3,
+        pool: AdapterPool,
+        metrics: Metrics,
+        max_batch_size: int,
+        max_wait_ms: float,
+        *,
+        join: bool = True,
     ) -> None:
         self.mixed, self.pool, self.metrics = mixed, pool, metrics
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
+        self.join = join
+        self.failures_in_a_row = 0
+        self.last_error: str | None = None
+        self._lock = threading.Lock()  # _waiting is read by the model thread too (rows joining a batch)
+        self._calls = 0  # adapter loads/unloads waiting for the model thread: no row joins meanwhile
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._wake = asyncio.Event()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ia3-model")
         self._task: asyncio.Task | None = None
+        self._current: list[Any] = []  # the model thread's batch, joined rows included
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -260,44 +184,84 @@ class Batcher:
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the model thread (adapter loads and unloads), between batches."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        self._calls += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        finally:
+            self._calls -= 1
+
+    def on_model_thread(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(*args)`` on the model thread without waiting for it (from any thread).
+
+        Raises:
+            RuntimeError: when the batcher has stopped.
+        """
+        self._thread.submit(fn, *args)
 
     def submit_rows(self, rows: list[Row]) -> None:
-        for row in rows:
-            self._waiting.append(_Waiting("generate", row, 1))
+        with self._lock:
+            self._waiting.extend(_Waiting("generate", row, 1) for row in rows)
         self._changed()
 
     def submit_classify(self, item: ClassifyItem) -> None:
-        self._waiting.append(_Waiting("classify", item, len(item.rows)))
+        with self._lock:
+            self._waiting.append(_Waiting("classify", item, len(item.rows)))
         self._changed()
 
-    def _changed(self) -> None:
-        self.metrics.set("ia3_queue_rows", sum(w.size for w in self._waiting))
-        self._wake.set()
+    def _changed(self, wake: bool = True) -> None:
+        self.metrics.set("ia3_queue_rows", sum(w.size for w in list(self._waiting)))
+        if wake:  # on the event loop only (asyncio.Event is not thread-safe)
+            self._wake.set()
 
-    def _take(self) -> tuple[str, list[_Waiting]]:
-        """The next batch: the oldest request's kind, in arrival order, up to the row and adapter bounds."""
-        kind = self._waiting[0].kind
+    def _take(self, kind: str, rows: int = 0, adapters: set[str] | None = None) -> list[_Waiting]:
+        """Waiting requests of ``kind``, in arrival order, that fit beside ``rows`` rows of ``adapters``."""
         taken: list[_Waiting] = []
-        adapters: set[str] = set()
-        rows = 0
-        for w in list(self._waiting):
-            if w.kind != kind:
-                continue
-            new = {w.work.adapter} - {None} - adapters
-            if taken and (rows + w.size > self.max_batch_size or len(adapters | new) > self.pool.max_adapters):
-                break
-            taken.append(w)
-            adapters |= new
-            rows += w.size
-        for w in taken:
-            self._waiting.remove(w)
-        self._changed()
-        return kind, taken
+        adapters = set(adapters or ())
+        with self._lock:
+            for w in list(self._waiting):
+                if w.kind != kind:
+                    continue
+                new = {w.work.adapter} - {None} - adapters
+                if (taken or rows) and (
+                    rows + w.size > self.max_batch_size or len(adapters | new) > self.pool.max_adapters
+                ):
+                    break
+                taken.append(w)
+                adapters |= new
+                rows += w.size
+            for w in taken:
+                self._waiting.remove(w)
+        return taken
 
     def _ready(self) -> bool:
-        rows = sum(w.size for w in self._waiting if w.kind == self._waiting[0].kind)
-        return rows >= self.max_batch_size or time.monotonic() - self._waiting[0].arrived >= self.max_wait
+        with self._lock:
+            rows = sum(w.size for w in self._waiting if w.kind == self._waiting[0].kind)
+            oldest = self._waiting[0].arrived
+        return rows >= self.max_batch_size or time.monotonic() - oldest >= self.max_wait
+
+    def _admit(self, running: list[Row]) -> list[Row]:
+        """Model thread, between two generation steps: the completion rows that join the running batch now."""
+        with self._lock:
+            blocked = self._calls > 0 or any(w.kind == "classify" for w in self._waiting)
+        if blocked or not self.join or len(running) >= self.max_batch_size:
+            return []
+        adapters = {r.adapter for r in running} - {None}
+        taken = [w.work for w in self._take("generate", len(running), adapters)]
+        if not taken:
+            return []
+        self._changed(wake=False)
+        live = [r for r in taken if not r.cancelled]
+        failed = self.pool.ensure(adapters | {r.adapter for r in live} - {None})
+        joining = []
+        for row in live:
+            if row.adapter in failed:
+                self._fail("generate", row, failed[row.adapter])
+            else:
+                joining.append(row)
+        self._current += joining
+        if joining:
+            self.metrics.observe("ia3_batch_rows", len(joining))
+        return joining
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -311,8 +275,9 @@ class Batcher:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=max(left, 0.0005))
                 continue
-            kind, taken = self._take()
-            await loop.run_in_executor(self._thread, self._run_batch, kind, [w.work for w in taken])
+            taken = self._take(self._waiting[0].kind)
+            self._changed()
+            await loop.run_in_executor(self._thread, self._run_batch, taken[0].kind, [w.work for w in taken])
 
     def _run_batch(self, kind: str, works: list[Any]) -> None:
         """Model thread: load the batch's adapters, fail the rows whose adapter cannot load, run the rest."""
@@ -328,17 +293,26 @@ class Batcher:
             return
         self.metrics.observe("ia3_batch_rows", sum(1 if kind == "generate" else len(w.rows) for w in runnable))
         self.metrics.observe("ia3_batch_adapters", len({w.adapter for w in runnable}))
+        self._current = list(runnable)  # rows that join the batch are added by _admit
         try:
             if kind == "generate":
-                generate(self.mixed, runnable, self.metrics)
+                generate(self.mixed, runnable, self.metrics, self._admit)
             else:
                 recipes = {w.adapter: self.recipe(w.adapter) for w in runnable}
                 runnable = [w for w in runnable if self._classifiable(w, recipes[w.adapter])]
                 if runnable:
                     classify(self.mixed, runnable, recipes)
         except Exception as exc:  # a failed batch must not kill the server; each request reports it
-            for w in runnable:
-                self._fail(kind, w, exc)
+            self.failures_in_a_row += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.metrics.inc("ia3_batches_failed_total", kind=kind)
+            for w in self._current:
+                if kind != "generate" or not w.finished:
+                    self._fail(kind, w, exc)
+        else:
+            self.failures_in_a_row = 0
+        finally:
+            self._current = []
 
     def recipe(self, adapter: str | None) -> Recipe:
         """The recipe an adapter was trained with (the base's for ``None``)."""

@@ -8,6 +8,7 @@ it at its next step). Errors use OpenAI's shape ``{"error": {"message", "type", 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -32,6 +33,19 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def check_key(api_key: str | None, authorization: str) -> None:
+    """Refuse a request whose ``Authorization: Bearer KEY`` header does not carry ``api_key`` (when one is set).
+
+    Raises:
+        ApiError: 401.
+    """
+    if api_key is None:
+        return
+    given = authorization.removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), api_key.encode()):
+        raise ApiError(401, "incorrect API key (send Authorization: Bearer KEY)", "invalid_api_key")
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:

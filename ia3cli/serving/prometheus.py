@@ -20,6 +20,7 @@ METRICS: dict[str, tuple[str, str, tuple[float, ...]]] = {
     "ia3_batch_rows": ("histogram", "Rows per model batch.", (1, 2, 4, 8, 16, 32, 64, 128, 256)),
     "ia3_batch_adapters": ("histogram", "Distinct adapters per model batch.", (1, 2, 4, 8, 16, 32, 64, 128, 256)),
     "ia3_tokens_generated_total": ("counter", "Completion tokens generated.", ()),
+    "ia3_batches_failed_total": ("counter", "Model batches that raised (their requests got HTTP 500), by kind.", ()),
     "ia3_rows_cancelled_total": ("counter", "Rows dropped mid-generation (client gone or stop string).", ()),
     "ia3_active_rows": ("gauge", "Rows of the generation batch now running.", ()),
     "ia3_queue_rows": ("gauge", "Rows waiting for a batch.", ()),
@@ -62,6 +63,21 @@ class Metrics:
                     h[i] += 1
             h[-2] += value
             h[-1] += 1
+
+    def snapshot(self) -> tuple[dict, dict]:
+        """Every value and histogram now, as plain picklable dicts (for :meth:`absorb` in another process)."""
+        with self._lock:
+            return dict(self._values), {k: list(v) for k, v in self._hists.items()}
+
+    def absorb(self, snapshot: tuple[dict, dict], **labels: str) -> None:
+        """Add another process's :meth:`snapshot` under extra labels (one ``replica`` label per Ray replica)."""
+        extra = tuple(labels.items())
+        values, hists = snapshot
+        with self._lock:
+            for (name, own), value in values.items():
+                self._values[(name, tuple(sorted(own + extra)))] = value
+            for (name, own), h in hists.items():
+                self._hists[(name, tuple(sorted(own + extra)))] = list(h)
 
     def render(self) -> str:
         """The exposition text: every declared metric, zero when never recorded."""

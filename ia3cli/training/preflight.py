@@ -10,6 +10,7 @@ import yaml
 
 from ia3cli.config.recipe import Recipe
 from ia3cli.errors import RecipeError
+from ia3cli.training import distributed
 from ia3cli.training.budget import budget_warning
 
 
@@ -20,6 +21,8 @@ class Preflight:
     plan: object  # ia3cli.models.targets.TargetPlan
     data: object  # ia3cli.data.checks.DataReport
     warnings: list[str] = field(default_factory=list)
+    memory: str = ""  # the estimated memory per rank (ia3cli.training.distributed.memory_lines)
+    memory_warnings: list[str] = field(default_factory=list)
 
 
 def _as_set(targets: object) -> object:
@@ -83,4 +86,5 @@ def run(recipe: Recipe) -> Preflight:
     check_init_from(recipe, plan)
     report = checks.check(recipe)
     warnings = [w for w in [budget_warning(recipe.training, len(report.train))] if w]
-    return Preflight(plan=plan, data=report, warnings=warnings)
+    memory, memory_warnings = distributed.memory_lines(recipe, plan.ia3_params)
+    return Preflight(plan=plan, data=report, warnings=warnings, memory=memory, memory_warnings=memory_warnings)

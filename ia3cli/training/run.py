@@ -1,16 +1,21 @@
 """``ia3 train``: the training story, top to bottom.
 
-1. Pre-flight (shared with ``ia3 validate``): targets resolved on a meta-device model, every data row checked.
+1. Pre-flight (shared with ``ia3 validate``): targets resolved on a meta-device model, every data row checked, the
+   memory per rank estimated.
 2. The run directory is claimed: refused when it holds another run (``--overwrite``), reused with ``--resume``.
-   ``recipe.yaml`` (resolved, overrides applied) and ``run.json`` (versions, world size) are written first.
-3. Tokenizer + base model (full precision, 4-bit or 8-bit) wrapped with IA3; the trainable-parameter line.
+   ``recipe.yaml`` (resolved, overrides applied) and ``run.json`` (versions, world size, status) are written first.
+3. Tokenizer + base model (full precision, 4-bit or 8-bit; sharded across ranks with ``training.distributed:
+   fsdp``) wrapped with IA3; the trainable-parameter line.
 4. Tokenized splits with a dynamic-padding collator; one function maps the recipe to ``TrainingArguments``.
-5. ``Trainer.train`` with the health monitor; checkpoints under ``OUTPUT_DIR/checkpoints``.
+5. ``Trainer.train`` with the health monitor and the preemption watch; checkpoints under ``OUTPUT_DIR/checkpoints``.
+   On SIGTERM / SIGUSR1 the run checkpoints after the current step and stops with exit status 75
+   (:mod:`ia3cli.training.preemption`).
 6. Final evaluation, then the adapter, tokenizer, ``metrics.json``, ``health.json`` and a model card, each written
-   to a temporary name and renamed, so a kill never leaves a truncated file behind.
+   to a temporary name and renamed, so a kill never leaves a truncated file behind; ``run.json`` says ``finished``.
 
 Works unchanged under ``torchrun`` / ``accelerate launch`` (``ia3 train --nproc N`` calls torchrun): rank 0 claims
-the run directory while the other ranks wait, and only rank 0 writes files and prints.
+the run directory while the other ranks wait, and only rank 0 writes files and prints. DDP or FSDP:
+:mod:`ia3cli.training.distributed`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ia3cli.env import is_main_process, world_size
 from ia3cli.errors import Ia3Error, RunError
 from ia3cli.outputs import publish_dir, write_atomic
 from ia3cli.report.console import Console
+from ia3cli.training import distributed
 from ia3cli.training.model_card import method_summary, model_card
 from ia3cli.training.rundir import claim_output_dir, latest_checkpoint, run_info
 
@@ -46,7 +52,10 @@ def training_arguments(recipe: Recipe, out: Path) -> Any:
     """Map ``recipe.training`` to ``transformers.TrainingArguments`` (the one place this happens)."""
     from transformers import TrainingArguments
 
+    from ia3cli.models.device import precision_flags
+
     t = recipe.training
+    precision = precision_flags(t.precision)
     evaluate = recipe.data.eval_split is not None and t.eval_strategy != "no"
     metric = recipe.metric
     return TrainingArguments(
@@ -82,11 +91,13 @@ def training_arguments(recipe: Recipe, out: Path) -> Any:
         dataloader_pin_memory=_has_accelerator(),
         label_names=["labels"],  # PEFT wraps forward(**kwargs): the Trainer cannot infer label names itself
         remove_unused_columns=False,  # rows are already reduced to model inputs
+        **precision,  # autocast of the matmuls; the IA3 vectors stay float32
         ddp_find_unused_parameters=False,  # every IA3 vector is used in every step
         disable_tqdm=True,  # ia3cli.training.logbook draws the one progress bar
         # Without a GPU, Accelerate runs one process per launcher rank only when told to use the CPU (gloo);
-        # otherwise each rank would train alone on all the data.
-        use_cpu=world_size() > 1 and not _has_accelerator(),
+        # otherwise each rank would train alone on all the data. bf16 autocast on the CPU needs it too.
+        use_cpu=(world_size() > 1 or precision["bf16"]) and not _has_accelerator(),
+        **distributed.trainer_arguments(recipe),
     )
 
 
@@ -142,7 +153,7 @@ def run(
     """
     from accelerate import PartialState
 
-    from ia3cli.training import preflight
+    from ia3cli.training import preemption, preflight
 
     if resume and overwrite:
         raise Ia3Error(
@@ -154,7 +165,9 @@ def run(
     checks = preflight.run(recipe)
     plan = checks.plan
     say(f"pre-flight ok: {_split_summary(checks.data)}; {method_summary(recipe, plan)}")
-    for warning in checks.warnings:
+    if recipe.training.distributed == "fsdp" or checks.memory_warnings:
+        say(checks.memory)
+    for warning in [*checks.warnings, *checks.memory_warnings]:
         say(f"warning: {warning}")
 
     out = Path(recipe.training.output_dir)
@@ -167,46 +180,68 @@ def run(
         # The other ranks start only once rank 0 has claimed the run dir (or they wait there until the launcher
         # stops them after rank 0's refusal): none of them ever sees it half-made or looks for checkpoints early.
         PartialState().wait_for_everyone()
-        return _train(recipe, checks, out, args, resume=resume, console=console, verbose=verbose, draw=report)
+        # from here on SIGTERM / SIGUSR1 stop the run after an optimiser step, with a checkpoint
+        watch = preemption.PreemptionWatch()
+        try:
+            return _train(
+                recipe, checks, out, args, watch, resume=resume, console=console, verbose=verbose, draw=report
+            )
+        finally:
+            watch.close()
     except OSError as exc:
         raise RunError(f"{out}: {exc.strerror or exc} while training", "free disk space or fix permissions") from None
 
 
 def _train(
-    recipe: Recipe, checks: Any, out: Path, args: Any, *, resume: bool, console: Console, verbose: bool, draw: bool
+    recipe: Recipe,
+    checks: Any,
+    out: Path,
+    args: Any,
+    watch: Any,
+    *,
+    resume: bool,
+    console: Console,
+    verbose: bool,
+    draw: bool,
 ) -> RunResult:
     from transformers import set_seed
 
-    from ia3cli.training import outcome
+    from ia3cli.training import outcome, preemption
 
     say = console.line if is_main_process() else (lambda _msg: None)
     set_seed(recipe.training.seed)
     model, tokenizer, counts = _setup_model(recipe, checks.plan, say)
     trainer, monitor, eval_ds = _setup_trainer(recipe, checks, out, args, model, tokenizer, console, verbose)
+    trainer.add_callback(watch)
+    distributed.allow_checkpoints(trainer, recipe)
     checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
     if resume:
         say(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint found: starting from step 0")
     args.eval_on_start = args.eval_on_start and checkpoint is None  # the resumed history holds the step-0 baseline
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
+    ia3 = recipe.adapter.method == "ia3"
+    health = monitor.health if ia3 else {"status": f"not monitored (adapter.method: {recipe.adapter.method})"}
+    if watch.stopped_at is not None:
+        preemption.stop(recipe, out, watch, health)
     if monitor.failed:  # health.json is already written (the monitor's on_train_end)
         raise RunError(
             f"training stopped: {monitor.summary_line()}",
             f"the last good checkpoint is kept in {out / 'checkpoints'}; see {out / 'health.json'}",
         )
     metrics = _final_metrics(recipe, trainer, result, eval_ds, checks.data, tokenizer, counts)
-    ia3 = recipe.adapter.method == "ia3"
     if ia3:  # no_gain_over_base, below_majority_class: health.json is rewritten with them
         history = [*trainer.state.log_history, {"step": trainer.state.global_step, **metrics}]
         health_json = out / "health.json" if is_main_process() else None
         outcome.record(history, metrics, metrics.get("rows_evaluated", 0), monitor, recipe, say, health_json)
-    health = monitor.health if ia3 else {"status": f"not monitored (adapter.method: {recipe.adapter.method})"}
+        health = monitor.health
     health_line = monitor.summary_line() if ia3 else f"health: {health['status']}"
     if is_main_process():
         _save(recipe, checks.plan, out, trainer.model, tokenizer, metrics, counts, health)
         if draw and ia3 and _write_report(out, say):  # the report draws the IA3 vectors
             card = model_card(recipe, checks.plan, metrics, counts, health, report="report.png")
             write_atomic(out / "README.md", card)
+        preemption.update_run_info(out, status="finished")
     return RunResult(output_dir=out, metrics=metrics, health=health, health_line=health_line)
 
 

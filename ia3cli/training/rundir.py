@@ -105,6 +105,9 @@ def run_info(recipe: Recipe, plan: Any) -> dict[str, Any]:
     import torch
     import transformers
 
+    from ia3cli.models.device import precision_flags
+
+    flags = precision_flags(recipe.training.precision)
     return {
         "ia3cli": __version__,
         "torch": torch.__version__,
@@ -113,7 +116,11 @@ def run_info(recipe: Recipe, plan: Any) -> dict[str, Any]:
         "task": recipe.model.task,
         "base_model": recipe.model.name,
         "quantization": recipe.model.quantization,
+        "precision": "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32",  # training.precision resolved
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "world_size": world_size(),
+        "distributed": recipe.training.distributed if world_size() > 1 else None,
+        "status": "running",  # then "finished", or "preempted" (a checkpoint to --resume from)
         "model_type": plan.model_type,
         "groups": plan.groups,  # module -> IA3 group, as the health monitor and `ia3 report` group the vectors
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from ia3cli.config.recipe import Recipe
 from ia3cli.errors import RecipeError
-from ia3cli.models.loading import PEFT_TASK_TYPES, load_recipe_base, load_tokenizer, with_pad_token
+from ia3cli.models import sharding
+from ia3cli.models.loading import PEFT_TASK_TYPES, load_config, load_recipe_base, load_tokenizer, with_pad_token
 from ia3cli.tuners import baselines
 
 if TYPE_CHECKING:
@@ -69,9 +70,11 @@ def keep_4bit_layout(base: PreTrainedModel) -> None:
 
 
 def build(recipe: Recipe, plan: TargetPlan) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """Tokenizer plus the base model wrapped for ``adapter.method`` (IA3 by default)."""
+    """Tokenizer plus the base model wrapped for ``adapter.method`` (IA3 by default); the base is sharded across
+    the ranks with ``training.distributed: fsdp`` (see :mod:`ia3cli.models.sharding`)."""
     tokenizer = load_tokenizer(recipe.model)
-    return wrap(load_recipe_base(recipe, tokenizer), recipe, plan), tokenizer
+    shards = sharding.distributed_config(recipe, load_config(recipe.model)) if sharding.sharded(recipe) else None
+    return wrap(load_recipe_base(recipe, tokenizer, distributed_config=shards), recipe, plan), tokenizer
 
 
 def load_run_tokenizer(run_dir: str | Path, recipe: Recipe) -> PreTrainedTokenizerBase:
@@ -85,14 +88,14 @@ def load_run_tokenizer(run_dir: str | Path, recipe: Recipe) -> PreTrainedTokeniz
 
 
 def load_run_model(
-    run_dir: str | Path, recipe: Recipe, *, is_trainable: bool = False
+    run_dir: str | Path, recipe: Recipe, *, is_trainable: bool = False, device: str | None = None
 ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """Rebuild the base as ``recipe`` says (the run's, or a copy with another ``model`` section) and load the run's
-    adapter; the tokenizer saved in the run dir is preferred over the base's."""
+    """Rebuild the base as ``recipe`` says (the run's, or a copy with another ``model`` section) on ``device`` and
+    load the run's adapter; the tokenizer saved in the run dir is preferred over the base's."""
     from peft import PeftModel
 
     tokenizer = load_run_tokenizer(run_dir, recipe)
-    base = load_recipe_base(recipe, tokenizer)
+    base = load_recipe_base(recipe, tokenizer, device)
     model = PeftModel.from_pretrained(base, str(run_dir), is_trainable=is_trainable)
     return model, tokenizer
 

@@ -94,13 +94,16 @@ class MixedIA3:
     # ---------------------------------------------------------------- loading
 
     @classmethod
-    def from_run(cls, run_dir: Path, *, quantization: str | None = None, name: str | None = None) -> MixedIA3:
+    def from_run(
+        cls, run_dir: Path, *, quantization: str | None = None, name: str | None = None, device: str | None = None
+    ) -> MixedIA3:
         """Load the base exactly as that run trained it and register the run as an adapter named after its folder.
 
         Args:
             run_dir: Output dir of ``ia3 train``.
             quantization: ``none``, ``4bit`` or ``8bit`` to override the run's ``model.quantization``.
             name: Register the run under this name instead of its folder name.
+            device: A ``--device`` value (see :mod:`ia3cli.models.device`); ``None``: as ``from_pretrained`` loads.
 
         Raises:
             Ia3Error: when the run dir is incomplete or its base cannot be loaded.
@@ -114,7 +117,7 @@ class MixedIA3:
         tokenizer = ia3.load_run_tokenizer(run_dir, recipe)
         if quantization is not None:
             recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": quantization})})
-        model = modeling.load_recipe_base(recipe, tokenizer)
+        model = modeling.load_recipe_base(recipe, tokenizer, device)
         model.eval()
         mixed = cls(model, tokenizer, recipe)
         mixed._install(name, config, tensors)
