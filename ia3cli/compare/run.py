@@ -272,8 +272,7 @@ def run(
     drawn, evals = draw_rows(recipe, rows, seed_list)
     done = _claim(out, recipe, settings, resume=resume, overwrite=overwrite)
     folders = write_rows(drawn, evals, out)
-    state = {"recipe": dump_recipe(recipe), "settings": settings, "cells": done, "eval_rows": len(evals)}
-    state["majority"] = majority_of(evals, recipe) if metric_name(recipe) == "accuracy" else None
+    state = {"recipe": dump_recipe(recipe), "settings": settings, "cells": done, **_references(recipe, evals)}
     finished = {c["cell"] for c in done}
 
     plan = cell_order(methods, rows, seed_list)
@@ -355,6 +354,12 @@ def cell_order(methods: Sequence[str], rows: Sequence[int], seeds: Sequence[int]
 def _cell_line(cell: dict[str, Any], metric: str, eta: float) -> str:
     shown = f"{cell['metric']:.4f}" if cell.get("metric") is not None else "n/a"
     return f"{metric} {shown} (lr {cell.get('lr') or '-'}, {cell['seconds']:.0f} s) | ETA {_duration(eta)}"
+
+
+def _references(recipe: Recipe, evals: Any) -> dict[str, Any]:
+    """The evaluation rows' count and majority-class rate (accuracy comparisons only): the table's reference row."""
+    majority = majority_of(evals, recipe) if metric_name(recipe) == "accuracy" else None
+    return {"eval_rows": len(evals), "majority": majority}
 
 
 def _duration(seconds: float) -> str:

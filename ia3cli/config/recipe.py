@@ -194,11 +194,7 @@ class TrainingSection(_Section):
     )
     eval_strategy: Literal["no", "steps", "epoch"] = Field("epoch", description="When to evaluate.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (eval_strategy: steps).")
-    eval_on_start: bool = Field(
-        True,
-        description="With an eval split, evaluate the untouched model before the first optimiser step (the step-0 "
-        "baseline: `baseline_<metric>` in metrics.json, the `no_gain_over_base` health check); `--resume` skips it.",
-    )
+    eval_on_start: bool = Field(True, description="Evaluate the untouched model before step 1 (the step-0 baseline).")
     save_strategy: Literal["no", "steps", "epoch", "best"] = Field("epoch", description="When to checkpoint.")
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (save_strategy: steps).")
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
@@ -276,9 +272,7 @@ class MonitorSection(_Section):
 
     every_steps: int = Field(50, ge=1, description="Check (and print a line) every N optimiser steps.")
     vanishing_below: float = Field(1e-4, gt=0, description="A group's gradient norm below this is vanishing.")
-    exploding_above: float = Field(
-        1.0, gt=0, description="A group's gradient norm above this (before clipping) is exploding."
-    )
+    exploding_above: float = Field(1.0, gt=0, description="A group's pre-clip gradient norm above this is exploding.")
     patience: int = Field(3, ge=1, description="Consecutive bad checks before a finding is raised.")
     on_problem: Literal["warn", "stop"] = Field("warn", description="`warn`, or `stop` training on a finding.")
     per_layer: bool = Field(False, description="Also log gradient norm and drift per layer.")
