@@ -13,7 +13,8 @@ Findings (each reported once, with its likely cause and fix):
   skipped: before any step nothing has moved);
 - ``nonfinite_loss``: a non-finite loss, IA3 gradient or vector at any step; training stops at once.
 
-Two more read the evaluations instead (:func:`outcome`, once training is over, for tasks with an accuracy):
+Two more read the evaluations instead (:func:`ia3cli.training.outcome.findings`, once training is over, for tasks
+with an accuracy):
 
 - ``no_gain_over_base``: the best accuracy evaluated after step 0 is not above the step-0 baseline (the untouched
   model, evaluated before the first optimiser step on the same rows) by more than one standard error of the gain,

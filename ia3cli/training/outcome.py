@@ -85,17 +85,17 @@ def findings(
         margins["no_gain_over_base"] = facts["gain"] - facts["noise"]
     if majority is not None and best < 1.0:  # a perfect accuracy has nothing left to beat (one-class rows)
         margins["below_majority_class"] = best - majority
-    findings = []
+    found = []
     for code, margin in margins.items():
         rule = health.FINDINGS[code]
         if rule.condition(margin, None):
             text = f"{rule.what.format(**facts)}. likely cause: {rule.cause[0].format(**facts)}. fix: "
-            findings.append({"code": code, "step": steps, "group": None, "message": text + rule.fix[0].format(**facts)})
-    return findings
+            found.append({"code": code, "step": steps, "group": None, "message": text + rule.fix[0].format(**facts)})
+    return found
 
 
 def gain_line(metrics: dict[str, Any], metric: str) -> str:
-    """``baseline: accuracy 0.5000 at step 0 -> 0.8500 (+0.3500) | majority class 0.5000`` ("" without a baseline)."""
+    """``baseline: accuracy 0.5000 at step 0 -> 0.8500 (+0.3500) | majority class 0.5000`` (the parts known)."""
     base, final, majority = (metrics.get(k) for k in (f"baseline_{metric}", f"eval_{metric}", "majority_accuracy"))
     parts = []
     if _finite(base) and _finite(final):
