@@ -203,7 +203,7 @@ def test_cli_deploys_evicts_and_removes_the_app_on_ctrl_c(deployed, single, adap
         evicted = [v for k, v in seen.items() if k.startswith("ia3_adapter_evictions_total{")]
         assert loaded == [4] and evicted[0] >= 3, seen
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
+        assert proc.wait(180) == 0  # replicas drain (5 s grace), then the app is deleted
     finally:
         keyed.close()
         if proc.poll() is None:

@@ -246,7 +246,11 @@ def test_health_findings_reach_the_run_dir_and_the_summary(tiny_model, tmp_path:
     assert "health: warning" in result.output and "vectors_not_moving" in result.output
     health = json.loads((out / "health.json").read_text())
     assert health["status"] == "warning"
-    assert {f["code"] for f in health["findings"]} == {"vectors_not_moving"}
+    codes = {f["code"] for f in health["findings"]}
+    # at a learning rate of 1e-12 nothing is gained over the step-0 baseline either; the untouched tiny model may
+    # also sit below the majority class
+    expected = {"vectors_not_moving", "no_gain_over_base"}
+    assert expected <= codes <= expected | {"below_majority_class"}
 
 
 def test_on_problem_stop_ends_training_early(tiny_model, tmp_path: Path) -> None:

@@ -341,13 +341,14 @@ def deploy(
         max_ongoing_requests=busy,
         ray_actor_options={"num_cpus": replica_cpus},
         health_check_period_s=2,
+        graceful_shutdown_timeout_s=5,
         request_router_config=RequestRouterConfig(request_router_class=AdapterRouter),
         logging_config=QUIET,
         **replica_scaling,
     )
-    router = serve.deployment(
-        Router, name="ia3-router", max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0}, logging_config=QUIET
-    )
+    no_cpu, quick_stop = {"num_cpus": 0}, 5  # Ctrl-C: in-flight requests get 5 s, then replicas go
+    router = serve.deployment(Router, name="ia3-router", max_ongoing_requests=10_000, ray_actor_options=no_cpu,
+                              graceful_shutdown_timeout_s=quick_stop, logging_config=QUIET)  # fmt: skip
     serve.start(http_options={"host": host, "port": port})
     try:
         replicas = replica.bind(str(root), {**server_options, "api_key": api_key, "device": device}, board)
