@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -181,7 +182,11 @@ def test_cli_deploys_evicts_and_removes_the_app_on_ctrl_c(deployed, single, adap
     cmd = [sys.executable, "-m", "ia3cli", "serve", str(adapters), "--ray", "--ray-address", address]
     cmd += ["--replicas", "1", "--replica-cpus", "0.5", "--port", port, "--max-adapters", "4"]
     env = {**os.environ, "IA3_API_KEY": "k3y"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Ctrl-C as a terminal sends it: a test runner started in the background inherits SIGINT ignored
+    ctrl_c = partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=ctrl_c
+    )
     keyed = httpx.Client(base_url=deployed.base_url, headers={"Authorization": "Bearer k3y"}, timeout=120)
     try:
         lines: list[str] = []

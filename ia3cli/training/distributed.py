@@ -97,3 +97,17 @@ def _device_bytes() -> int | None:
     if not torch.cuda.is_available():
         return None
     return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+
+
+def leave_process_group() -> None:
+    """Every rank leaves the process group together at the end of a run.
+
+    A rank that exits while gloo's threads still hold the group aborts ("terminate called without an active
+    exception"). This happens when one rank finishes long before another, for example on a resume that has no step
+    left to train.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

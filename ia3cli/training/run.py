@@ -183,9 +183,11 @@ def run(
         # from here on SIGTERM / SIGUSR1 stop the run after an optimiser step, with a checkpoint
         watch = preemption.PreemptionWatch()
         try:
-            return _train(
+            result = _train(
                 recipe, checks, out, args, watch, resume=resume, console=console, verbose=verbose, draw=report
             )
+            distributed.leave_process_group()
+            return result
         finally:
             watch.close()
     except OSError as exc:
