@@ -125,7 +125,7 @@ def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: Progr
 
 def _choose(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: Progress) -> None:
     from ia3cli.data.encoding import encode_causal
-    from ia3cli.scoring.loglik import sequence_logprobs
+    from ia3cli.scoring.loglik import mean_logprobs
 
     tok, model = mixed.tokenizer, mixed.model
     seq2seq = mixed.task == "seq2seq"
@@ -149,8 +149,7 @@ def _choose(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: Progres
         progress.advance(sum(remaining[n] == 0 for n in {owner[i] for i in idx}))
         return mixed.select([jobs[owner[i]].adapter for i in idx])
 
-    scored = sequence_logprobs(model, feats, pad_id(mixed.tokenizer), batch_size, select=select)
-    means = [total / max(count, 1) for total, count in scored]
+    means = mean_logprobs(model, feats, pad_id(mixed.tokenizer), batch_size, select=select)
     for i, n in enumerate(owner):
         scores[n].append(means[i])
     for j, s in zip(jobs, scores, strict=True):

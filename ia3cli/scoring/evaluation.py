@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ia3cli.models.device import input_device
-from ia3cli.scoring.loglik import length_batches, pad_batch, pad_id, sequence_logprobs
+from ia3cli.scoring.loglik import length_batches, mean_logprobs, pad_batch, pad_id, sequence_logprobs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -105,8 +105,7 @@ def score_choices(
     """
     per_row = [choice_features(row, recipe, tokenizer) for row in rows]
     flat = [f for feats in per_row for f in feats]
-    scored = sequence_logprobs(model, flat, pad_id(tokenizer), batch_size, advance, share_prefix)
-    means = [s / max(c, 1) for s, c in scored]
+    means = mean_logprobs(model, flat, pad_id(tokenizer), batch_size, advance, share_prefix)
     out, start = [], 0
     for feats in per_row:
         out.append(means[start : start + len(feats)])

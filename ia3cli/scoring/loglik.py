@@ -140,3 +140,9 @@ def sequence_logprobs(
         if advance is not None:
             advance(len(idx))
     return out
+
+
+def mean_logprobs(*args: Any, **kwargs: Any) -> list[float]:
+    """Each sequence's mean target-token log-probability: the length-normalised score rank classification ranks
+    choices by (``ia3 eval``, ``ia3 predict``, ``ia3 serve``). Arguments as :func:`sequence_logprobs`."""
+    return [total / max(count, 1) for total, count in sequence_logprobs(*args, **kwargs)]

@@ -86,7 +86,7 @@ def classify(mixed: MixedIA3, items: list[ClassifyItem], recipes: dict[str | Non
 
     from ia3cli.data.encoding import prompt_text
     from ia3cli.scoring.evaluation import choice_features
-    from ia3cli.scoring.loglik import pad_batch, sequence_logprobs
+    from ia3cli.scoring.loglik import mean_logprobs, pad_batch
 
     tok = mixed.tokenizer
     pad = pad_id(tok)
@@ -110,8 +110,7 @@ def classify(mixed: MixedIA3, items: list[ClassifyItem], recipes: dict[str | Non
                 scores = mixed.model(**to_inputs(pad_batch(feats, pad), mixed.model)).logits.float()
         else:
             select = lambda idx: mixed.select([names[i] for i in idx])  # noqa: E731
-            scored = sequence_logprobs(mixed.model, feats, pad, max(len(feats), 1), select=select)
-            scores = torch.tensor([total / max(count, 1) for total, count in scored])
+            scores = torch.tensor(mean_logprobs(mixed.model, feats, pad, max(len(feats), 1), select=select))
     start = 0
     for item in items:
         recipe, labels, probs = recipes[item.adapter], [], []
