@@ -1,6 +1,8 @@
 """The environment variables ia3cli reads, in one place; no module below ``cli.py`` writes any.
 
-- ``RANK`` / ``WORLD_SIZE``: set by torchrun and ``accelerate launch`` for each process (absent: one process).
+- ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``: set by torchrun and ``accelerate launch`` for each process (absent:
+  one process).
+- ``ACCELERATE_USE_FSDP``: set by ``accelerate launch --use_fsdp`` (Accelerate's own FSDP wrapping).
 - ``IA3CLI_CACHE``: where derived files go (dequantised GGUF checkpoints); default ``~/.cache/ia3cli``.
 - ``HF_HUB_OFFLINE``: the Hugging Face Hub's offline switch, read to explain why a hub id cannot be loaded.
 
@@ -45,6 +47,25 @@ def world_size() -> int:
         Ia3Error: when ``WORLD_SIZE`` is not an integer.
     """
     return _int("WORLD_SIZE", 1)
+
+
+def launched() -> bool:
+    """Whether a launcher (torchrun, ``accelerate launch``) started this process, even as its only one."""
+    return os.environ.get("WORLD_SIZE", "").strip() != ""
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (``LOCAL_RANK``; 0 without a launcher): the GPU it uses.
+
+    Raises:
+        Ia3Error: when ``LOCAL_RANK`` is not an integer.
+    """
+    return _int("LOCAL_RANK", 0)
+
+
+def accelerate_fsdp() -> bool:
+    """Whether ``accelerate launch --use_fsdp`` (or an Accelerate config with FSDP) started this process."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in TRUE_VALUES
 
 
 def is_main_process() -> bool:

@@ -13,28 +13,42 @@ from ia3cli.errors import Ia3Error
 PACKAGE = Path(__file__).resolve().parents[1] / "ia3cli"
 
 LAUNCHES = [
-    # (RANK, WORLD_SIZE, rank, world size, main process)
-    (None, None, 0, 1, True),
-    ("0", "2", 0, 2, True),
-    ("1", "2", 1, 2, False),
-    ("", " ", 0, 1, True),
+    # (RANK, WORLD_SIZE, rank, world size, main process, launched)
+    (None, None, 0, 1, True, False),
+    ("0", "1", 0, 1, True, True),  # torchrun --nproc_per_node 1
+    ("0", "2", 0, 2, True, True),
+    ("1", "2", 1, 2, False, True),
+    ("", " ", 0, 1, True, False),
 ]
 
 
-@pytest.mark.parametrize(("rank", "size", "want_rank", "want_size", "main"), LAUNCHES)
-def test_rank_and_world_size(monkeypatch: pytest.MonkeyPatch, rank, size, want_rank, want_size, main) -> None:
+@pytest.mark.parametrize(("rank", "size", "want_rank", "want_size", "main", "launched"), LAUNCHES)
+def test_rank_and_world_size(monkeypatch: pytest.MonkeyPatch, rank, size, want_rank, want_size, main, launched) -> None:
     for name, value in (("RANK", rank), ("WORLD_SIZE", size)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
     assert (env.rank(), env.world_size(), env.is_main_process()) == (want_rank, want_size, main)
+    assert env.launched() is launched
+
+
+@pytest.mark.parametrize(("value", "on"), [(None, False), ("true", True), ("false", False), ("1", True)])
+def test_accelerate_fsdp(monkeypatch: pytest.MonkeyPatch, value: str | None, on: bool) -> None:
+    if value is None:
+        monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", value)
+    assert env.accelerate_fsdp() is on
 
 
 def test_a_malformed_rank_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANK", "first")
     with pytest.raises(Ia3Error, match="environment variable RANK='first' is not an integer"):
         env.rank()
+    monkeypatch.setenv("LOCAL_RANK", "gpu0")
+    with pytest.raises(Ia3Error, match="environment variable LOCAL_RANK='gpu0' is not an integer"):
+        env.local_rank()
 
 
 def test_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -107,6 +107,65 @@ def test_fsdp_on_two_ranks_equals_one_process(tiny_model, tmp_path: Path, kind: 
         assert report["max_abs_diff"] <= report["tolerance"]
 
 
+def _logits_4bit(model_dir: Path, run: Path) -> torch.Tensor:
+    """Logits of a 4-bit base (packed as bitsandbytes packs it by default) with the run's adapter, by plain PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map={"": "cpu"})
+    model = PeftModel.from_pretrained(base, str(run)).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([[2, 10, 11, 12, 13, 14]])).logits
+
+
+@pytest.mark.slow
+def test_fsdp_4bit_base_under_accelerate_launch_equals_one_process(tiny_model, tmp_path: Path) -> None:
+    """A 4-bit base, sharded after PEFT wraps it, on two ranks started by ``accelerate launch`` (gloo), two micro-
+    batches per step: the vectors of one unsharded 4-bit process that takes the global batch at once."""
+    from tests.test_ray import free_port
+
+    model_dir = tiny_model("llama", "causal-lm")
+    out = tmp_path / "fsdp4"
+    raw = _recipe(model_dir, "causal-lm", out, batch_size=4, gradient_accumulation_steps=2, distributed="fsdp")
+    raw["model"]["quantization"] = "4bit"
+    recipe = write_recipe(tmp_path / "fsdp4.yaml", raw)
+    run = _cli(
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--main_process_port", str(free_port()), "-m", "ia3cli", "train", str(recipe),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    # per block 7 Linear4bit weights and 2 norms, twice; the embeddings, the final norm and the head: all sharded
+    assert "fsdp: 21 base tensors sharded over 2 rank(s), trained ones whole" in run.stdout, run.stdout
+    assert "all params: 281,280" in run.stdout  # the 4-bit weights counted as weights, not as packed float32 cells
+    assert json.loads((out / "run.json").read_text())["distributed"] == "fsdp"
+
+    one = dict(raw, training={**raw["training"], "batch_size": 16, "gradient_accumulation_steps": 1,
+                               "distributed": "ddp", "output_dir": str(tmp_path / "one")})  # fmt: skip
+    single = _single_process(tmp_path, one)
+    assert _max_diff(out, single) < ATOL  # measured: 1.2e-7
+    assert max((t - 1).abs().max().item() for t in load_file(out / "adapter_model.safetensors").values()) > 1e-3
+    assert (_logits_4bit(model_dir, out) - _logits_4bit(model_dir, single)).abs().max().item() < 1e-4
+    evaluated = CliRunner().invoke(app, ["eval", str(out), "--split", "validation", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.output)["rows"] == 16
+
+
+def test_accelerate_use_fsdp_is_refused_before_loading(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    """``accelerate launch --use_fsdp`` would wrap the model in Accelerate's FSDP1 (peft#1702): a short error."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(tiny_model("llama", "causal-lm"), "causal-lm", out,
+                                                        batch_size=4, distributed="fsdp"))  # fmt: skip
+    result = CliRunner().invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert "training.distributed: is 'fsdp' and this process was started by accelerate launch --use_fsdp" in (
+        result.output
+    )
+    assert "accelerate launch --multi_gpu --num_processes N" in result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
 def _start(recipe: Path, out: Path, slow: Path, *args: str) -> subprocess.Popen:
     env = dict(
         os.environ,
@@ -129,10 +188,11 @@ def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 300) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp_preempted_then_killed_then_resumed_equals_one_process(tiny_model, tmp_path: Path) -> None:
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_fsdp_preempted_then_killed_then_resumed_equals_one_process(tiny_model, tmp_path: Path, quantization) -> None:
     """``ia3 train --nproc 2``: SIGTERM to it (as Kubernetes sends to PID 1) -> checkpoint, exit 75; ``--resume`` ->
     kill -9 of every process after the next checkpoint; ``--resume`` again -> the vectors of one uninterrupted
-    process."""
+    process (with the same base: full precision, or 4-bit, sharded after it is wrapped)."""
     model_dir = tiny_model("llama", "causal-lm")
     slow = tmp_path / "slow"
     slow.mkdir()
@@ -141,6 +201,7 @@ def test_fsdp_preempted_then_killed_then_resumed_equals_one_process(tiny_model, 
     fsdp = dict(batch_size=4, max_steps=12, save_strategy="steps", save_steps=4, distributed="fsdp")
     recipe = _recipe(model_dir, "causal-lm", out, **fsdp)
     recipe["data"]["train_samples"] = 8
+    recipe["model"]["quantization"] = quantization
     path = write_recipe(tmp_path / "fsdp.yaml", recipe)
     checkpoints = out / "checkpoints"
 
@@ -171,4 +232,5 @@ def test_fsdp_preempted_then_killed_then_resumed_equals_one_process(tiny_model, 
     single = dict(fsdp, batch_size=8, distributed="ddp")
     straight = _recipe(model_dir, "causal-lm", tmp_path / "single", **single)
     straight["data"]["train_samples"] = 8
+    straight["model"]["quantization"] = quantization
     assert _max_diff(out, _single_process(tmp_path, straight)) < 1e-6

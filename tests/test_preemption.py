@@ -127,13 +127,12 @@ def test_the_launcher_names_a_preempted_run(tmp_path: Path) -> None:
     ("change", "words"),
     [
         ({"model": {"gguf_file": "model.gguf"}}, ["GGUF", "model.gguf_file", "ddp"]),
-        ({"model": {"quantization": "4bit"}}, ["4bit", "model.quantization: none", "ddp"]),
-        ({"model": {"quantization": "8bit"}}, ["8bit"]),
+        ({"model": {"quantization": "8bit"}}, ["8-bit", "quantization: 4bit", "ddp"]),
         ({"adapter": {"method": "full"}}, ["'full'", "ddp"]),
         ({"model": {"task": "seq-cls"}}, ["model.task: seq-cls", "ddp"]),
         ({"adapter": {"modules_to_save": ["lm_head"]}}, ["adapter.modules_to_save"]),
     ],
-    ids=["gguf", "4bit", "8bit", "full", "seq-cls", "modules_to_save"],
+    ids=["gguf", "8bit", "full", "seq-cls", "modules_to_save"],
 )
 def test_fsdp_refuses_what_it_cannot_shard(tmp_path: Path, change: dict, words: list[str]) -> None:
     raw = tiny_recipe(tmp_path, "causal-lm", tmp_path / "out", training={"distributed": "fsdp"})
@@ -146,3 +145,9 @@ def test_fsdp_refuses_what_it_cannot_shard(tmp_path: Path, change: dict, words: 
         assert word in str(err.value)
     raw["training"]["distributed"] = "ddp"
     validate_mapping(yaml.safe_load(yaml.safe_dump(raw)))  # the same recipe with ddp is fine
+
+
+def test_fsdp_takes_a_4bit_base(tmp_path: Path) -> None:
+    raw = tiny_recipe(tmp_path, "causal-lm", tmp_path / "out", training={"distributed": "fsdp"})
+    raw["model"]["quantization"] = "4bit"
+    assert validate_mapping(raw).model.quantization == "4bit"

@@ -63,6 +63,22 @@ def test_memory_per_rank_of_a_70b_llama_is_within_10_percent_of_the_hand_count(l
     assert checkpointed.activations < fsdp.activations / 10
 
 
+def test_a_4bit_70b_llama_shards_its_packed_weights_after_loading_them_whole(llama_70b, tmp_path: Path) -> None:
+    raw = tiny_recipe(llama_70b, "causal-lm", tmp_path / "out", training={"batch_size": 1, "distributed": "fsdp"})
+    raw["model"].update(dtype="bfloat16", quantization="4bit")
+    recipe = validate_mapping(raw)
+    meta = build_meta_model(load_config(recipe.model), "causal-lm")
+    fsdp = sharding.estimate(meta, recipe, world=8, fsdp=True)
+    # by hand: 4 bits a block weight plus one float32 scale per 64 (0.5625 bytes); norms, embeddings, head in bf16
+    block = 0.5625 * (2 * H * H + 2 * H * KV + 3 * H * FFN) + 2 * 2 * H
+    whole = block * LAYERS + 2 * (2 * VOCAB * H + H)  # about 41 GB
+    assert 38 * GB < whole < 44 * GB
+    assert abs(fsdp.weights - (whole / 8 + 2 * block)) / fsdp.weights < 0.01
+    assert abs(fsdp.cpu_load - whole) / whole < 0.01
+    assert "before sharding, ~" in fsdp.line() and "of CPU memory per rank" in fsdp.line()
+    assert "before sharding" not in sharding.estimate(meta, recipe, world=8, fsdp=False).line()
+
+
 def test_preflight_says_when_ddp_does_not_fit_and_fsdp_would(llama_70b, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setattr(distributed, "_device_bytes", lambda: 80 * 1024**3)  # an 80 GB GPU

@@ -238,9 +238,9 @@ class TrainingSection(_Section):
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for data loading.")
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
-        description="Under several processes: `ddp` (a full copy of the base on every rank) or `fsdp` (the frozen "
-        "base sharded across ranks with FSDP2 at load time; the IA3 vectors stay whole, in float32, and are averaged "
-        "like DDP's). Use `fsdp` for a base that does not fit one device.",
+        description="Under a launcher: `ddp` (a full copy of the base on every rank) or `fsdp` (the frozen base "
+        "sharded across ranks with FSDP2 as it loads, a 4-bit one once PEFT wrapped it; the IA3 vectors stay whole, "
+        "in float32, and are averaged like DDP's). Use `fsdp` for a base that does not fit one device.",
     )
     fsdp_sharding: Literal["full_shard", "shard_grad_op"] = Field(
         "full_shard",
@@ -377,11 +377,8 @@ def _fsdp_problems(recipe: Recipe) -> list[tuple[str, str]]:
             "a GGUF base (model.gguf_file): every rank would dequantise the whole file; save it once as "
             "safetensors (transformers' save_pretrained)"
         )
-    if m.quantization != "none":
-        why.append(
-            f"a {m.quantization} base: transformers' FSDP2 loading makes bitsandbytes weights plain "
-            "DTensors that lose their quantisation state; set model.quantization: none, dtype bfloat16"
-        )
+    if m.quantization == "8bit":
+        why.append("an 8-bit base: its weights keep their scales on the weight itself; use quantization: 4bit")
     if m.task == "seq-cls" or recipe.adapter.modules_to_save:
         key = "model.task: seq-cls" if m.task == "seq-cls" else "adapter.modules_to_save"
         why.append(f"whole modules ({key}): PEFT trains a copy of each, and a sharded module cannot be copied")

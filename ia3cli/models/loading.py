@@ -195,8 +195,12 @@ def with_pad_token(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     return tok
 
 
-def quantization_config(model: ModelSection) -> Any:
-    """The ``BitsAndBytesConfig`` for ``model.quantization``, or ``None`` for full precision."""
+def quantization_config(model: ModelSection, quant_storage: str | None = None) -> Any:
+    """The ``BitsAndBytesConfig`` for ``model.quantization``, or ``None`` for full precision.
+
+    ``quant_storage`` (4-bit only) is the dtype the packed 4-bit values are stored as: FSDP shards and gathers them
+    like any other weight of that dtype (bitsandbytes' default is uint8).
+    """
     if model.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -209,6 +213,7 @@ def quantization_config(model: ModelSection) -> Any:
         bnb_4bit_quant_type=model.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=model.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=torch_dtype(model.bnb_4bit_compute_dtype),
+        **({"bnb_4bit_quant_storage": torch_dtype(quant_storage)} if quant_storage else {}),
     )
 
 
@@ -220,6 +225,7 @@ def load_base(
     pad_token_id: int | None = None,
     device: str | None = None,
     distributed_config: Any = None,
+    quant_storage: str | None = None,
 ) -> PreTrainedModel:
     """Load the base model for ``model.task``.
 
@@ -235,6 +241,8 @@ def load_base(
             ``None`` loads as training wants it, the Trainer placing the model.
         distributed_config: A ``transformers`` ``DistributedConfig``: each rank loads only its FSDP shard of the
             weights (see :mod:`ia3cli.models.sharding`).
+        quant_storage: The dtype 4-bit values are stored as (see :func:`quantization_config`); given, the base is
+            loaded into CPU memory, to be sharded by FSDP.
 
     Raises:
         RecipeError: when the model cannot be found or loaded.
@@ -242,7 +250,7 @@ def load_base(
     """
     path = model.path
     kwargs = _source_kwargs(model)
-    quant = quantization_config(model)
+    quant = quantization_config(model, quant_storage)
     if quant is not None:
         try:
             import bitsandbytes  # noqa: F401
@@ -253,6 +261,10 @@ def load_base(
         kwargs["quantization_config"] = quant
     kwargs["dtype"] = torch_dtype(model.dtype)
     kwargs.update(load_kwargs(device, model.device_map))
+    if quant_storage is not None:
+        # packed in CPU memory, whole, before FSDP moves it to the devices in shards (see models.sharding); without a
+        # map bitsandbytes would pack it on the current GPU
+        kwargs["device_map"] = {"": "cpu"}
     if model.task == "seq-cls":
         kwargs["num_labels"] = num_labels
         if label_names:
@@ -332,7 +344,11 @@ def peft_modules_to_save(task: str, names: list[str] | None) -> list[str]:
 
 
 def load_recipe_base(
-    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, device: str | None = None, distributed_config: Any = None
+    recipe: Recipe,
+    tokenizer: PreTrainedTokenizerBase,
+    device: str | None = None,
+    distributed_config: Any = None,
+    quant_storage: str | None = None,
 ) -> PreTrainedModel:
     """The base model as training builds it for ``recipe``: head sized and labelled, pad id from ``tokenizer``;
     on ``device`` for inference (see :func:`load_base`), or sharded across ranks by ``distributed_config``."""
@@ -343,22 +359,36 @@ def load_recipe_base(
         pad_token_id=tokenizer.pad_token_id,
         device=device,
         distributed_config=distributed_config,
+        quant_storage=quant_storage,
     )
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """Trainable, total and IA3-vector parameter counts (4-bit weights counted as stored elements x2)."""
-    trainable = total = ia3 = 0
+    """Trainable, total and IA3-vector parameter counts, and how many tensors FSDP sharded (``sharded_tensors``).
+
+    A 4-bit weight counts the weights it packs (in x out), whatever its storage dtype and whether it is sharded.
+    """
+    trainable = total = ia3 = shards = 0
+    packed = {
+        f"{name}.weight": module.in_features * module.out_features
+        for name, module in model.named_modules()
+        if hasattr(module, "quant_state") and hasattr(module, "in_features")  # bitsandbytes' Linear4bit and kin
+    }
     for name, p in model.named_parameters():
-        n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
-            n *= 2  # two 4-bit values per stored byte
+        n = packed.get(name, p.numel())
         total += n
+        shards += type(p).__name__ == "DTensor"
         if p.requires_grad:
             trainable += n
             if ".ia3_l." in name:
                 ia3 += n
-    return {"trainable": trainable, "total": total, "ia3": ia3, "other_trainable": trainable - ia3}
+    return {
+        "trainable": trainable,
+        "total": total,
+        "ia3": ia3,
+        "other_trainable": trainable - ia3,
+        "sharded_tensors": shards,
+    }
 
 
 def _first_line(exc: BaseException) -> str:

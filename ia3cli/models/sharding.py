@@ -7,6 +7,17 @@ memory. ia3cli makes every block of the model (its ``_no_split_modules``, e.g. `
 unit; the family's own plan (embeddings, final norm, head) applies on top where it has one, and the root unit takes
 whatever is left.
 
+A 4-bit base cannot be sharded while it loads: bitsandbytes packs the weights as they load, and a weight that FSDP
+has already split is never packed (it ends up as a plain ``uint8`` DTensor of the unquantised shape). So a 4-bit
+base is loaded whole into CPU memory on each rank (packed: about 0.56 bytes a weight), PEFT wraps it, and only then
+is each block, and the root, given to ``fully_shard`` (:func:`shard_wrapped`), which moves each block's shards to the
+rank's device one block at a time. The packed values are stored as the dtype of the base's other weights
+(``bnb_4bit_quant_storage``, as in the FSDP + QLoRA recipe), so each FSDP group gathers one dtype, and FSDP leaves
+the trained parameters out (``ignored_params``). bitsandbytes keeps each layer's quantisation state (block scales)
+on the module as well as on the weight, and puts it back on the gathered weight at each forward
+(``fix_4bit_weight_quant_state_from_module``); ia3cli moves that state to the rank's device. 8-bit weights keep
+their state on the weight only, so 8-bit bases are not sharded.
+
 PEFT adds the IA3 vectors after loading, as plain tensors next to the sharded weights: they are never sharded, stay in
 float32, and the Trainer keeps them identical on every rank (it broadcasts them from rank 0 and averages their
 gradients at the end of each accumulation window, as DDP does). That is why FSDP1's trap with mixed
@@ -24,12 +35,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ia3cli.env import world_size
+from ia3cli.env import launched, local_rank, world_size
 from ia3cli.errors import RecipeError
 from ia3cli.models.loading import build_meta_model
 
 if TYPE_CHECKING:
     import torch
+    from peft import PeftModel
     from transformers import PretrainedConfig
 
     from ia3cli.config.recipe import Recipe
@@ -40,8 +52,29 @@ QUANT_BYTES = {"4bit": 0.5 + 0.0625, "8bit": 1.0 + 0.0625}  # per weight of a qu
 
 
 def sharded(recipe: Recipe) -> bool:
-    """Whether this process loads its base sharded: ``training.distributed: fsdp`` under more than one process."""
-    return recipe.training.distributed == "fsdp" and world_size() > 1
+    """Whether this process shards its base: ``training.distributed: fsdp`` under a launcher (torchrun,
+    ``accelerate launch``), over every process it started, be it one."""
+    return recipe.training.distributed == "fsdp" and launched()
+
+
+def sharded_after_wrap(recipe: Recipe) -> bool:
+    """Whether the base is sharded after PEFT wraps it (:func:`shard_wrapped`) rather than while it loads: 4-bit."""
+    return sharded(recipe) and recipe.model.quantization == "4bit"
+
+
+def quant_storage(recipe: Recipe) -> str | None:
+    """The dtype a sharded 4-bit base stores its packed values as: that of its other weights (``None``: not one)."""
+    if not sharded_after_wrap(recipe):
+        return None
+    m = recipe.model
+    return m.dtype if m.dtype != "auto" else m.bnb_4bit_compute_dtype
+
+
+def shard_device() -> torch.device:
+    """The device this rank computes on: its GPU (``LOCAL_RANK``), or the CPU without one."""
+    import torch
+
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -72,10 +105,21 @@ def distributed_config(recipe: Recipe, config: PretrainedConfig) -> Any:
     Raises:
         RecipeError: for ``training.fsdp_cpu_offload`` without a GPU (FSDP2 offloads from an accelerator).
     """
-    if not sharded(recipe):
+    if not sharded(recipe) or sharded_after_wrap(recipe):
         return None
-    import torch
     from transformers.distributed import DistributedConfig
+
+    _check_offload(recipe)
+    meta = build_meta_model(config, recipe.model.task, recipe.num_labels)
+    return DistributedConfig(
+        fsdp_size=world_size(),
+        fsdp_plan=shard_plan(meta, recipe.training.fsdp_sharding),
+        fsdp_cpu_offload=recipe.training.fsdp_cpu_offload,
+    )
+
+
+def _check_offload(recipe: Recipe) -> None:
+    import torch
 
     if recipe.training.fsdp_cpu_offload and not torch.cuda.is_available():
         raise RecipeError(
@@ -83,12 +127,49 @@ def distributed_config(recipe: Recipe, config: PretrainedConfig) -> Any:
             "moves shards from a GPU to CPU memory, and there is no GPU here",
             "set it to false: on the CPU the shards are in CPU memory already",
         )
-    meta = build_meta_model(config, recipe.model.task, recipe.num_labels)
-    return DistributedConfig(
-        fsdp_size=world_size(),
-        fsdp_plan=shard_plan(meta, recipe.training.fsdp_sharding),
-        fsdp_cpu_offload=recipe.training.fsdp_cpu_offload,
-    )
+
+
+def shard_wrapped(model: PeftModel, recipe: Recipe) -> None:
+    """Shard a 4-bit base that PEFT has wrapped: one FSDP2 group per block, plus the root for the rest.
+
+    The trained parameters (IA3 vectors) stay whole, in float32; the Trainer then treats the model as one sharded at
+    load time (broadcast of the vectors from rank 0, gradients averaged once per optimiser step).
+
+    Raises:
+        RecipeError: for ``training.fsdp_cpu_offload`` without a GPU.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    from transformers.distributed import DistributedConfig
+
+    _check_offload(recipe)
+    device = shard_device()
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    trained = {p for p in model.parameters() if p.requires_grad}
+    for p in trained:  # FSDP moves what it shards to the device, and leaves these where they are
+        p.data = p.data.to(device)
+    options: dict[str, Any] = {
+        "mesh": init_device_mesh(device.type, (world_size(),)),
+        "ignored_params": trained,
+        "reshard_after_forward": recipe.training.fsdp_sharding == "full_shard",
+    }
+    if recipe.training.fsdp_cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    base = model.get_base_model()
+    for _, block in _blocks(base):
+        fully_shard(block, **options)
+    fully_shard(base, **options)
+    for module in base.modules():
+        state = getattr(module, "quant_state", None)
+        if state is not None and hasattr(state, "to"):
+            state.to(device)  # in place: the block scales a 4-bit layer restores onto its gathered weight
+    base.config.distributed_config = DistributedConfig(fsdp_size=world_size())
+    base._is_distributed_loading_by_transformers = True
 
 
 @dataclass(frozen=True)
@@ -100,6 +181,7 @@ class MemoryEstimate:
     trainable: float
     world_size: int
     sharded: bool
+    cpu_load: float = 0.0  # a sharded 4-bit base: CPU memory each rank holds while it loads (the whole base, packed)
 
     @property
     def total(self) -> float:
@@ -107,9 +189,10 @@ class MemoryEstimate:
 
     def line(self) -> str:
         how = f"fsdp over {self.world_size} ranks" if self.sharded else f"a full copy on each of {self.world_size}"
+        loading = f"; before sharding, ~{size(self.cpu_load)} of CPU memory per rank" if self.cpu_load else ""
         return (
             f"memory per rank ({how}): ~{size(self.total)} = weights {size(self.weights)} + activations "
-            f"{size(self.activations)} + trained vectors {size(self.trainable)}"
+            f"{size(self.activations)} + trained vectors {size(self.trainable)}{loading}"
         )
 
 
@@ -158,6 +241,7 @@ def estimate(
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else str(getattr(config, "dtype", "float32"))
     dtype_bytes = DTYPE_BYTES.get(dtype.removeprefix("torch."), 4)
     weights, largest_block = _weight_bytes(meta_model, dtype_bytes, recipe.model.quantization)
+    cpu_load = weights if fsdp and recipe.model.quantization == "4bit" else 0.0  # loaded whole, then sharded
     if fsdp and world > 1 and recipe.training.fsdp_sharding == "full_shard":
         # the shards, plus the block being computed and the next one, prefetched, gathered in full (shard_grad_op
         # keeps every block gathered from its forward to its backward: the whole base at the turn)
@@ -172,4 +256,4 @@ def estimate(
     # with gradient checkpointing each block keeps only its input, and one block's activations are rebuilt at a time
     kept = layers * s * b * h * dtype_bytes + per_layer if t.gradient_checkpointing else layers * per_layer
     activations = kept + 2 * s * b * vocab * 4  # float32 logits and their gradient
-    return MemoryEstimate(weights, activations, trainable * 4 * 4, world, fsdp and world > 1)
+    return MemoryEstimate(weights, activations, trainable * 4 * 4, world, fsdp and world > 1, cpu_load)

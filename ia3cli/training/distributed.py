@@ -20,12 +20,31 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ia3cli.env import world_size
-from ia3cli.errors import RunError
+from ia3cli.env import accelerate_fsdp, world_size
+from ia3cli.errors import RecipeError, RunError
 from ia3cli.models import sharding
 
 if TYPE_CHECKING:
     from ia3cli.config.recipe import Recipe
+
+
+def check_launcher(recipe: Recipe) -> None:
+    """Refuse Accelerate's own FSDP wrapping (``accelerate launch --use_fsdp``): ia3cli shards the base itself.
+
+    Accelerate would wrap the PEFT model in FSDP1 with its auto-wrap policy, which is where IA3 meets peft#1702
+    (mixed ``requires_grad`` in one flat parameter).
+
+    Raises:
+        RecipeError: under ``accelerate launch --use_fsdp``.
+    """
+    if accelerate_fsdp():
+        raise RecipeError(
+            "training.distributed",
+            f"is '{recipe.training.distributed}' and this process was started by accelerate launch --use_fsdp, "
+            "whose FSDP wrapping ia3cli does not use (it shards the base itself)",
+            "launch with `accelerate launch --multi_gpu --num_processes N` (no --use_fsdp, no FSDP in the accelerate "
+            "config) and set training.distributed: fsdp to shard the base",
+        )
 
 
 def trainer_arguments(recipe: Recipe) -> dict[str, Any]:

@@ -82,6 +82,7 @@ def run(recipe: Recipe) -> Preflight:
     from ia3cli.data import checks
     from ia3cli.models import targets
 
+    distributed.check_launcher(recipe)
     plan = targets.resolve(recipe.model, recipe.adapter, recipe.model.task, recipe.num_labels)
     check_init_from(recipe, plan)
     report = checks.check(recipe)

@@ -262,6 +262,8 @@ def _setup_model(recipe: Recipe, plan: Any, say: Callable[[str], None]) -> tuple
         f"trainable%: {100 * counts['trainable'] / counts['total']:.4f} "
         f"(IA3 vectors: {counts['ia3']:,}, other: {counts['other_trainable']:,})"
     )
+    if counts["sharded_tensors"]:
+        say(f"fsdp: {counts['sharded_tensors']:,} base tensors sharded over {world_size()} rank(s), trained ones whole")
     if recipe.adapter.method == "ia3" and counts["ia3"] != plan.ia3_params:
         say(f"warning: {counts['ia3']:,} IA3 parameters were created, {plan.ia3_params:,} were planned")
     if recipe.model.task != "causal-lm":

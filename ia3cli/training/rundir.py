@@ -15,7 +15,7 @@ from typing import Any
 from ia3cli import __version__
 from ia3cli.config.load import dump_recipe
 from ia3cli.config.recipe import Recipe
-from ia3cli.env import world_size
+from ia3cli.env import launched, world_size
 from ia3cli.errors import Ia3Error, RunError
 from ia3cli.outputs import RUN_MARKER, remove_output
 
@@ -119,7 +119,7 @@ def run_info(recipe: Recipe, plan: Any) -> dict[str, Any]:
         "precision": "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32",  # training.precision resolved
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "world_size": world_size(),
-        "distributed": recipe.training.distributed if world_size() > 1 else None,
+        "distributed": recipe.training.distributed if launched() else None,
         "status": "running",  # then "finished", or "preempted" (a checkpoint to --resume from)
         "model_type": plan.model_type,
         "groups": plan.groups,  # module -> IA3 group, as the health monitor and `ia3 report` group the vectors

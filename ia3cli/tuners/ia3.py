@@ -71,9 +71,15 @@ def keep_4bit_layout(base: PreTrainedModel) -> None:
 
 def build(recipe: Recipe, plan: TargetPlan) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """Tokenizer plus the base model wrapped for ``adapter.method`` (IA3 by default); the base is sharded across
-    the ranks with ``training.distributed: fsdp`` (see :mod:`ia3cli.models.sharding`)."""
+    the ranks with ``training.distributed: fsdp``: while it loads, or a 4-bit one once wrapped (see
+    :mod:`ia3cli.models.sharding`)."""
     tokenizer = load_tokenizer(recipe.model)
-    shards = sharding.distributed_config(recipe, load_config(recipe.model)) if sharding.sharded(recipe) else None
+    if sharding.sharded_after_wrap(recipe):
+        base = load_recipe_base(recipe, tokenizer, device="cpu", quant_storage=sharding.quant_storage(recipe))
+        model = wrap(base, recipe, plan)
+        sharding.shard_wrapped(model, recipe)
+        return model, tokenizer
+    shards = sharding.distributed_config(recipe, load_config(recipe.model))
     return wrap(load_recipe_base(recipe, tokenizer, distributed_config=shards), recipe, plan), tokenizer
 
 
