@@ -305,3 +305,26 @@ def test_chat_rows_generate_through_the_chat_template(tmp_path: Path, tiny_model
         assert (
             row["prediction"] == tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         )
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [(["yes", "no"], True), ('["yes", "no"]', True), (["yes", " "], False), (["yes"], False), ("yes", False)],
+)
+def test_predict_takes_the_choices_training_takes(tmp_path: Path, value, valid: bool) -> None:
+    """One rule for a row's choices (``data.encoding.as_choices``): training's row check and ``ia3 predict`` agree;
+    a CSV cell may hold the list as JSON."""
+    from ia3cli.config.load import validate_mapping
+    from ia3cli.data.encoding import as_choices
+    from ia3cli.inference.rows import make_job
+    from tests.conftest import tiny_recipe
+
+    recipe = validate_mapping(tiny_recipe(tmp_path, "causal-lm", tmp_path / "out"))
+    row = {"text": "is it?", "choices": value}
+    if valid:
+        assert make_job(0, row, "a", recipe).choices == ["yes", "no"]
+        assert as_choices(json.loads(value) if isinstance(value, str) else value) == ["yes", "no"]
+    else:
+        with pytest.raises(ValueError, match="column 'choices' must be a list of at least two non-blank strings"):
+            make_job(0, row, "a", recipe)
+        assert as_choices(value) is None

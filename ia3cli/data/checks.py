@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ia3cli.config.recipe import DataSection, Recipe
-from ia3cli.data.encoding import choice_label, label_id
+from ia3cli.data.encoding import as_choices, choice_label, label_id
 from ia3cli.data.sources import load_splits
 from ia3cli.errors import DataError, RecipeError
 
@@ -121,7 +121,7 @@ def check_rows(ds: Dataset, recipe: Recipe, source: str) -> dict[str, int]:
 
 def _check_choices(row: dict[str, Any], data: DataSection, source: str, i: int) -> None:
     value = row[data.choices_column]
-    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(c, str) and c.strip() for c in value):
+    if as_choices(value) is None:
         raise DataError(
             source,
             i,

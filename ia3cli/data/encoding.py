@@ -40,6 +40,13 @@ def label_id(value: Any, data: DataSection, num_labels: int) -> int | None:
     return None
 
 
+def as_choices(value: Any) -> list[str] | None:
+    """``value`` as a row's answer choices: a list of at least two non-blank strings, else ``None``."""
+    if isinstance(value, list) and len(value) >= 2 and all(isinstance(c, str) and c.strip() for c in value):
+        return value
+    return None
+
+
 def row_choices(row: dict[str, Any], data: DataSection) -> list[str]:
     """The answer choices of a row: its ``choices_column`` list, else the fixed ``label_names``."""
     if data.choices_column:
@@ -188,11 +195,20 @@ def encode_row(
     if d.messages_column:
         return encode_chat(tokenizer, row[d.messages_column], d.max_length, source=source or d.path, row=index)
     prompt, target = prompt_text(row, d, template), target_text(row, d, recipe.num_labels)
+    return encode_target(tokenizer, task, prompt, target, d.max_length)
+
+
+def encode_target(
+    tokenizer: PreTrainedTokenizerBase, task: str, prompt: str, target: str, max_length: int
+) -> dict[str, list]:
+    """Model inputs whose labels are ``target`` after ``prompt``, for a generative task: what training learns, and
+    what rank classification scores each choice by. causal-lm: :func:`encode_causal`; seq2seq: the prompt as encoder
+    input and the target as labels."""
     if task == "causal-lm":
-        return encode_causal(tokenizer, prompt, target, d.max_length)
-    enc = tokenizer(prompt, truncation=True, max_length=d.max_length)
-    enc["labels"] = tokenizer(text_target=target, truncation=True, max_length=d.max_length)["input_ids"]
-    return dict(enc)
+        return encode_causal(tokenizer, prompt, target, max_length)
+    enc = dict(tokenizer(prompt, truncation=True, max_length=max_length))
+    enc["labels"] = tokenizer(text_target=target, truncation=True, max_length=max_length)["input_ids"]
+    return enc
 
 
 def tokenize(ds: Dataset, recipe: Recipe, tokenizer: PreTrainedTokenizerBase, source: str | None = None) -> Dataset:

@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ia3cli.models.device import to_inputs
-from ia3cli.scoring.loglik import length_batches, pad_id
+from ia3cli.scoring.loglik import length_batches, pad_batch, pad_id
 
 if TYPE_CHECKING:
-    import torch
-
     from ia3cli.inference.rows import Job
     from ia3cli.tuners.mixed import MixedIA3
 
@@ -54,18 +52,6 @@ class Progress:
         if tenth > self.shown or self.done == self.total:
             self.shown = tenth
             self.printer(f"predicted {self.done}/{self.total} rows")
-
-
-def _pad(features: list[list[int]], pad_id: int, *, left: bool) -> dict[str, torch.Tensor]:
-    import torch
-
-    width = max(len(f) for f in features)
-    ids, mask = [], []
-    for f in features:
-        fill = [pad_id] * (width - len(f))
-        ids.append(fill + f if left else f + fill)
-        mask.append([0] * len(fill) + [1] * len(f) if left else [1] * len(f) + [0] * len(fill))
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
 
 
 def run(
@@ -111,7 +97,7 @@ def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: Progr
         for j in jobs
     ]
     for idx in length_batches(len(feats), [len(f) for f in feats], batch_size):
-        batch = _pad([feats[i] for i in idx], pad_id(mixed.tokenizer), left=False)
+        batch = pad_batch([_ids(feats[i]) for i in idx], pad_id(mixed.tokenizer))
         batch = to_inputs(batch, model)
         with mixed.select([jobs[i].adapter for i in idx]):
             probs = model(**batch).logits.float().softmax(-1).cpu()
@@ -124,21 +110,15 @@ def _classify(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: Progr
 
 
 def _choose(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: Progress) -> None:
-    from ia3cli.data.encoding import encode_causal
+    from ia3cli.data.encoding import encode_target
     from ia3cli.scoring.loglik import mean_logprobs
 
     tok, model = mixed.tokenizer, mixed.model
-    seq2seq = mixed.task == "seq2seq"
     feats, owner = [], []
     for n, j in enumerate(jobs):
         max_length = mixed.adapter_recipe(j.adapter).data.max_length
         for choice in j.choices or []:
-            if seq2seq:
-                enc = dict(tok(j.text, truncation=True, max_length=max_length))
-                enc["labels"] = tok(text_target=choice, truncation=True, max_length=max_length)["input_ids"]
-            else:
-                enc = encode_causal(tok, j.text or "", choice, max_length)
-            feats.append(enc)
+            feats.append(encode_target(tok, mixed.task, j.text or "", choice, max_length))
             owner.append(n)
     scores: list[list[float]] = [[] for _ in jobs]
     remaining = [len(j.choices or []) for j in jobs]
@@ -158,6 +138,10 @@ def _choose(mixed: MixedIA3, jobs: list[Job], batch_size: int, progress: Progres
         j.result = {"prediction": choices[best], "probabilities": dict(zip(choices, probs, strict=True))}
 
 
+def _ids(ids: list[int]) -> dict[str, list[int]]:
+    return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+
 def _prompt_ids(mixed: MixedIA3, job: Job) -> list[int]:
     tok = mixed.tokenizer
     max_length = mixed.adapter_recipe(job.adapter).data.max_length
@@ -174,7 +158,7 @@ def _generate(mixed: MixedIA3, jobs: list[Job], batch_size: int, gen: dict[str, 
     decoder_only = mixed.task == "causal-lm"
     feats = [_prompt_ids(mixed, j) for j in jobs]
     for idx in length_batches(len(feats), [len(f) for f in feats], batch_size):
-        batch = _pad([feats[i] for i in idx], pad_id(mixed.tokenizer), left=decoder_only)
+        batch = pad_batch([_ids(feats[i]) for i in idx], pad_id(mixed.tokenizer), left=decoder_only)
         batch = to_inputs(batch, model)
         with mixed.select([jobs[i].adapter for i in idx]):
             out = model.generate(**batch, **gen, pad_token_id=pad_id(mixed.tokenizer))

@@ -92,14 +92,15 @@ def read_rows(path: Path) -> list[tuple[str, dict[str, Any] | None, str | None]]
 
 
 def _choices(value: Any) -> list[str] | None:
-    if isinstance(value, str):  # CSV cells hold a JSON list
+    """A row's choices (:func:`~ia3cli.data.encoding.as_choices`); a CSV cell holds them as a JSON list."""
+    from ia3cli.data.encoding import as_choices
+
+    if isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError:
             return None
-    if isinstance(value, list) and len(value) >= 2 and all(isinstance(c, str) and c for c in value):
-        return value
-    return None
+    return as_choices(value)
 
 
 def make_job(index: int, row: dict[str, Any], adapter: str, recipe: Any, choices_column: str | None = None) -> Job:
@@ -143,7 +144,7 @@ def make_job(index: int, row: dict[str, Any], adapter: str, recipe: Any, choices
     if row.get(column) is not None:
         choices = _choices(row[column])
         if choices is None:
-            raise ValueError(f"column '{column}' must be a list of at least two non-empty strings")
+            raise ValueError(f"column '{column}' must be a list of at least two non-blank strings")
         return Job(index, row, adapter, "choose", text=text, choices=choices)
     if d.choices_column:
         raise ValueError(f"missing column '{column}' (the choices of adapter '{adapter}', data.choices_column)")

@@ -73,19 +73,11 @@ def choice_features(
 ) -> list[dict[str, Any]]:
     """One encoded sequence per choice of the row (``label_names`` or the row's ``choices_column``), built exactly
     as training builds targets; ``template`` replaces the evaluation prompt template."""
-    from ia3cli.data.encoding import encode_causal, prompt_text, row_choices
+    from ia3cli.data.encoding import encode_target, prompt_text, row_choices
 
     d = recipe.data
     prompt = prompt_text(row, d, template)
-    feats = []
-    for choice in row_choices(row, d):
-        if recipe.model.task == "causal-lm":
-            feats.append(encode_causal(tokenizer, prompt, choice, d.max_length))
-        else:
-            enc = dict(tokenizer(prompt, truncation=True, max_length=d.max_length))
-            enc["labels"] = tokenizer(text_target=choice, truncation=True, max_length=d.max_length)["input_ids"]
-            feats.append(enc)
-    return feats
+    return [encode_target(tokenizer, recipe.model.task, prompt, c, d.max_length) for c in row_choices(row, d)]
 
 
 def score_choices(

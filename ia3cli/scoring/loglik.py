@@ -19,8 +19,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-def pad_batch(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of encoded rows to their longest row (``labels`` with -100; scalar labels are stacked)."""
+def pad_batch(features: list[dict[str, Any]], pad_token_id: int, *, left: bool = False) -> dict[str, torch.Tensor]:
+    """Pad a list of encoded rows to their longest row, on the right (``left``: on the left, as decoder-only
+    generation wants); ``labels`` are padded with -100, ``attention_mask`` with 0, scalar labels are stacked."""
     import torch
 
     batch: dict[str, torch.Tensor] = {}
@@ -31,7 +32,8 @@ def pad_batch(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, to
             continue
         fill = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
         width = max(len(v) for v in values)
-        batch[key] = torch.tensor([list(v) + [fill] * (width - len(v)) for v in values])
+        pads = [[fill] * (width - len(v)) for v in values]
+        batch[key] = torch.tensor([p + list(v) if left else list(v) + p for v, p in zip(values, pads, strict=True)])
     return batch
 
 
