@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ia3cli.cli.app import app
@@ -26,6 +25,7 @@ from ia3cli.config.load import load_recipe
 from ia3cli.models.device import input_device
 from ia3cli.tuners import ia3
 from tests.conftest import make_run, tiny_recipe, write_recipe
+from tests.test_serve import make_adapters
 
 pytestmark = [
     pytest.mark.gpu,
@@ -51,23 +51,6 @@ def invoke(*argv: str) -> str:
     result = runner.invoke(app, list(argv))
     assert result.exit_code == 0, result.output
     return result.output
-
-
-def adapters(tmp: Path, model_dir: Path, task: str, quantization: str = "none") -> Path:
-    """One run dir per name with its own random IA3 vectors (U(0.5, 1.5)) and perturbed head."""
-    template = make_run(tmp / "template", model_dir, task, quantization=quantization)
-    root = tmp / "adapters"
-    root.mkdir()
-    for k, name in enumerate(NAMES):
-        dest = root / name
-        shutil.copytree(template, dest)
-        tensors = load_file(str(dest / "adapter_model.safetensors"))
-        gen = torch.Generator().manual_seed(100 + k)
-        for key, t in tensors.items():
-            noise = torch.rand(t.shape, generator=gen)
-            tensors[key] = noise + 0.5 if "ia3_l" in key else t + (noise - 0.5)
-        save_file(tensors, str(dest / "adapter_model.safetensors"))
-    return root
 
 
 def peft_greedy(run_dir: Path, prompt: str, n: int, *, ignore_eos: bool = True) -> str:
@@ -162,7 +145,7 @@ def test_device_map_auto_places_the_base_on_the_gpus(tiny_model, tmp_path: Path)
 
 
 def test_predict_mixed_adapters_on_cuda_equals_peft_per_adapter(tiny_model, tmp_path: Path) -> None:
-    root = adapters(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm")
+    root = make_adapters(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm", NAMES)
     rows = [{"adapter": name, "text": prompt} for name in NAMES for prompt in PROMPTS]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "preds.jsonl"
@@ -179,7 +162,7 @@ def test_predict_mixed_adapters_on_cuda_equals_peft_per_adapter(tiny_model, tmp_
 def test_serve_mixed_adapters_on_a_4bit_base_equals_peft(tiny_model, tmp_path: Path) -> None:
     from tests.test_serve import complete, metrics, serving
 
-    root = adapters(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm", quantization="4bit")
+    root = make_adapters(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm", NAMES, quantization="4bit")
     with on_gpu(), serving(root, max_adapters=8, max_batch_size=4, max_wait_ms=300) as (client, server):
         assert input_device(server.mixed.model).type == "cuda"
         assert any(type(m).__name__ == "Linear4bit" for m in server.mixed.model.modules())

@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 
 import httpx
@@ -174,7 +173,9 @@ def test_a_killed_replica_costs_at_most_503s_and_comes_back(deployed) -> None:
     assert all(complete(deployed, name, "pretty good").status_code == 200 for name in NAMES)
 
 
-def test_cli_deploys_evicts_and_removes_the_app_on_ctrl_c(deployed, single, adapters, ray_cluster) -> None:
+def test_cli_deploys_evicts_and_removes_the_app_on_sigterm(deployed, single, adapters, ray_cluster) -> None:
+    """``ia3 serve --ray`` as a process: deploys, answers, evicts; SIGTERM (how Kubernetes stops a pod; Ctrl-C takes
+    the same path) drains the replicas and deletes the app."""
     from ray import serve
 
     port = str(deployed.base_url).rsplit(":", 1)[1].strip("/")  # the cluster's HTTP proxy is already on this port
@@ -182,11 +183,7 @@ def test_cli_deploys_evicts_and_removes_the_app_on_ctrl_c(deployed, single, adap
     cmd = [sys.executable, "-m", "ia3cli", "serve", str(adapters), "--ray", "--ray-address", address]
     cmd += ["--replicas", "1", "--replica-cpus", "0.5", "--port", port, "--max-adapters", "4"]
     env = {**os.environ, "IA3_API_KEY": "k3y"}
-    # Ctrl-C as a terminal sends it: a test runner started in the background inherits SIGINT ignored
-    ctrl_c = partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=ctrl_c
-    )
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     keyed = httpx.Client(base_url=deployed.base_url, headers={"Authorization": "Bearer k3y"}, timeout=120)
     try:
         lines: list[str] = []
@@ -207,8 +204,9 @@ def test_cli_deploys_evicts_and_removes_the_app_on_ctrl_c(deployed, single, adap
         loaded = [v for k, v in seen.items() if k.startswith("ia3_adapters_loaded{")]
         evicted = [v for k, v in seen.items() if k.startswith("ia3_adapter_evictions_total{")]
         assert loaded == [4] and evicted[0] >= 3, seen
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(180) == 0  # replicas drain (5 s grace), then the app is deleted
+        assert "stopping" in proc.stdout.read()
     finally:
         keyed.close()
         if proc.poll() is None:

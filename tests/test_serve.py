@@ -36,9 +36,9 @@ NAMES = ["alpha", "beta", "gamma"]
 PROMPTS = ["a warm , clever comedy", "the app is bad", "pretty good", "review : great"]
 
 
-def make_adapters(tmp: Path, model_dir: Path, task: str, names: list[str]) -> Path:
+def make_adapters(tmp: Path, model_dir: Path, task: str, names: list[str], quantization: str = "none") -> Path:
     """An adapter directory: one run dir per name, each with its own random vectors (U(0.5, 1.5)) and head."""
-    template = make_run(tmp / "template", model_dir, task)
+    template = make_run(tmp / "template", model_dir, task, quantization=quantization)
     root = tmp / "adapters"
     root.mkdir()
     for k, name in enumerate(names):

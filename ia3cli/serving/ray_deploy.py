@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -358,6 +359,10 @@ def deploy(
     return f"http://{host}:{port}"
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def run(
     path: Path,
     *,
@@ -365,7 +370,8 @@ def run(
     printer: Callable[[str], None] = print,
     **options: Any,
 ) -> None:
-    """``ia3 serve --ray``: connect (or start a local cluster), deploy, serve until interrupted, then tear down.
+    """``ia3 serve --ray``: connect (or start a local cluster), deploy, serve until Ctrl-C or SIGTERM, then tear down
+    (the replicas drain their requests first).
 
     Raises:
         Ia3Error: for an unreachable cluster, a bad adapter directory or a deployment that cannot start.
@@ -388,6 +394,7 @@ def run(
                 raise Ia3Error(f"{count} replica(s) need {need:g} CPUs; the local Ray cluster has {have:g}", hint)
         url = deploy(path, **options)
         printer(f"serving {Path(path)} on Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs) at {url}")
+        signal.signal(signal.SIGTERM, _interrupt)  # how Kubernetes, SLURM and systemd stop a server: as Ctrl-C
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
