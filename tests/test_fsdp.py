@@ -151,6 +151,59 @@ def test_fsdp_4bit_base_under_accelerate_launch_equals_one_process(tiny_model, t
     assert json.loads(evaluated.output)["rows"] == 16
 
 
+@pytest.mark.slow
+def test_fsdp_over_two_nodes_equals_one_process(tiny_model, tmp_path: Path) -> None:
+    """Two torchrun agents, one process each, that meet through c10d rendezvous on loopback: the multi-node launch
+    (``--nnodes 2 --node_rank N``) on one machine. The two nodes share ``output_dir``, as on a shared filesystem."""
+    from tests.test_ray import free_port
+
+    model_dir = tiny_model("llama", "causal-lm")
+    out = tmp_path / "nodes"
+    recipe = write_recipe(tmp_path / "nodes.yaml", _recipe(model_dir, "causal-lm", out, batch_size=8,
+                                                           distributed="fsdp"))  # fmt: skip
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(rank),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "ia3",
+                "-m",
+                "ia3cli",
+                "train",
+                str(recipe),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert sum(o.count("adapter saved to") for o in outputs) == 1, outputs
+    assert any("fsdp: " in o and "sharded over 2 rank(s)" in o for o in outputs), outputs
+    info = json.loads((out / "run.json").read_text())
+    assert (info["world_size"], info["distributed"], info["status"]) == (2, "fsdp", "finished")
+    single = _single_process(tmp_path, _recipe(model_dir, "causal-lm", tmp_path / "single", batch_size=16))
+    assert _max_diff(out, single) < ATOL
+
+
 def test_accelerate_use_fsdp_is_refused_before_loading(tiny_model, tmp_path: Path, monkeypatch) -> None:
     """``accelerate launch --use_fsdp`` would wrap the model in Accelerate's FSDP1 (peft#1702): a short error."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
