@@ -151,3 +151,25 @@ def test_fsdp_takes_a_4bit_base(tmp_path: Path) -> None:
     raw = tiny_recipe(tmp_path, "causal-lm", tmp_path / "out", training={"distributed": "fsdp"})
     raw["model"]["quantization"] = "4bit"
     assert validate_mapping(raw).model.quantization == "4bit"
+
+
+def test_after_a_preemption_a_repeated_signal_cannot_kill_the_run_before_it_exits() -> None:
+    """The watch puts the process's handlers back when the run ends, except after a preemption: the process is then
+    on its way to exit 75, and the signal again (SLURM and Kubernetes may repeat it) must not kill it first."""
+    from ia3cli.training.preemption import SIGNALS, PreemptionWatch
+
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    try:
+        quiet = PreemptionWatch()
+        quiet.close()
+        assert {sig: signal.getsignal(sig) for sig in SIGNALS} == before
+        watch = PreemptionWatch()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert watch.received == "SIGUSR1"
+        watch.close()
+        assert all(signal.getsignal(sig) == watch._handle for sig in SIGNALS)
+        os.kill(os.getpid(), signal.SIGUSR1)  # with SIGUSR1's default action this process would end here
+        assert watch.received == "SIGUSR1"
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

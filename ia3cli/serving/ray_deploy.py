@@ -359,17 +359,7 @@ def deploy(
     return f"http://{host}:{port}"
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def run(
-    path: Path,
-    *,
-    ray_address: str | None,
-    printer: Callable[[str], None] = print,
-    **options: Any,
-) -> None:
+def run(path: Path, *, ray_address: str | None, printer: Callable[[str], None] = print, **options: Any) -> None:
     """``ia3 serve --ray``: connect (or start a local cluster), deploy, serve until Ctrl-C or SIGTERM, then tear down
     (the replicas drain their requests first).
 
@@ -394,7 +384,8 @@ def run(
                 raise Ia3Error(f"{count} replica(s) need {need:g} CPUs; the local Ray cluster has {have:g}", hint)
         url = deploy(path, **options)
         printer(f"serving {Path(path)} on Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs) at {url}")
-        signal.signal(signal.SIGTERM, _interrupt)  # how Kubernetes, SLURM and systemd stop a server: as Ctrl-C
+        # SIGTERM, how Kubernetes, SLURM and systemd stop a server, does what Ctrl-C does: KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -65,9 +65,12 @@ class PreemptionWatch(TrainerCallback):
             self.received = signal.Signals(signum).name
 
     def close(self) -> None:
-        """Restore the signal handlers found at creation."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        """Restore the signal handlers found at creation, unless a signal was received: then the process is on its
+        way out with status 75, and a repeated signal (schedulers may send more than one) must not kill it before
+        it has said so, so this watch's handler, which only records, stays."""
+        if self.received is None:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
         self._previous = {}
 
     def on_step_end(
