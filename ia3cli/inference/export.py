@@ -43,12 +43,13 @@ if TYPE_CHECKING:
     import torch
 
 # Allowed max |delta logits| relative to max(1, max|logit|). Measured (tiny random Llama/Qwen2 of the tests; the
-# SmolLM2 quick-start run of bench/export.py, max|logit| ~34): f32 0 and 0; f16 3.2e-4 and 1.1e-3; bf16 2.7e-3 (tiny
-# only); q8_0 7.9e-3 and 4.1e-2 (all 90 folded tensors q8_0); q4_* 0.13 and 0.28 (all q4_1). Each bound is about
-# 2-5x the largest error measured. f32/f16/bf16 are below what a wrong fold (vectors ignored: 0.16-0.25; K rows not
-# interleaved: 1.0e-2-2.4e-2 on the tiny models) gives, so the proof catches those; at q8_0 and 4 bits the rounding
-# alone moves the logits about as much as a small adapter does, and the check only catches gross errors.
-RTOL = {"f32": 1e-4, "f16": 5e-3, "bf16": 2e-2, "q8_0": 0.1, "q4_1": 0.5, "q4_0": 0.5}
+# SmolLM2 quick-start run of bench/export.py, max|logit| ~34, at step 20 and at the end, step 50): f32 0 and 0; f16
+# 3.2e-4 and 1.1e-3; bf16 2.7e-3 (tiny only); q8_0 7.9e-3 and 4.1e-2 / 6.4e-2 (all 90 folded tensors q8_0); q4_*
+# 0.13 and 0.28 (all q4_1). Each bound is about 2-5x the largest error measured. f32/f16/bf16 are below what a
+# wrong fold (vectors ignored: 0.16-0.25; K rows not interleaved: 1.0e-2-2.4e-2 on the tiny models) gives, so the
+# proof catches those; at q8_0 and 4 bits the rounding alone moves the logits about as much as a small adapter does,
+# and the check only catches gross errors.
+RTOL = {"f32": 1e-4, "f16": 5e-3, "bf16": 2e-2, "q8_0": 0.2, "q4_1": 0.5, "q4_0": 0.5}
 QUANTISABLE = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q4_1": "q4_1", "Q4_0": "q4_0"}
 FALLBACK_TYPE = "q8_0"
 
