@@ -121,14 +121,16 @@ def _logits_4bit(model_dir: Path, run: Path) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_fsdp_4bit_base_under_accelerate_launch_equals_one_process(tiny_model, tmp_path: Path) -> None:
-    """A 4-bit base, sharded after PEFT wraps it, on two ranks started by ``accelerate launch`` (gloo), two micro-
-    batches per step: the vectors of one unsharded 4-bit process that takes the global batch at once."""
+    """A 4-bit base (bfloat16 storage and compute), sharded after PEFT wraps it, on two ranks started by
+    ``accelerate launch`` (gloo), two micro-batches per step: the vectors of one unsharded 4-bit process that takes
+    the global batch at once."""
     from tests.test_ray import free_port
 
     model_dir = tiny_model("llama", "causal-lm")
     out = tmp_path / "fsdp4"
     raw = _recipe(model_dir, "causal-lm", out, batch_size=4, gradient_accumulation_steps=2, distributed="fsdp")
-    raw["model"]["quantization"] = "4bit"
+    # the FSDP + QLoRA setting: bfloat16 weights, so the packed 4-bit values are stored as bfloat16 too
+    raw["model"].update(quantization="4bit", dtype="bfloat16", bnb_4bit_compute_dtype="bfloat16")
     recipe = write_recipe(tmp_path / "fsdp4.yaml", raw)
     run = _cli(
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -15,6 +15,7 @@ from ia3cli.config.load import load_recipe, validate_mapping
 from ia3cli.config.recipe import ModelSection
 from ia3cli.errors import RecipeError
 from ia3cli.models import loading as modeling
+from ia3cli.models.quantization import quantization_config
 from ia3cli.scoring.eval_command import run_eval
 from ia3cli.training import preflight
 from ia3cli.training.model_card import model_card
@@ -91,7 +92,7 @@ QUANTIZATION = [
 
 @pytest.mark.parametrize(("keys", "expected"), QUANTIZATION, ids=["none", "8bit", "4bit-nf4", "4bit-fp4-bf16"])
 def test_quantization_config(keys: dict, expected: dict | None) -> None:
-    config = modeling.quantization_config(ModelSection(name="m", **keys))
+    config = quantization_config(ModelSection(name="m", **keys))
     if expected is None:
         assert config is None
         return
@@ -237,3 +238,25 @@ def test_model_card_names_the_base_as_written_and_loads_it_from_the_folder(tmp_p
     assert f"base_model: {name}\n" in card
     assert f'AutoModelForCausalLM.from_pretrained("{folder}")' in card
     assert len(lookups) == 1
+
+
+def test_a_bfloat16_4bit_run_is_evaluated_as_it_was_trained(tiny_model, tmp_path: Path) -> None:
+    """The FSDP + QLoRA setting (bfloat16 weights and compute, 4-bit) outside training: the base keeps its
+    unquantised weights in float32 as training did, and ``ia3 eval`` runs it (with them in bfloat16, PEFT's 4-bit
+    IA3 layers return float32 keys and values next to bfloat16 queries, and attention refuses them)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ia3cli.cli.app import app
+    from tests.conftest import make_run
+
+    model = {"dtype": "bfloat16", "bnb_4bit_compute_dtype": "bfloat16"}
+    run = make_run(tmp_path, tiny_model("llama", "causal-lm"), "causal-lm", quantization="4bit", model=model)
+    recipe = load_recipe(run / "recipe.yaml")
+    base = modeling.load_base(recipe.model, device="cpu")
+    kept = {p.dtype for p in base.parameters() if type(p).__name__ != "Params4bit"}
+    assert kept == {torch.float32}, kept
+    result = CliRunner().invoke(app, ["eval", str(run), "--split", "validation", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["rows"] == 16

@@ -116,3 +116,19 @@ def test_cpu_offload_without_a_gpu_is_refused_naming_the_key(tiny_model, tmp_pat
     recipe = validate_mapping(raw)
     with pytest.raises(RecipeError, match="training.fsdp_cpu_offload: .*no GPU"):
         sharding.distributed_config(recipe, load_config(recipe.model))
+
+
+def test_a_sharded_4bit_base_stores_its_packed_values_as_its_other_weights(tiny_model, tmp_path: Path, monkeypatch):
+    from ia3cli.models.quantization import quantization_config
+
+    raw = tiny_recipe(tiny_model("llama", "causal-lm"), "causal-lm", tmp_path / "out", training={"distributed": "fsdp"})
+    raw["model"].update(quantization="4bit", dtype="bfloat16")
+    recipe = validate_mapping(raw)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert sharding.quant_storage(recipe) is None  # not launched: loaded whole, bitsandbytes' own uint8 storage
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1 shards too
+    assert sharding.sharded_after_wrap(recipe) and sharding.quant_storage(recipe) == "bfloat16"
+    assert quantization_config(recipe.model, "bfloat16").bnb_4bit_quant_storage == torch.bfloat16
+    assert sharding.distributed_config(recipe, load_config(recipe.model)) is None  # not sharded while it loads
+    raw["model"].update(dtype="auto", bnb_4bit_compute_dtype="float16")
+    assert sharding.quant_storage(validate_mapping(raw)) == "float16"

@@ -86,6 +86,13 @@ def _check_gpu(text: str, what: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+def torch_dtype(name: str) -> torch.dtype | str:
+    """Map a recipe dtype name to a ``torch.dtype`` (``auto`` passes through)."""
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
 def load_kwargs(device: str | None, device_map: Any = None) -> dict[str, Any]:
     """The ``from_pretrained`` arguments that put a base where ``--device DEVICE`` says.
 

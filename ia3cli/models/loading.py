@@ -19,9 +19,10 @@ from ia3cli.config.families import HEAD_MODULES, TASKS, infer_task
 from ia3cli.config.paths import looks_local
 from ia3cli.config.recipe import ModelSection, Recipe
 from ia3cli.env import hub_offline
-from ia3cli.errors import Ia3Error, RecipeError
+from ia3cli.errors import RecipeError
 from ia3cli.models.cache import announce, gguf_root, mark
-from ia3cli.models.device import load_kwargs
+from ia3cli.models.device import load_kwargs, torch_dtype
+from ia3cli.models.quantization import quantization_config, unquantised_in_float32
 
 if TYPE_CHECKING:
     import torch
@@ -43,13 +44,6 @@ def auto_class(task: str) -> Any:
     if task not in TASKS:
         raise RecipeError("model.task", f"'{task}' is not a task", f"use one of {', '.join(TASKS)}")
     return getattr(transformers, TASKS[task].auto_class)
-
-
-def torch_dtype(name: str) -> torch.dtype | str:
-    """Map a recipe dtype name to a ``torch.dtype`` (``auto`` passes through)."""
-    import torch
-
-    return "auto" if name == "auto" else getattr(torch, name)
 
 
 def _source_kwargs(model: ModelSection) -> dict[str, Any]:
@@ -195,28 +189,6 @@ def with_pad_token(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     return tok
 
 
-def quantization_config(model: ModelSection, quant_storage: str | None = None) -> Any:
-    """The ``BitsAndBytesConfig`` for ``model.quantization``, or ``None`` for full precision.
-
-    ``quant_storage`` (4-bit only) is the dtype the packed 4-bit values are stored as: FSDP shards and gathers them
-    like any other weight of that dtype (bitsandbytes' default is uint8).
-    """
-    if model.quantization == "none":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if model.quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        llm_int8_skip_modules=HEAD_MODULES,
-        bnb_4bit_quant_type=model.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=model.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(model.bnb_4bit_compute_dtype),
-        **({"bnb_4bit_quant_storage": torch_dtype(quant_storage)} if quant_storage else {}),
-    )
-
-
 def load_base(
     model: ModelSection,
     num_labels: int = 2,
@@ -241,8 +213,8 @@ def load_base(
             ``None`` loads as training wants it, the Trainer placing the model.
         distributed_config: A ``transformers`` ``DistributedConfig``: each rank loads only its FSDP shard of the
             weights (see :mod:`ia3cli.models.sharding`).
-        quant_storage: The dtype 4-bit values are stored as (see :func:`quantization_config`); given, the base is
-            loaded into CPU memory, to be sharded by FSDP.
+        quant_storage: The dtype 4-bit values are stored as (:mod:`ia3cli.models.quantization`); given, the base
+            is loaded into CPU memory, to be sharded by FSDP.
 
     Raises:
         RecipeError: when the model cannot be found or loaded.
@@ -252,12 +224,6 @@ def load_base(
     kwargs = _source_kwargs(model)
     quant = quantization_config(model, quant_storage)
     if quant is not None:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise Ia3Error(
-                f"model.quantization={model.quantization} needs bitsandbytes", "pip install bitsandbytes"
-            ) from None
         kwargs["quantization_config"] = quant
     kwargs["dtype"] = torch_dtype(model.dtype)
     kwargs.update(load_kwargs(device, model.device_map))
@@ -289,6 +255,8 @@ def load_base(
         base._tp_size = None
     if pad_token_id is not None and getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = pad_token_id
+    if quant is not None:
+        unquantised_in_float32(base)
     return base
 
 
