@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -156,6 +157,22 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str],
         return made[(kind, task)]
 
     return get
+
+
+def cli_env(*first_on_path: Path) -> dict[str, str]:
+    """The environment of ia3cli started in a subprocess: offline, tokenizers quiet, ``first_on_path`` leading
+    ``PYTHONPATH`` (a ``sitecustomize.py`` there slows or patches the run)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if first_on_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [*map(str, first_on_path), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:

@@ -10,7 +10,6 @@ tiny Llama has no dropout, so the runs differ only by float rounding (measured: 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from typer.testing import CliRunner
 
 from ia3cli.cli.app import app
 from ia3cli.cli.launch import torchrun_command, without_nproc
-from tests.conftest import ROOT, tiny_recipe, write_recipe
+from tests.conftest import ROOT, cli_env, tiny_recipe, write_recipe
 
 ATOL = 1e-5  # measured: about 2e-7 (float rounding); the IA3 vectors move by about 1.5e-2
 
@@ -35,9 +34,8 @@ def _one_global_batch(model_dir: Path, task: str, out: Path, **training) -> dict
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run(
-        [*args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False
+        [*args], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=240, check=False
     )  # fmt: skip
 
 

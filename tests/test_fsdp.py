@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ia3cli.cli.app import app
-from tests.conftest import ROOT, auto_model, tiny_recipe, write_recipe
+from tests.conftest import ROOT, auto_model, cli_env, free_port, tiny_recipe, write_recipe
 from tests.test_distributed import _cli, _max_diff, _single_process
 from tests.test_resume import SLOW_STEPS
 
@@ -124,8 +124,6 @@ def test_fsdp_4bit_base_under_accelerate_launch_equals_one_process(tiny_model, t
     """A 4-bit base (bfloat16 storage and compute), sharded after PEFT wraps it, on two ranks started by
     ``accelerate launch`` (gloo), two micro-batches per step: the vectors of one unsharded 4-bit process that takes
     the global batch at once."""
-    from tests.test_ray import free_port
-
     model_dir = tiny_model("llama", "causal-lm")
     out = tmp_path / "fsdp4"
     raw = _recipe(model_dir, "causal-lm", out, batch_size=4, gradient_accumulation_steps=2, distributed="fsdp")
@@ -157,39 +155,18 @@ def test_fsdp_4bit_base_under_accelerate_launch_equals_one_process(tiny_model, t
 def test_fsdp_over_two_nodes_equals_one_process(tiny_model, tmp_path: Path) -> None:
     """Two torchrun agents, one process each, that meet through c10d rendezvous on loopback: the multi-node launch
     (``--nnodes 2 --node_rank N``) on one machine. The two nodes share ``output_dir``, as on a shared filesystem."""
-    from tests.test_ray import free_port
-
     model_dir = tiny_model("llama", "causal-lm")
     out = tmp_path / "nodes"
     recipe = write_recipe(tmp_path / "nodes.yaml", _recipe(model_dir, "causal-lm", out, batch_size=8,
                                                            distributed="fsdp"))  # fmt: skip
     endpoint = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "ia3"]  # fmt: skip
     nodes = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--nproc_per_node",
-                "1",
-                "--node_rank",
-                str(rank),
-                "--rdzv-backend",
-                "c10d",
-                "--rdzv-endpoint",
-                endpoint,
-                "--rdzv-id",
-                "ia3",
-                "-m",
-                "ia3cli",
-                "train",
-                str(recipe),
-            ],
+            [*launch, "--node_rank", str(rank), "-m", "ia3cli", "train", str(recipe)],
             cwd=ROOT,
-            env=env,
+            env=cli_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -222,15 +199,10 @@ def test_accelerate_use_fsdp_is_refused_before_loading(tiny_model, tmp_path: Pat
 
 
 def _start(recipe: Path, out: Path, slow: Path, *args: str) -> subprocess.Popen:
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")])),
-    )
     return subprocess.Popen(
         [sys.executable, "-m", "ia3cli", "train", str(recipe), "--nproc", "2", *args],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=ROOT, env=cli_env(slow), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
     )  # fmt: skip
 
 

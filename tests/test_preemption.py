@@ -22,7 +22,7 @@ from ia3cli.cli.app import app
 from ia3cli.cli.launch import preempted_status
 from ia3cli.config.load import validate_mapping
 from ia3cli.errors import RecipeError
-from tests.conftest import ROOT, tiny_recipe, write_recipe
+from tests.conftest import ROOT, cli_env, tiny_recipe, write_recipe
 from tests.test_distributed import _max_diff
 from tests.test_resume import SLOW_STEPS, _checkpointed_recipe
 
@@ -43,15 +43,9 @@ def _start(recipe: Path, tmp_path: Path) -> subprocess.Popen:
     slow = tmp_path / "slow"
     slow.mkdir(exist_ok=True)
     (slow / "sitecustomize.py").write_text(SLOW_STEPS + SLOW_SAVES)
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")])),
-    )
     return subprocess.Popen(
         [sys.executable, "-m", "ia3cli", "train", str(recipe)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT, env=cli_env(slow), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 
 

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,18 +26,13 @@ from typer.testing import CliRunner
 
 from ia3cli.cli.app import app
 from ia3cli.inference.predict import predict, sidecar
+from tests.conftest import free_port
 from tests.test_mixed import make_adapter
 from tests.test_predict import TEXTS
 from tests.test_serve import ERRORS, complete, make_adapters, metrics, reference_generate, serving
 
 NAMES = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
 PROMPTS = ["pretty good", "the app is bad", "a warm , clever comedy", "review : great"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

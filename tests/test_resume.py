@@ -25,7 +25,7 @@ from ia3cli.cli.app import app
 from ia3cli.config.load import dump_recipe, validate_mapping
 from ia3cli.outputs import write_atomic
 from ia3cli.training.rundir import latest_checkpoint
-from tests.conftest import ROOT, tiny_recipe, write_recipe
+from tests.conftest import ROOT, cli_env, tiny_recipe, write_recipe
 
 runner = CliRunner()
 
@@ -63,15 +63,9 @@ def _kill_after_first_checkpoint(recipe_path: Path, out: Path, tmp_path: Path) -
     slow = tmp_path / "slow"
     slow.mkdir()
     (slow / "sitecustomize.py").write_text(SLOW_STEPS)
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")])),
-    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "ia3cli", "train", str(recipe_path)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=ROOT, env=cli_env(slow), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
